@@ -26,6 +26,7 @@ class DeiTConfig:
     num_heads: int = 3  # attention heads; head_dim = embed_dim // num_heads
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * embed_dim
     distilled: bool = True  # adds the distillation token and its head
+    distill_head: bool = True  # False: a dist token with no head (HF DeiTForImageClassification)
     layer_norm_eps: float = 1e-6  # 1e-6 official/timm; HF configs store 1e-12
     drop_path_rate: float = 0.0  # stochastic depth of the last block (linear from 0)
     qkv_bias: bool = True  # bias on the fused q/k/v projection
@@ -58,6 +59,11 @@ class DeiTConfig:
         """Patch grid (rows, columns) at the configured input size."""
         h, w = self.image_hw
         return (h // self.patch_size, w // self.patch_size)
+
+    @property
+    def has_dist_head(self) -> bool:
+        """Whether a head reads the distillation token (its logits join the average)."""
+        return self.distilled and self.distill_head
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -183,7 +183,7 @@ class DeiT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.head = nn.Linear(d, config.num_classes)
-        self.head_dist = nn.Linear(d, config.num_classes) if config.distilled else None
+        self.head_dist = nn.Linear(d, config.num_classes) if config.has_dist_head else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

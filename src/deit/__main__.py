@@ -1,0 +1,7 @@
+"""``python -m deit`` runs the command-line tool."""
+
+import sys
+
+from deit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny configs, the repository's shared sample data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from deit.config import DeiTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def shared_dir() -> Path:
+    """``shared/`` next to the checkout (or $DEIT_SHARED_DIR)."""
+    return Path(os.environ.get("DEIT_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture
+def sample_images() -> list[Path]:
+    folder = shared_dir() / "data" / "images"
+    if not folder.is_dir():
+        pytest.skip(f"sample photos not found in {folder}")
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def tiny_config() -> DeiTConfig:
+    return DeiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                      num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
