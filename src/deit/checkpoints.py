@@ -1,0 +1,481 @@
+"""Checkpoints: detect the format, map keys, infer the architecture, load strictly, save.
+
+Formats read:
+    official  a ``torch.save``d dict with the weights under ``"model"`` (facebookresearch/deit)
+    timm      a bare state dict (``.pth``/``.bin``/``.safetensors``), optionally next to a timm
+              ``config.json`` holding ``architecture`` and ``pretrained_cfg``
+    hf        a transformers directory: ``config.json`` + ``model.safetensors`` or
+              ``pytorch_model.bin`` (+ ``preprocessor_config.json``); DeiT models, and the
+              plain checkpoints the Hub stores as ViT models
+    deit      this project's directory: ``config.json`` (``"format": "deit"``) + ``model.safetensors``
+and Hub ids (``facebook/deit-tiny-distilled-patch16-224``), downloaded through ``huggingface_hub``
+with its cache, ``revision`` and ``HF_HUB_OFFLINE``.
+
+The model uses the official/timm key names, so only transformers checkpoints are renamed: one
+table (:data:`_HF_BLOCK_KEYS`) plus the q/k/v fuse. Nothing executes code from a file:
+safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from deit.config import VARIANTS, DeiTConfig
+from deit.labels import imagenet_labels, read_label_file
+from deit.model import DeiT
+from deit.transforms import PreprocessConfig
+
+StateDict = dict[str, Tensor]
+Format = Literal["official", "timm", "hf", "deit"]
+PreprocessChoice = Literal["auto", "model-card", "official", "timm"]
+
+DEFAULT_MODEL = "facebook/deit-tiny-distilled-patch16-224"
+EMBEDDED_DIR = Path(__file__).parent / "data" / "models"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be found, read, recognised or matched to the model."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what it needs to be used correctly."""
+
+    model: DeiT
+    config: DeiTConfig
+    preprocess: PreprocessConfig
+    labels: list[str]
+    source: str
+    format: Format
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_state_dict(path: str | Path) -> tuple[StateDict, Format]:
+    """Read the tensors of a weights file; report ``official`` if they sit under ``"model"``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or unsafe file: say which, never run it
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    fmt: Format = "timm"
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj, fmt = obj["model"], "official"
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    # Wrappers added by DistributedDataParallel and torch.compile.
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}
+    return state, fmt
+
+
+# --------------------------------------------------------------------------- transformers keys
+
+# HF on-disk block keys (after ``{prefix}encoder.layer.{i}.``) → ours (after ``blocks.{i}.``).
+# q/k/v are separate in HF and fused (rows [q | k | v]) here; see _fuse_qkv.
+_HF_BLOCK_KEYS = {
+    "layernorm_before": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_TOP_KEYS = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.distillation_token": "dist_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection": "patch_embed.proj",
+    "layernorm": "norm",
+}
+_HF_HEADS = {"cls_classifier": "head", "distillation_classifier": "head_dist", "classifier": "head"}
+
+
+def hf_to_timm(state: StateDict) -> StateDict:
+    """Rename a transformers DeiT/ViT state dict to our (official/timm) keys."""
+    prefix = "deit." if any(k.startswith("deit.") for k in state) else "vit."
+    out: StateDict = {}
+    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, value in state.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        block = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", name)
+        head = name.rsplit(".", 1)
+        if block:
+            i, sub, kind = int(block[1]), block[2], block[3]
+            qkv_part = re.match(r"attention\.attention\.(query|key|value)$", sub)
+            if qkv_part:
+                qkv.setdefault((i, kind), {})[qkv_part[1]] = value
+            else:
+                out[f"blocks.{i}.{_HF_BLOCK_KEYS.get(sub, sub)}.{kind}"] = value
+        elif name in _HF_TOP_KEYS:
+            out[_HF_TOP_KEYS[name]] = value
+        elif head[0] in _HF_TOP_KEYS:
+            out[f"{_HF_TOP_KEYS[head[0]]}.{head[1]}"] = value
+        elif head[0] in _HF_HEADS and not key.startswith(prefix):
+            out[f"{_HF_HEADS[head[0]]}.{head[1]}"] = value
+        else:
+            out[key] = value  # left for the strict check to name
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise CheckpointError(f"block {i}: q/k/v {kind} incomplete ({sorted(parts)})")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
+            [parts["query"], parts["key"], parts["value"]], dim=0
+        )
+    return out
+
+
+def timm_to_hf(state: StateDict, config: DeiTConfig) -> StateDict:
+    """Our keys → transformers on-disk keys (``deit.`` for distilled, ``vit.`` for plain)."""
+    prefix = "deit." if config.distilled else "vit."
+    top = {v: k for k, v in _HF_TOP_KEYS.items()}
+    blocks = {v: k for k, v in _HF_BLOCK_KEYS.items()}
+    heads = {"head": "cls_classifier" if config.has_dist_head else "classifier",
+             "head_dist": "distillation_classifier"}
+    out: StateDict = {}
+    for key, value in state.items():
+        block = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+        stem, _, kind = key.rpartition(".")
+        if block:
+            i, sub, kind = block[1], block[2], block[3]
+            base = f"{prefix}encoder.layer.{i}."
+            if sub == "attn.qkv":
+                for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                    out[f"{base}attention.attention.{name}.{kind}"] = part.contiguous()
+            else:
+                out[f"{base}{blocks[sub]}.{kind}"] = value
+        elif key in top:
+            out[prefix + top[key]] = value
+        elif stem in top:
+            out[f"{prefix}{top[stem]}.{kind}"] = value
+        else:
+            out[f"{heads[stem]}.{kind}"] = value
+    return out
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> DeiTConfig:
+    """DeiTConfig from a transformers ``config.json`` (model_type ``deit`` or ``vit``)."""
+    model_type = hf.get("model_type")
+    if model_type not in ("deit", "vit"):
+        raise CheckpointError(f"config.json has model_type {model_type!r}, not 'deit' or 'vit'")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r} (DeiT uses 'gelu')")
+    hidden = hf.get("hidden_size", 768)
+    architectures = hf.get("architectures") or []
+    num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+    return DeiTConfig(
+        img_size=hf.get("image_size", 224),
+        patch_size=hf.get("patch_size", 16),
+        in_chans=hf.get("num_channels", 3),
+        num_classes=num_labels,
+        embed_dim=hidden,
+        depth=hf.get("num_hidden_layers", 12),
+        num_heads=hf.get("num_attention_heads", 12),
+        mlp_ratio=hf.get("intermediate_size", 4 * hidden) / hidden,
+        distilled=model_type == "deit",
+        distill_head="DeiTForImageClassification" not in architectures,
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        qkv_bias=hf.get("qkv_bias", True),
+    )
+
+
+def config_to_hf(config: DeiTConfig, labels: list[str]) -> dict[str, Any]:
+    """A transformers ``config.json`` for this architecture (DeiT when distilled, else ViT)."""
+    if config.distilled:
+        arch = ("DeiTForImageClassificationWithTeacher" if config.has_dist_head
+                else "DeiTForImageClassification")
+        model_type = "deit"
+    else:
+        arch, model_type = "ViTForImageClassification", "vit"
+    img = config.img_size if isinstance(config.img_size, int) else list(config.img_size)
+    return {
+        "architectures": [arch], "model_type": model_type,
+        "hidden_size": config.embed_dim, "num_hidden_layers": config.depth,
+        "num_attention_heads": config.num_heads, "intermediate_size": config.mlp_hidden_dim,
+        "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02, "layer_norm_eps": config.layer_norm_eps, "image_size": img,
+        "patch_size": config.patch_size, "num_channels": config.in_chans,
+        "qkv_bias": config.qkv_bias, "encoder_stride": config.patch_size,
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def infer_config(state: StateDict, *, distilled_head: bool = True) -> DeiTConfig:
+    """Work out the architecture of an official/timm state dict from its tensor shapes.
+
+    The head count is not visible in the shapes; every published DeiT uses 64 channels per
+    head, so ``num_heads = embed_dim // 64``. Other models must come with a config file.
+    """
+    try:
+        proj = state["patch_embed.proj.weight"]  # (D, C, p, p)
+        pos = state["pos_embed"]  # (1, prefix + N, D)
+        head = state["head.weight"]  # (classes, D)
+        fc1 = state["blocks.0.mlp.fc1.weight"]  # (hidden, D)
+    except KeyError as e:
+        raise CheckpointError(f"not a DeiT state dict: key {e} is missing") from None
+    dim, chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    if dim % 64:
+        raise CheckpointError(f"embed_dim {dim} is not a multiple of 64; give the head count")
+    distilled = "dist_token" in state
+    prefix = 2 if distilled else 1
+    side = math.isqrt(pos.shape[1] - prefix)
+    if side * side != pos.shape[1] - prefix:
+        raise CheckpointError(f"pos_embed has {pos.shape[1] - prefix} patch rows: not a square grid")
+    depth = 1 + max(int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    return DeiTConfig(
+        img_size=side * patch, patch_size=patch, in_chans=chans, num_classes=head.shape[0],
+        embed_dim=dim, depth=depth, num_heads=dim // 64, mlp_ratio=fc1.shape[0] / dim,
+        distilled=distilled, distill_head=not distilled or "head_dist.weight" in state,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+    )
+
+
+def load_state_dict_strict(model: DeiT, state: StateDict, source: str = "checkpoint") -> None:
+    """Load weights, failing with the names of every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", … ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{title}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def build_model(config: DeiTConfig, state: StateDict, source: str) -> DeiT:
+    """A model of ``config`` holding ``state`` (fp32, eval mode)."""
+    model = DeiT(config)
+    load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _default_labels(num_classes: int) -> list[str]:
+    return imagenet_labels() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
+
+
+def _timm_preprocess(config: DeiTConfig, pretrained_cfg: Mapping[str, Any] | None) -> PreprocessConfig:
+    """timm's eval transform: from ``pretrained_cfg`` when given, else timm's DeiT defaults."""
+    size = config.image_hw[0]
+    cfg = dict(pretrained_cfg or {})
+    crop_pct = cfg.get("crop_pct", 1.0 if size >= 384 else 0.9)
+    pre = PreprocessConfig.timm(size, crop_pct=crop_pct)
+    changes = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
+    if "interpolation" in cfg:
+        changes["interpolation"] = cfg["interpolation"]
+    return dataclasses.replace(pre, **changes) if changes else pre
+
+
+def _load_dir(path: Path) -> LoadedModel:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    meta = json.loads(config_path.read_text())
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path} has neither {' nor '.join(WEIGHT_FILES)}")
+    state, _ = read_state_dict(weights)
+    source = str(path)
+    if meta.get("format") == "deit":  # our own format
+        config = DeiTConfig.from_dict(meta["model"])
+        return LoadedModel(build_model(config, state, source), config,
+                           PreprocessConfig.from_dict(meta["preprocess"]), list(meta["labels"]),
+                           source, "deit", meta.get("metadata", {}))
+    if "architecture" in meta and "model_type" not in meta:  # a timm Hub directory
+        config = infer_config(state)
+        labels = meta.get("label_names") or _default_labels(config.num_classes)
+        pre = _timm_preprocess(config, meta.get("pretrained_cfg"))
+        return LoadedModel(build_model(config, state, source), config, pre, list(labels),
+                           source, "timm")
+    config = config_from_hf(meta)
+    id2label = meta.get("id2label") or {}
+    labels = [id2label.get(str(i), id2label.get(i, f"class_{i}")) for i in range(config.num_classes)]
+    pre_path = path / "preprocessor_config.json"
+    pre = (PreprocessConfig.from_hf(json.loads(pre_path.read_text())) if pre_path.is_file()
+           else PreprocessConfig.model_card())
+    return LoadedModel(build_model(config, hf_to_timm(state), source), config, pre, labels,
+                       source, "hf")
+
+
+def _load_file(path: Path) -> LoadedModel:
+    state, fmt = read_state_dict(path)
+    if any(k.startswith(("deit.", "vit.")) for k in state):
+        raise CheckpointError(f"{path} holds transformers weights: load its directory, "
+                              "which has the config.json they need")
+    config = infer_config(state)
+    pre = (PreprocessConfig.official(config.image_hw[0]) if fmt == "official"
+           else _timm_preprocess(config, None))
+    return LoadedModel(build_model(config, state, str(path)), config, pre,
+                       _default_labels(config.num_classes), str(path), fmt)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """Fetch config, weights and preprocessor of a Hub repo into the cache; return its folder."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=revision))
+
+    try:
+        folder = fetch("config.json").parent
+        for name in WEIGHT_FILES:
+            try:
+                fetch(name)
+                break
+            except EntryNotFoundError:  # includes "not in the local cache"
+                if name == WEIGHT_FILES[-1]:
+                    raise
+        try:
+            fetch("preprocessor_config.json")
+        except EntryNotFoundError:
+            pass
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"cannot download {repo_id!r} from the Hugging Face Hub (offline or no network) and "
+            "it is not in the local cache; connect once to cache it, give a local path, or use "
+            "the embedded offline model: --model fashion-mnist"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError,
+            EntryNotFoundError) as e:
+        raise CheckpointError(f"cannot load {repo_id!r} from the Hub: {e}") from None
+    return folder
+
+
+def resolve_source(source: str | Path) -> Path | str:
+    """A local path, an embedded model's folder, or a Hub id (returned as a string)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    name = str(source)
+    if (EMBEDDED_DIR / name / "config.json").is_file():
+        return EMBEDDED_DIR / name
+    if name in VARIANTS:  # published variants by their timm name → the facebook Hub copies
+        return "facebook/" + name.replace("_", "-")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
+        return name
+    raise CheckpointError(f"no such file, folder, embedded model or Hub id: {name!r}")
+
+
+def load_model(
+    source: str | Path = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    preprocess: PreprocessChoice = "auto",
+    labels: str | Path | None = None,
+) -> LoadedModel:
+    """Load a DeiT checkpoint of any supported format, strictly.
+
+    Args:
+        source: a weights file, a checkpoint folder, an embedded model name
+            (``fashion-mnist``), a variant name or a Hub id.
+        device: where to put the model.
+        revision: Hub branch, tag or commit.
+        preprocess: ``auto`` uses what the checkpoint says (the transformers processor for
+            HF folders, official or timm eval transforms for their files); or force
+            ``model-card`` (resize 256, crop 224), ``official`` or ``timm``.
+        labels: a label file (one name per line, or a JSON list) overriding the names.
+    """
+    resolved = resolve_source(source)
+    if isinstance(resolved, str):
+        resolved = _download(resolved, revision)
+        loaded = _load_dir(resolved)
+        loaded.source = str(source)
+    elif resolved.is_dir():
+        loaded = _load_dir(resolved)
+    else:
+        loaded = _load_file(resolved)
+    size = loaded.config.image_hw[0]
+    if preprocess == "model-card":
+        loaded.preprocess = PreprocessConfig.model_card()
+    elif preprocess == "official":
+        loaded.preprocess = PreprocessConfig.official(size)
+    elif preprocess == "timm":
+        loaded.preprocess = _timm_preprocess(loaded.config, None)
+    if labels is not None:
+        loaded.labels = read_label_file(labels, loaded.config.num_classes)
+    loaded.model.to(device)
+    return loaded
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_model(
+    model: DeiT,
+    out_dir: str | Path,
+    *,
+    labels: list[str],
+    preprocess: PreprocessConfig,
+    format: Literal["deit", "hf"] = "deit",
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a folder: ours (``deit``) or one that transformers loads (``hf``)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if len(labels) != config.num_classes:
+        raise ValueError(f"{len(labels)} labels for a model with {config.num_classes} classes")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    if format == "deit":
+        meta = {"format": "deit", "version": 1, "model": config.to_dict(), "labels": list(labels),
+                "preprocess": preprocess.to_dict(), "metadata": metadata or {}}
+    elif format == "hf":
+        state = timm_to_hf(state, config)
+        meta = config_to_hf(config, labels)
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocess.to_hf(), indent=2))
+    else:
+        raise ValueError(f"unknown format {format!r}: use 'deit' or 'hf'")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def convert(source: str | Path, out_dir: str | Path, *, to: Literal["deit", "hf"],
+            revision: str | None = None) -> Path:
+    """Load any supported checkpoint and write it in another format."""
+    loaded = load_model(source, revision=revision)
+    return save_model(loaded.model, out_dir, labels=loaded.labels, preprocess=loaded.preprocess,
+                      format=to, metadata={"converted_from": loaded.source, **loaded.metadata})

@@ -1,0 +1,132 @@
+"""The ``deit`` command: thin subcommands over the library.
+
+Every subcommand parses its arguments, calls one library function and prints the result.
+Expected failures (a missing file, a bad checkpoint, an unreadable image) print one line on
+stderr and set the exit code; they never show a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from deit.checkpoints import DEFAULT_MODEL, CheckpointError
+
+EXIT_INPUT_FAILED = 1  # ran, but some inputs could not be processed
+EXIT_USAGE = 2  # nothing ran: bad arguments, model or data
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="checkpoint file or folder, embedded model (fashion-mnist), variant "
+                        f"name or Hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--preprocess", default="auto",
+                   choices=["auto", "model-card", "official", "timm"],
+                   help="preprocessing: the checkpoint's own (auto) or a named one")
+    p.add_argument("--labels", help="label file (one name per line, or a JSON list)")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from deit.inference import Classifier, expand_paths
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ValueError("--top-k and --batch-size must be at least 1")
+    clf = Classifier.from_pretrained(args.model, device=args.device, revision=args.revision,
+                                     preprocess=args.preprocess, labels=args.labels)
+    paths = expand_paths(args.paths)
+    if not paths:
+        raise ValueError("no input images")
+    failed = 0
+    progress = len(paths) > 20 and sys.stderr.isatty()
+    for result in clf.predict_files(paths, top_k=args.top_k, batch_size=args.batch_size,
+                                    workers=args.workers, progress=progress):
+        failed += result.error is not None
+        if args.json:
+            print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+        elif result.error:
+            print(f"{result.path}: error: {result.error}", flush=True)
+        else:
+            top = "\n".join(f"  {p.score:7.2%}  {p.label}  [{p.index}]" for p in result.predictions)
+            print(f"{result.path}\n{top}", flush=True)
+    if failed:
+        print(f"deit: {failed} of {len(paths)} inputs failed", file=sys.stderr)
+    return EXIT_INPUT_FAILED if failed else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from deit.checkpoints import convert
+
+    out = convert(args.source, args.out, to=args.to, revision=args.revision)
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from deit.checkpoints import load_model
+
+    loaded = load_model(args.model, revision=args.revision, preprocess=args.preprocess,
+                        labels=args.labels)
+    info = {"source": loaded.source, "format": loaded.format, "config": loaded.config.to_dict(),
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "preprocess": loaded.preprocess.to_dict(), "num_labels": len(loaded.labels),
+            "labels_sample": loaded.labels[:5], "metadata": loaded.metadata}
+    print(json.dumps(info, indent=None if args.json else 2, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="classify image files, folders or globs")
+    _add_model_args(p)
+    p.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
+    p.add_argument("--top-k", "-k", type=int, default=5)
+    p.add_argument("--batch-size", "-b", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads")
+    p.add_argument("--json", action="store_true", help="one JSON object per input line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to our format or transformers'")
+    p.add_argument("source", help="checkpoint file, folder or Hub id")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--to", choices=["deit", "hf"], required=True)
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="show a checkpoint's architecture, preprocessing, labels")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_info)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands defined next to their library modules (train, eval, …)."""
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``deit`` console script."""
+    from deit.transforms import ImageLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
+        print(f"deit {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"deit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Prediction: load a model once, classify many images.
+
+Example:
+    >>> from deit import Classifier
+    >>> clf = Classifier.from_pretrained("fashion-mnist")
+    >>> clf.predict(["shoe.png", "shirt.jpg"], top_k=3)[0][0].label
+    'Ankle boot'
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
+from deit.transforms import ImageLike, ImageLoadError, load_image, preprocess, preprocess_image
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .ico .jfif".split()
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class and its probability."""
+
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """The outcome for one input file: its top-k predictions, or why it failed."""
+
+    path: str
+    predictions: list[Prediction]
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "predictions": [asdict(p) for p in self.predictions],
+                "error": self.error}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; others must be available."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if dev.type == "mps" and not (torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' requested but MPS is not available")
+    return dev
+
+
+def expand_paths(inputs: Iterable[str | Path]) -> list[str]:
+    """Files as given, folders searched recursively for images, globs expanded (sorted).
+
+    A name that matches nothing is kept, so that it is reported as an error later.
+    """
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            out.extend(sorted(str(f) for f in p.rglob("*")
+                              if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+        elif not p.exists() and glob.has_magic(str(item)):
+            matches = sorted(glob.glob(str(p), recursive=True))
+            out.extend(matches or [str(item)])
+        else:
+            out.append(str(item))
+    return out
+
+
+class Classifier:
+    """A loaded model with its preprocessing and labels, ready to classify images."""
+
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto") -> None:
+        self.loaded = loaded
+        self.device = resolve_device(device)
+        self.model = loaded.model.to(self.device).eval()
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *,
+                        device: str | torch.device = "auto", **load_kwargs: Any) -> Classifier:
+        """Load any checkpoint :func:`deit.checkpoints.load_model` reads."""
+        return cls(load_model(source, **load_kwargs), device)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.loaded.labels
+
+    @torch.inference_mode()
+    def logits(self, pixel_values: Tensor) -> Tensor:
+        """Inference logits (B, classes) of preprocessed images (B, C, H, W)."""
+        return self.model(pixel_values.to(self.device, non_blocking=True)).logits.float().cpu()
+
+    def topk(self, logits: Tensor, top_k: int = 5) -> list[list[Prediction]]:
+        """Softmax probabilities' top-k for each row of ``logits``."""
+        k = max(1, min(top_k, logits.shape[-1]))
+        scores, indices = logits.softmax(dim=-1).topk(k, dim=-1)
+        return [[Prediction(int(i), self.labels[int(i)], float(s)) for s, i in zip(srow, irow)]
+                for srow, irow in zip(scores.tolist(), indices.tolist())]
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5,
+                batch_size: int = 32) -> list[list[Prediction]]:
+        """Classify images (paths, PIL images, arrays or tensors); one list per image.
+
+        Raises:
+            ImageLoadError: an input can't be read as an image.
+        """
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        results: list[list[Prediction]] = []
+        for start in range(0, len(images), batch_size):
+            batch = preprocess(list(images[start:start + batch_size]), self.loaded.preprocess)
+            results.extend(self.topk(self.logits(batch), top_k))
+        return results
+
+    def _load(self, path: str) -> Tensor | str:
+        """Preprocessed tensor of one file, or the reason it can't be read."""
+        try:
+            return preprocess_image(load_image(path), self.loaded.preprocess)
+        except ImageLoadError as e:
+            return str(e)
+        except OSError as e:  # e.g. permission denied, a directory passed as a file
+            return f"cannot read file: {e.strerror or e}"
+
+    def predict_files(self, paths: Sequence[str], *, top_k: int = 5, batch_size: int = 32,
+                      workers: int | None = None, progress: bool = False) -> Iterator[FileResult]:
+        """Classify files in order, decoding in a thread pool; bad files yield an error.
+
+        Results come back in input order as soon as each batch is done.
+        """
+        from tqdm import tqdm
+
+        workers = workers or min(8, os.cpu_count() or 1)
+        bar = tqdm(total=len(paths), unit="img", disable=not progress, leave=False)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            loaded = pool.map(self._load, paths)  # lazy, in order, decoded ahead
+            batch: list[tuple[str, Tensor]] = []
+            for path, item in zip(paths, loaded):
+                if isinstance(item, str):
+                    yield from self._flush(batch, top_k, bar)
+                    batch = []
+                    bar.update(1)
+                    yield FileResult(path, [], item)
+                    continue
+                batch.append((path, item))
+                if len(batch) == batch_size:
+                    yield from self._flush(batch, top_k, bar)
+                    batch = []
+            yield from self._flush(batch, top_k, bar)
+        bar.close()
+
+    def _flush(self, batch: list[tuple[str, Tensor]], top_k: int, bar: Any) -> Iterator[FileResult]:
+        if not batch:
+            return
+        logits = self.logits(torch.stack([t for _, t in batch]))
+        for (path, _), preds in zip(batch, self.topk(logits, top_k)):
+            bar.update(1)
+            yield FileResult(path, preds)
