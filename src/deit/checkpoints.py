@@ -100,7 +100,12 @@ _HF_BLOCK_KEYS = {
     "layernorm_after": "norm2",
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
+    # transformers 5 in-memory names (what ``model.state_dict()`` returns there)
+    "attention.o_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
 }
+_HF_QKV = {"query": "q", "key": "k", "value": "v", "q_proj": "q", "k_proj": "k", "v_proj": "v"}
 _HF_TOP_KEYS = {
     "embeddings.cls_token": "cls_token",
     "embeddings.distillation_token": "dist_token",
@@ -118,13 +123,13 @@ def hf_to_timm(state: StateDict) -> StateDict:
     qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, value in state.items():
         name = key[len(prefix):] if key.startswith(prefix) else key
-        block = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", name)
+        block = re.match(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$", name)
         head = name.rsplit(".", 1)
         if block:
             i, sub, kind = int(block[1]), block[2], block[3]
-            qkv_part = re.match(r"attention\.attention\.(query|key|value)$", sub)
-            if qkv_part:
-                qkv.setdefault((i, kind), {})[qkv_part[1]] = value
+            qkv_part = re.fullmatch(r"attention\.(?:attention\.)?(\w+)", sub)
+            if qkv_part and qkv_part[1] in _HF_QKV:
+                qkv.setdefault((i, kind), {})[_HF_QKV[qkv_part[1]]] = value
             else:
                 out[f"blocks.{i}.{_HF_BLOCK_KEYS.get(sub, sub)}.{kind}"] = value
         elif name in _HF_TOP_KEYS:
@@ -136,11 +141,9 @@ def hf_to_timm(state: StateDict) -> StateDict:
         else:
             out[key] = value  # left for the strict check to name
     for (i, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
+        if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"block {i}: q/k/v {kind} incomplete ({sorted(parts)})")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
-            [parts["query"], parts["key"], parts["value"]], dim=0
-        )
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
 
@@ -340,6 +343,27 @@ def _load_file(path: Path) -> LoadedModel:
                        _default_labels(config.num_classes), str(path), fmt)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when ``HF_HUB_OFFLINE`` is set or the Hub's host can't be reached quickly.
+
+    Checked once up front, so that a machine without network goes straight to the local
+    cache instead of retrying each file with back-off.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     """Fetch config, weights and preprocessor of a Hub repo into the cache; return its folder."""
     from huggingface_hub import hf_hub_download
@@ -351,8 +375,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
+    offline = not _hub_reachable()
+
     def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision))
+        return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=offline))
 
     try:
         folder = fetch("config.json").parent

@@ -1,0 +1,232 @@
+"""Checkpoint formats, strict loading, saving, conversion and the Hub (offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deit.checkpoints import (
+    CheckpointError,
+    convert,
+    hf_to_timm,
+    infer_config,
+    load_model,
+    read_state_dict,
+    save_model,
+    timm_to_hf,
+)
+from deit.config import VARIANTS, DeiTConfig
+from deit.model import DeiT
+from deit.transforms import PreprocessConfig
+
+transformers = pytest.importorskip("transformers")
+
+TINY_HF = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128,
+               image_size=32, patch_size=8, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"},
+               label2id={"cat": 0, "dog": 1, "fox": 2})
+HF_PROCESSOR = {"feature_extractor_type": "DeiTFeatureExtractor", "size": 32, "crop_size": 32,
+                "resample": 3, "do_resize": True, "do_center_crop": True, "do_normalize": True,
+                "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+def write_tiny_hf(folder: Path) -> torch.nn.Module:
+    model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**TINY_HF))
+    model.eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(HF_PROCESSOR))
+    return model
+
+
+def tiny_model() -> DeiT:
+    return DeiT(DeiTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1,
+                           num_classes=3)).eval()
+
+
+def test_hf_folder_gives_labels_and_processor(tmp_path: Path) -> None:
+    write_tiny_hf(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.labels == ["cat", "dog", "fox"]
+    assert loaded.preprocess.resize_mode == "squash" and loaded.preprocess.input_size == (32, 32)
+    assert loaded.config.layer_norm_eps == 1e-12 and loaded.config.num_heads == 1
+
+
+def test_hf_pytorch_model_bin(tmp_path: Path) -> None:
+    theirs = write_tiny_hf(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    torch.save(theirs.state_dict(), tmp_path / "b" / "pytorch_model.bin")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "b").model(x).logits,
+                                   theirs(pixel_values=x).logits, atol=1e-5, rtol=0)
+
+
+def test_hf_key_mapping_round_trip() -> None:
+    state = tiny_model().state_dict()
+    hf = timm_to_hf(state, tiny_model().config)
+    assert "deit.encoder.layer.1.attention.attention.value.weight" in hf
+    assert "distillation_classifier.bias" in hf
+    back = hf_to_timm(hf)
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_own_format_round_trip_and_fp16(tmp_path: Path) -> None:
+    model = tiny_model()
+    pre = PreprocessConfig(resize_mode="none", crop_size=None, channels=1, mean=(0.5,),
+                           std=(0.25,), invert_light_background=True)
+    save_model(model, tmp_path / "m", labels=["a", "b", "c"], preprocess=pre,
+               metadata={"top1": 0.9})
+    loaded = load_model(tmp_path / "m")
+    assert (loaded.format, loaded.labels, loaded.preprocess) == ("deit", ["a", "b", "c"], pre)
+    assert loaded.metadata == {"top1": 0.9} and loaded.config == model.config
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x).logits, model(x).logits)
+    save_model(model, tmp_path / "h", labels=["a", "b", "c"], preprocess=pre, dtype=torch.float16)
+    half = load_model(tmp_path / "h")
+    assert half.model.pos_embed.dtype == torch.float32  # upcast at load
+    with torch.no_grad():
+        torch.testing.assert_close(half.model(x).logits, model(x).logits, atol=2e-3, rtol=0)
+
+
+def test_wrappers_and_prefixes_are_unwrapped(tmp_path: Path) -> None:
+    state = tiny_model().state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "a.pth")
+    read, fmt = read_state_dict(tmp_path / "a.pth")
+    assert fmt == "timm" and set(read) == set(state)
+
+
+def test_infer_config_from_shapes() -> None:
+    for name, cfg in VARIANTS.items():
+        state = {k: torch.empty(v.shape) for k, v in DeiT(cfg).state_dict().items()}
+        assert infer_config(state) == cfg, name
+
+
+def test_strict_loading_names_the_keys(tmp_path: Path) -> None:
+    state = tiny_model().state_dict()
+    del state["blocks.1.mlp.fc2.bias"]
+    state["blocks.0.extra"] = torch.zeros(1)
+    state["head.bias"] = torch.zeros(4)
+    state["head.weight"] = torch.zeros(4, 64)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "bad.pth", labels=None)
+    message = str(err.value)
+    assert "missing keys: blocks.1.mlp.fc2.bias" in message
+    assert "unexpected keys: blocks.0.extra" in message
+
+
+def test_shape_mismatch_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    save_model(tiny_model(), folder, labels=["a", "b", "c"], preprocess=PreprocessConfig())
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model"]["mlp_ratio"] = 3.0
+    (folder / "config.json").write_text(json.dumps(meta))
+    pattern = r"blocks\.0\.mlp\.fc1\.weight: checkpoint \(256, 64\) vs model \(192, 64\)"
+    with pytest.raises(CheckpointError, match=pattern):
+        load_model(folder)
+
+
+def test_unreadable_and_unsafe_files(tmp_path: Path) -> None:
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_model(tmp_path / "text.pth")
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204 - would run a command when unpickled
+            return (os.system, ("touch pwned",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_model(tmp_path / "evil.pth")
+    assert not Path("pwned").exists()
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_model(tmp_path / "missing.pth")
+
+
+def test_timm_hub_folder_layout(tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architecture": "deit_tiny_patch16_224", "num_classes": 1000,
+        "pretrained_cfg": {"crop_pct": 0.9, "interpolation": "bicubic",
+                           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}))
+    loaded = load_model(tmp_path)
+    assert loaded.format == "timm" and loaded.preprocess.resize_size == 248
+    assert loaded.labels[0] == "tench, Tinca tinca"
+
+
+def test_preprocess_and_label_overrides(tmp_path: Path) -> None:
+    write_tiny_hf(tmp_path / "m")
+    (tmp_path / "labels.txt").write_text("one\ntwo\nthree\n")
+    loaded = load_model(tmp_path / "m", preprocess="model-card", labels=tmp_path / "labels.txt")
+    assert loaded.preprocess == PreprocessConfig.model_card()
+    assert loaded.labels == ["one", "two", "three"]
+    (tmp_path / "short.txt").write_text("one\n")
+    with pytest.raises(ValueError, match="has 1 names; the model has 3"):
+        load_model(tmp_path / "m", labels=tmp_path / "short.txt")
+
+
+def test_convert_to_hf_and_back(tmp_path: Path) -> None:
+    write_tiny_hf(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "ours", to="deit")
+    convert(tmp_path / "ours", tmp_path / "hf", to="hf")
+    back = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf")
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    assert back.config.id2label[2] == "fox" and processor.size["height"] == 32
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(pixel_values=x).logits,
+                                   load_model(tmp_path / "src").model(x).logits,
+                                   atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- Hub, offline
+
+REPO_ID = "facebook/deit-tiny-distilled-patch16-224"
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deit", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def _fill_cache(cache: Path, source: Path, revision: str = "main") -> None:
+    """Lay out a Hub cache the way huggingface_hub writes it (refs → snapshot folder)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{REPO_ID.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / revision).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in source.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+
+
+def test_hub_id_from_prefilled_cache_offline(tmp_path: Path, sample_images: list[Path]) -> None:
+    write_tiny_hf(tmp_path / "src")
+    _fill_cache(tmp_path / "cache", tmp_path / "src", revision="v1.0")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    result = _run_cli(["predict", "--model", REPO_ID, "--revision", "v1.0", "--json", "-k", "3",
+                       str(sample_images[0])], env)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["error"] is None and {p["label"] for p in row["predictions"]} == {"cat", "dog", "fox"}
+
+
+def test_hub_offline_without_cache_is_one_clear_message(tmp_path: Path) -> None:
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
+    result = _run_cli(["predict", "img.png"], env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "--model fashion-mnist" in result.stderr and REPO_ID in result.stderr
