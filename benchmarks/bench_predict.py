@@ -53,19 +53,24 @@ def main() -> None:
 
     paths = expand_paths([args.images]) * args.copies
     tmp = Path(tempfile.mkdtemp())
-    config = transformers.DeiTConfig(hidden_size=192, num_attention_heads=3,
-                                     intermediate_size=768, num_labels=1000)
+    config = transformers.DeiTConfig(
+        hidden_size=192, num_attention_heads=3, intermediate_size=768, num_labels=1000
+    )
     transformers.DeiTForImageClassificationWithTeacher(config).save_pretrained(tmp / "hf")
-    processor = transformers.DeiTImageProcessor(size={"height": 256, "width": 256},
-                                                image_mean=[0.485, 0.456, 0.406],
-                                                image_std=[0.229, 0.224, 0.225])
+    processor = transformers.DeiTImageProcessor(
+        size={"height": 256, "width": 256},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     processor.save_pretrained(tmp / "hf")
 
     ours = Classifier.from_pretrained(tmp / "hf", device="cpu")
 
     def run_ours() -> list[int]:
-        return [r.predictions[0].index for r in
-                ours.predict_files(paths, top_k=1, batch_size=args.batch_size)]
+        return [
+            r.predictions[0].index
+            for r in ours.predict_files(paths, top_k=1, batch_size=args.batch_size)
+        ]
 
     pipe = transformers.pipeline("image-classification", model=str(tmp / "hf"), device="cpu")
 
@@ -86,8 +91,9 @@ def main() -> None:
     def run_timm() -> list[int]:
         preds: list[int] = []
         for i in range(0, len(paths), args.batch_size):
-            batch = torch.stack([transform(Image.open(p).convert("RGB"))
-                                 for p in paths[i:i + args.batch_size]])
+            batch = torch.stack(
+                [transform(Image.open(p).convert("RGB")) for p in paths[i : i + args.batch_size]]
+            )
             preds.extend(model(batch).argmax(-1).tolist())
         return preds
 
@@ -97,22 +103,35 @@ def main() -> None:
         seconds, preds = _time(fn, args.repeats)
         reference = reference or preds
         agree = sum(a == b for a, b in zip(preds, reference)) / len(preds)
-        rows.append({"impl": impl, "images": len(paths), "seconds": round(seconds, 3),
-                     "img_per_s": round(len(paths) / seconds, 1), "top1_agreement": agree})
+        rows.append(
+            {
+                "impl": impl,
+                "images": len(paths),
+                "seconds": round(seconds, 3),
+                "img_per_s": round(len(paths) / seconds, 1),
+                "top1_agreement": agree,
+            }
+        )
     base = rows[0]["img_per_s"]
     for row in rows:
         row["deit_speedup"] = round(base / row["img_per_s"], 2)
-    env = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "timm": timm.__version__, "threads": args.threads, "cpu": platform.processor()
-           or platform.machine()}
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+    }
     if args.json:
         for row in rows:
             print(json.dumps({**row, **env}))
         return
     print(f"{len(paths)} images, batch {args.batch_size}, {env}")
     for row in rows:
-        print(f"{row['impl']:>5}: {row['img_per_s']:8.1f} img/s  ({row['seconds']:.2f} s)  "
-              f"deit is {row['deit_speedup']:.2f}x  top-1 agreement {row['top1_agreement']:.0%}")
+        print(
+            f"{row['impl']:>5}: {row['img_per_s']:8.1f} img/s  ({row['seconds']:.2f} s)  "
+            f"deit is {row['deit_speedup']:.2f}x  top-1 agreement {row['top1_agreement']:.0%}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ def sample_images() -> list[Path]:
 
 @pytest.fixture
 def tiny_config() -> DeiTConfig:
-    return DeiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                      num_classes=10)
+    return DeiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
 
 @pytest.fixture(autouse=True)

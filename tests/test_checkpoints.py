@@ -27,12 +27,28 @@ from deit.transforms import PreprocessConfig
 
 transformers = pytest.importorskip("transformers")
 
-TINY_HF = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128,
-               image_size=32, patch_size=8, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"},
-               label2id={"cat": 0, "dog": 1, "fox": 2})
-HF_PROCESSOR = {"feature_extractor_type": "DeiTFeatureExtractor", "size": 32, "crop_size": 32,
-                "resample": 3, "do_resize": True, "do_center_crop": True, "do_normalize": True,
-                "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+TINY_HF = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    intermediate_size=128,
+    image_size=32,
+    patch_size=8,
+    num_labels=3,
+    id2label={0: "cat", 1: "dog", 2: "fox"},
+    label2id={"cat": 0, "dog": 1, "fox": 2},
+)
+HF_PROCESSOR = {
+    "feature_extractor_type": "DeiTFeatureExtractor",
+    "size": 32,
+    "crop_size": 32,
+    "resample": 3,
+    "do_resize": True,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+}
 
 
 def write_tiny_hf(folder: Path) -> torch.nn.Module:
@@ -43,8 +59,9 @@ def write_tiny_hf(folder: Path) -> torch.nn.Module:
 
 
 def tiny_model() -> DeiT:
-    return DeiT(DeiTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1,
-                           num_classes=3)).eval()
+    return DeiT(
+        DeiTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, num_classes=3)
+    ).eval()
 
 
 def test_hf_folder_gives_labels_and_processor(tmp_path: Path) -> None:
@@ -62,8 +79,12 @@ def test_hf_pytorch_model_bin(tmp_path: Path) -> None:
     torch.save(theirs.state_dict(), tmp_path / "b" / "pytorch_model.bin")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(load_model(tmp_path / "b").model(x).logits,
-                                   theirs(pixel_values=x).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            load_model(tmp_path / "b").model(x).logits,
+            theirs(pixel_values=x).logits,
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_hf_key_mapping_round_trip() -> None:
@@ -78,10 +99,17 @@ def test_hf_key_mapping_round_trip() -> None:
 
 def test_own_format_round_trip_and_fp16(tmp_path: Path) -> None:
     model = tiny_model()
-    pre = PreprocessConfig(resize_mode="none", crop_size=None, channels=1, mean=(0.5,),
-                           std=(0.25,), invert_light_background=True)
-    save_model(model, tmp_path / "m", labels=["a", "b", "c"], preprocess=pre,
-               metadata={"top1": 0.9})
+    pre = PreprocessConfig(
+        resize_mode="none",
+        crop_size=None,
+        channels=1,
+        mean=(0.5,),
+        std=(0.25,),
+        invert_light_background=True,
+    )
+    save_model(
+        model, tmp_path / "m", labels=["a", "b", "c"], preprocess=pre, metadata={"top1": 0.9}
+    )
     loaded = load_model(tmp_path / "m")
     assert (loaded.format, loaded.labels, loaded.preprocess) == ("deit", ["a", "b", "c"], pre)
     assert loaded.metadata == {"top1": 0.9} and loaded.config == model.config
@@ -139,7 +167,7 @@ def test_unreadable_and_unsafe_files(tmp_path: Path) -> None:
         load_model(tmp_path / "text.pth")
 
     class Evil:
-        def __reduce__(self):  # noqa: ANN204 - would run a command when unpickled
+        def __reduce__(self):
             return (os.system, ("touch pwned",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pth")
@@ -156,10 +184,20 @@ def test_timm_hub_folder_layout(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architecture": "deit_tiny_patch16_224", "num_classes": 1000,
-        "pretrained_cfg": {"crop_pct": 0.9, "interpolation": "bicubic",
-                           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "deit_tiny_patch16_224",
+                "num_classes": 1000,
+                "pretrained_cfg": {
+                    "crop_pct": 0.9,
+                    "interpolation": "bicubic",
+                    "mean": [0.485, 0.456, 0.406],
+                    "std": [0.229, 0.224, 0.225],
+                },
+            }
+        )
+    )
     loaded = load_model(tmp_path)
     assert loaded.format == "timm" and loaded.preprocess.resize_size == 248
     assert loaded.labels[0] == "tench, Tinca tinca"
@@ -185,9 +223,12 @@ def test_convert_to_hf_and_back(tmp_path: Path) -> None:
     assert back.config.id2label[2] == "fox" and processor.size["height"] == 32
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(back.eval()(pixel_values=x).logits,
-                                   load_model(tmp_path / "src").model(x).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            back.eval()(pixel_values=x).logits,
+            load_model(tmp_path / "src").model(x).logits,
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 # --------------------------------------------------------------------------- Hub, offline
@@ -196,8 +237,13 @@ REPO_ID = "facebook/deit-tiny-distilled-patch16-224"
 
 
 def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deit", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "deit", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def _fill_cache(cache: Path, source: Path, revision: str = "main") -> None:
@@ -216,11 +262,27 @@ def test_hub_id_from_prefilled_cache_offline(tmp_path: Path, sample_images: list
     write_tiny_hf(tmp_path / "src")
     _fill_cache(tmp_path / "cache", tmp_path / "src", revision="v1.0")
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
-    result = _run_cli(["predict", "--model", REPO_ID, "--revision", "v1.0", "--json", "-k", "3",
-                       str(sample_images[0])], env)
+    result = _run_cli(
+        [
+            "predict",
+            "--model",
+            REPO_ID,
+            "--revision",
+            "v1.0",
+            "--json",
+            "-k",
+            "3",
+            str(sample_images[0]),
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr
     row = json.loads(result.stdout)
-    assert row["error"] is None and {p["label"] for p in row["predictions"]} == {"cat", "dog", "fox"}
+    assert row["error"] is None and {p["label"] for p in row["predictions"]} == {
+        "cat",
+        "dog",
+        "fox",
+    }
 
 
 def test_hub_offline_without_cache_is_one_clear_message(tmp_path: Path) -> None:

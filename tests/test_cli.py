@@ -31,13 +31,18 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _png_header_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge size (a decompression bomb's calling card)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -63,19 +68,38 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return code, out, err
 
 
-def test_predict_json_good_and_bad(model_dir: Path, sample_images: list[Path],
-                                   bad_files: dict[str, Path],
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_json_good_and_bad(
+    model_dir: Path,
+    sample_images: list[Path],
+    bad_files: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     inputs = [str(p) for p in sample_images] + [str(p) for p in bad_files.values()]
-    code, out, err = _run(["predict", "--model", str(model_dir), "--json", "-k", "2",
-                           "--device", "cpu", *inputs, "missing.png"], capsys)
+    code, out, err = _run(
+        [
+            "predict",
+            "--model",
+            str(model_dir),
+            "--json",
+            "-k",
+            "2",
+            "--device",
+            "cpu",
+            *inputs,
+            "missing.png",
+        ],
+        capsys,
+    )
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in rows] == [*inputs, "missing.png"]  # input order kept
     good = rows[: len(sample_images)]
     assert all(r["error"] is None and len(r["predictions"]) == 2 for r in good)
-    assert all(0 <= p["score"] <= 1 and p["label"] in {"cat", "dog", "fox"}
-               for r in good for p in r["predictions"])
-    errors = {Path(r["path"]).stem: r["error"] for r in rows[len(sample_images):]}
+    assert all(
+        0 <= p["score"] <= 1 and p["label"] in {"cat", "dog", "fox"}
+        for r in good
+        for p in r["predictions"]
+    )
+    errors = {Path(r["path"]).stem: r["error"] for r in rows[len(sample_images) :]}
     assert errors["empty"] == "empty file"
     assert errors["text"] == "not an image file"
     assert "truncated" in errors["truncated"] or "corrupt" in errors["truncated"]
@@ -85,8 +109,9 @@ def test_predict_json_good_and_bad(model_dir: Path, sample_images: list[Path],
     assert code == 1 and "6 of" in err and "Traceback" not in err
 
 
-def test_predict_text_output_folder_and_glob(model_dir: Path, sample_images: list[Path],
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_text_output_folder_and_glob(
+    model_dir: Path, sample_images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = sample_images[0].parent
     code, out, _ = _run(["predict", "-m", str(model_dir), "-k", "1", str(folder)], capsys)
     assert code == 0 and out.count("%") == len(sample_images)
@@ -94,8 +119,9 @@ def test_predict_text_output_folder_and_glob(model_dir: Path, sample_images: lis
     assert code == 0 and len(out.splitlines()) == len(list(folder.glob("*.png")))
 
 
-def test_predict_usage_errors(model_dir: Path, tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_usage_errors(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = _run(["predict", "-m", str(tmp_path / "nope"), "x.png"], capsys)
     assert code == 2 and "no such file" in err
     code, _, err = _run(["predict", "-m", str(model_dir), "--top-k", "0", "x.png"], capsys)
@@ -121,13 +147,17 @@ def test_expand_paths(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.png", "a/b/y.JPG", "a/notes.txt"):
         (tmp_path / name).write_bytes(b"")
-    assert expand_paths([tmp_path / "a"]) == [str(tmp_path / "a/b/y.JPG"), str(tmp_path / "a/x.png")]
+    assert expand_paths([tmp_path / "a"]) == [
+        str(tmp_path / "a/b/y.JPG"),
+        str(tmp_path / "a/x.png"),
+    ]
     assert expand_paths([str(tmp_path / "a/**/*.png")]) == [str(tmp_path / "a/x.png")]
     assert expand_paths(["nothing*.png"]) == ["nothing*.png"]
 
 
-def test_convert_and_info(model_dir: Path, tmp_path: Path,
-                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_and_info(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = _run(["convert", str(model_dir), str(tmp_path / "ours"), "--to", "deit"], capsys)
     assert code == 0 and (tmp_path / "ours" / "model.safetensors").is_file()
     code, out, _ = _run(["info", "-m", str(tmp_path / "ours"), "--json"], capsys)
@@ -136,8 +166,20 @@ def test_convert_and_info(model_dir: Path, tmp_path: Path,
 
 
 def test_console_script_runs_as_module(model_dir: Path, sample_images: list[Path]) -> None:
-    result = subprocess.run([sys.executable, "-m", "deit", "predict", "-m", str(model_dir),
-                             "--json", str(sample_images[0])], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deit",
+            "predict",
+            "-m",
+            str(model_dir),
+            "--json",
+            str(sample_images[0]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["error"] is None

@@ -96,8 +96,9 @@ def test_resize_pos_embed_keeps_prefix_and_is_identity_on_same_grid() -> None:
     assert torch.equal(big[:, :2], pos[:, :2])
     # A constant grid stays constant under bicubic resampling.
     flat = torch.cat([pos[:, :2], torch.ones(1, 16, 8)], dim=1)
-    torch.testing.assert_close(resize_pos_embed(flat, 2, (4, 4), (7, 7))[:, 2:],
-                               torch.ones(1, 49, 8))
+    torch.testing.assert_close(
+        resize_pos_embed(flat, 2, (4, 4), (7, 7))[:, 2:], torch.ones(1, 49, 8)
+    )
 
 
 def test_drop_path() -> None:
@@ -107,8 +108,17 @@ def test_drop_path() -> None:
     kept = (y[:, 0] > 0).float().mean().item()
     assert abs(kept - 0.7) < 0.05
     assert torch.allclose(y[y > 0], torch.full_like(y[y > 0], 1 / 0.7))
-    model = DeiT(DeiTConfig(img_size=16, patch_size=8, embed_dim=16, depth=4, num_heads=2,
-                            num_classes=3, drop_path_rate=0.3))
+    model = DeiT(
+        DeiTConfig(
+            img_size=16,
+            patch_size=8,
+            embed_dim=16,
+            depth=4,
+            num_heads=2,
+            num_classes=3,
+            drop_path_rate=0.3,
+        )
+    )
     assert [round(b.drop_path_rate, 3) for b in model.blocks] == [0.0, 0.1, 0.2, 0.3]
 
 

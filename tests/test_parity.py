@@ -20,11 +20,17 @@ timm = pytest.importorskip("timm")
 ATOL = 1e-5
 
 
-def hf_config(cfg: DeiTConfig, **overrides: object):  # noqa: ANN201 - transformers config
-    kwargs = dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth,
-                  num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_hidden_dim,
-                  image_size=cfg.image_hw[0], patch_size=cfg.patch_size,
-                  num_labels=cfg.num_classes, **overrides)
+def hf_config(cfg: DeiTConfig, **overrides: object):
+    kwargs = dict(
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.mlp_hidden_dim,
+        image_size=cfg.image_hw[0],
+        patch_size=cfg.patch_size,
+        num_labels=cfg.num_classes,
+        **overrides,
+    )
     if cfg.distilled:
         return transformers.DeiTConfig(**kwargs)
     return transformers.ViTConfig(**kwargs)
@@ -71,8 +77,9 @@ def test_transformers_both_directions(name: str, tmp_path: Path) -> None:
         torch.testing.assert_close(out.dist_logits, ref.distillation_logits, atol=ATOL, rtol=0)
 
     # ... and transformers loads what we write, with the same answer.
-    save_model(ours.model, tmp_path / "ours", labels=ours.labels, preprocess=ours.preprocess,
-               format="hf")
+    save_model(
+        ours.model, tmp_path / "ours", labels=ours.labels, preprocess=ours.preprocess, format="hf"
+    )
     auto = transformers.AutoModelForImageClassification
     back = auto.from_pretrained(tmp_path / "ours").eval()
     assert type(back) is type(theirs)
@@ -96,16 +103,18 @@ def test_timm(name: str, tmp_path: Path) -> None:
 
 def test_hf_deit_without_teacher_head(tmp_path: Path) -> None:
     """DeiTForImageClassification: a distillation token, but logits from the cls token only."""
-    cfg = DeiTConfig(img_size=64, embed_dim=128, num_heads=2, depth=3, num_classes=7,
-                     distill_head=False)
+    cfg = DeiTConfig(
+        img_size=64, embed_dim=128, num_heads=2, depth=3, num_classes=7, distill_head=False
+    )
     theirs = hf_model(cfg)
     theirs.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     assert ours.config.distilled and not ours.config.distill_head
     x = images(cfg)
     with torch.no_grad():
-        torch.testing.assert_close(ours.model(x).logits, theirs(pixel_values=x).logits,
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            ours.model(x).logits, theirs(pixel_values=x).logits, atol=ATOL, rtol=0
+        )
 
 
 def test_interpolated_position_embedding_matches_transformers(tmp_path: Path) -> None:

@@ -1,0 +1,35 @@
+"""deit: DeiT image classification — inference, distillation training, evaluation, deployment.
+
+Public API (everything else is reachable through its module):
+
+    >>> import deit
+    >>> clf = deit.Classifier.from_pretrained("fashion-mnist")
+    >>> clf.predict("shoe.png", top_k=3)
+"""
+
+from deit.checkpoints import CheckpointError, LoadedModel, convert, load_model, save_model
+from deit.config import VARIANTS, DeiTConfig
+from deit.inference import Classifier, FileResult, Prediction
+from deit.model import DeiT, DeiTOutput
+from deit.transforms import ImageLoadError, PreprocessConfig, load_image, preprocess
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "CheckpointError",
+    "Classifier",
+    "DeiT",
+    "DeiTConfig",
+    "DeiTOutput",
+    "FileResult",
+    "ImageLoadError",
+    "LoadedModel",
+    "Prediction",
+    "PreprocessConfig",
+    "convert",
+    "load_image",
+    "load_model",
+    "preprocess",
+    "save_model",
+]

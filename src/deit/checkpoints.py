@@ -7,7 +7,8 @@ Formats read:
     hf        a transformers directory: ``config.json`` + ``model.safetensors`` or
               ``pytorch_model.bin`` (+ ``preprocessor_config.json``); DeiT models, and the
               plain checkpoints the Hub stores as ViT models
-    deit      this project's directory: ``config.json`` (``"format": "deit"``) + ``model.safetensors``
+    deit      this project's directory: ``config.json`` (``"format": "deit"``) and
+              ``model.safetensors``
 and Hub ids (``facebook/deit-tiny-distilled-patch16-224``), downloaded through ``huggingface_hub``
 with its cache, ``revision`` and ``HF_HUB_OFFLINE``.
 
@@ -18,6 +19,7 @@ safetensors, or ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -122,7 +124,7 @@ def hf_to_timm(state: StateDict) -> StateDict:
     out: StateDict = {}
     qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, value in state.items():
-        name = key[len(prefix):] if key.startswith(prefix) else key
+        name = key[len(prefix) :] if key.startswith(prefix) else key
         block = re.match(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$", name)
         head = name.rsplit(".", 1)
         if block:
@@ -152,8 +154,10 @@ def timm_to_hf(state: StateDict, config: DeiTConfig) -> StateDict:
     prefix = "deit." if config.distilled else "vit."
     top = {v: k for k, v in _HF_TOP_KEYS.items()}
     blocks = {v: k for k, v in _HF_BLOCK_KEYS.items()}
-    heads = {"head": "cls_classifier" if config.has_dist_head else "classifier",
-             "head_dist": "distillation_classifier"}
+    heads = {
+        "head": "cls_classifier" if config.has_dist_head else "classifier",
+        "head_dist": "distillation_classifier",
+    }
     out: StateDict = {}
     for key, value in state.items():
         block = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
@@ -204,20 +208,32 @@ def config_from_hf(hf: Mapping[str, Any]) -> DeiTConfig:
 def config_to_hf(config: DeiTConfig, labels: list[str]) -> dict[str, Any]:
     """A transformers ``config.json`` for this architecture (DeiT when distilled, else ViT)."""
     if config.distilled:
-        arch = ("DeiTForImageClassificationWithTeacher" if config.has_dist_head
-                else "DeiTForImageClassification")
+        arch = (
+            "DeiTForImageClassificationWithTeacher"
+            if config.has_dist_head
+            else "DeiTForImageClassification"
+        )
         model_type = "deit"
     else:
         arch, model_type = "ViTForImageClassification", "vit"
     img = config.img_size if isinstance(config.img_size, int) else list(config.img_size)
     return {
-        "architectures": [arch], "model_type": model_type,
-        "hidden_size": config.embed_dim, "num_hidden_layers": config.depth,
-        "num_attention_heads": config.num_heads, "intermediate_size": config.mlp_hidden_dim,
-        "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02, "layer_norm_eps": config.layer_norm_eps, "image_size": img,
-        "patch_size": config.patch_size, "num_channels": config.in_chans,
-        "qkv_bias": config.qkv_bias, "encoder_stride": config.patch_size,
+        "architectures": [arch],
+        "model_type": model_type,
+        "hidden_size": config.embed_dim,
+        "num_hidden_layers": config.depth,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.mlp_hidden_dim,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": config.layer_norm_eps,
+        "image_size": img,
+        "patch_size": config.patch_size,
+        "num_channels": config.in_chans,
+        "qkv_bias": config.qkv_bias,
+        "encoder_stride": config.patch_size,
         "id2label": {str(i): name for i, name in enumerate(labels)},
         "label2id": {name: i for i, name in enumerate(labels)},
     }
@@ -246,12 +262,21 @@ def infer_config(state: StateDict, *, distilled_head: bool = True) -> DeiTConfig
     prefix = 2 if distilled else 1
     side = math.isqrt(pos.shape[1] - prefix)
     if side * side != pos.shape[1] - prefix:
-        raise CheckpointError(f"pos_embed has {pos.shape[1] - prefix} patch rows: not a square grid")
+        raise CheckpointError(
+            f"pos_embed has {pos.shape[1] - prefix} patch rows: not a square grid"
+        )
     depth = 1 + max(int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     return DeiTConfig(
-        img_size=side * patch, patch_size=patch, in_chans=chans, num_classes=head.shape[0],
-        embed_dim=dim, depth=depth, num_heads=dim // 64, mlp_ratio=fc1.shape[0] / dim,
-        distilled=distilled, distill_head=not distilled or "head_dist.weight" in state,
+        img_size=side * patch,
+        patch_size=patch,
+        in_chans=chans,
+        num_classes=head.shape[0],
+        embed_dim=dim,
+        depth=depth,
+        num_heads=dim // 64,
+        mlp_ratio=fc1.shape[0] / dim,
+        distilled=distilled,
+        distill_head=not distilled or "head_dist.weight" in state,
         qkv_bias="blocks.0.attn.qkv.bias" in state,
     )
 
@@ -261,11 +286,17 @@ def load_state_dict_strict(model: DeiT, state: StateDict, source: str = "checkpo
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     problems = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches", shapes)):
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
         if items:
             shown = ", ".join(items[:8]) + (f", … ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{title}: {shown}")
@@ -288,7 +319,9 @@ def _default_labels(num_classes: int) -> list[str]:
     return imagenet_labels() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
 
 
-def _timm_preprocess(config: DeiTConfig, pretrained_cfg: Mapping[str, Any] | None) -> PreprocessConfig:
+def _timm_preprocess(
+    config: DeiTConfig, pretrained_cfg: Mapping[str, Any] | None
+) -> PreprocessConfig:
     """timm's eval transform: from ``pretrained_cfg`` when given, else timm's DeiT defaults."""
     size = config.image_hw[0]
     cfg = dict(pretrained_cfg or {})
@@ -312,35 +345,59 @@ def _load_dir(path: Path) -> LoadedModel:
     source = str(path)
     if meta.get("format") == "deit":  # our own format
         config = DeiTConfig.from_dict(meta["model"])
-        return LoadedModel(build_model(config, state, source), config,
-                           PreprocessConfig.from_dict(meta["preprocess"]), list(meta["labels"]),
-                           source, "deit", meta.get("metadata", {}))
+        return LoadedModel(
+            build_model(config, state, source),
+            config,
+            PreprocessConfig.from_dict(meta["preprocess"]),
+            list(meta["labels"]),
+            source,
+            "deit",
+            meta.get("metadata", {}),
+        )
     if "architecture" in meta and "model_type" not in meta:  # a timm Hub directory
         config = infer_config(state)
         labels = meta.get("label_names") or _default_labels(config.num_classes)
         pre = _timm_preprocess(config, meta.get("pretrained_cfg"))
-        return LoadedModel(build_model(config, state, source), config, pre, list(labels),
-                           source, "timm")
+        return LoadedModel(
+            build_model(config, state, source), config, pre, list(labels), source, "timm"
+        )
     config = config_from_hf(meta)
     id2label = meta.get("id2label") or {}
-    labels = [id2label.get(str(i), id2label.get(i, f"class_{i}")) for i in range(config.num_classes)]
+    labels = [
+        id2label.get(str(i), id2label.get(i, f"class_{i}")) for i in range(config.num_classes)
+    ]
     pre_path = path / "preprocessor_config.json"
-    pre = (PreprocessConfig.from_hf(json.loads(pre_path.read_text())) if pre_path.is_file()
-           else PreprocessConfig.model_card())
-    return LoadedModel(build_model(config, hf_to_timm(state), source), config, pre, labels,
-                       source, "hf")
+    pre = (
+        PreprocessConfig.from_hf(json.loads(pre_path.read_text()))
+        if pre_path.is_file()
+        else PreprocessConfig.model_card()
+    )
+    return LoadedModel(
+        build_model(config, hf_to_timm(state), source), config, pre, labels, source, "hf"
+    )
 
 
 def _load_file(path: Path) -> LoadedModel:
     state, fmt = read_state_dict(path)
     if any(k.startswith(("deit.", "vit.")) for k in state):
-        raise CheckpointError(f"{path} holds transformers weights: load its directory, "
-                              "which has the config.json they need")
+        raise CheckpointError(
+            f"{path} holds transformers weights: load its directory, "
+            "which has the config.json they need"
+        )
     config = infer_config(state)
-    pre = (PreprocessConfig.official(config.image_hw[0]) if fmt == "official"
-           else _timm_preprocess(config, None))
-    return LoadedModel(build_model(config, state, str(path)), config, pre,
-                       _default_labels(config.num_classes), str(path), fmt)
+    pre = (
+        PreprocessConfig.official(config.image_hw[0])
+        if fmt == "official"
+        else _timm_preprocess(config, None)
+    )
+    return LoadedModel(
+        build_model(config, state, str(path)),
+        config,
+        pre,
+        _default_labels(config.num_classes),
+        str(path),
+        fmt,
+    )
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -389,18 +446,20 @@ def _download(repo_id: str, revision: str | None) -> Path:
             except EntryNotFoundError:  # includes "not in the local cache"
                 if name == WEIGHT_FILES[-1]:
                     raise
-        try:
+        with contextlib.suppress(EntryNotFoundError):  # optional file
             fetch("preprocessor_config.json")
-        except EntryNotFoundError:
-            pass
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"cannot download {repo_id!r} from the Hugging Face Hub (offline or no network) and "
             "it is not in the local cache; connect once to cache it, give a local path, or use "
             "the embedded offline model: --model fashion-mnist"
         ) from None
-    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError,
-            EntryNotFoundError) as e:
+    except (
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        HFValidationError,
+        EntryNotFoundError,
+    ) as e:
         raise CheckpointError(f"cannot load {repo_id!r} from the Hub: {e}") from None
     return folder
 
@@ -483,11 +542,19 @@ def save_model(
         raise ValueError(f"{len(labels)} labels for a model with {config.num_classes} classes")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
     if format == "deit":
-        meta = {"format": "deit", "version": 1, "model": config.to_dict(), "labels": list(labels),
-                "preprocess": preprocess.to_dict(), "metadata": metadata or {}}
+        meta = {
+            "format": "deit",
+            "version": 1,
+            "model": config.to_dict(),
+            "labels": list(labels),
+            "preprocess": preprocess.to_dict(),
+            "metadata": metadata or {},
+        }
     elif format == "hf":
         state = timm_to_hf(state, config)
         meta = config_to_hf(config, labels)
@@ -499,9 +566,20 @@ def save_model(
     return out
 
 
-def convert(source: str | Path, out_dir: str | Path, *, to: Literal["deit", "hf"],
-            revision: str | None = None) -> Path:
+def convert(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    to: Literal["deit", "hf"],
+    revision: str | None = None,
+) -> Path:
     """Load any supported checkpoint and write it in another format."""
     loaded = load_model(source, revision=revision)
-    return save_model(loaded.model, out_dir, labels=loaded.labels, preprocess=loaded.preprocess,
-                      format=to, metadata={"converted_from": loaded.source, **loaded.metadata})
+    return save_model(
+        loaded.model,
+        out_dir,
+        labels=loaded.labels,
+        preprocess=loaded.preprocess,
+        format=to,
+        metadata={"converted_from": loaded.source, **loaded.metadata},
+    )

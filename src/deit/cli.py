@@ -19,13 +19,20 @@ EXIT_USAGE = 2  # nothing ran: bad arguments, model or data
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help="checkpoint file or folder, embedded model (fashion-mnist), variant "
-                        f"name or Hub id (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help="checkpoint file or folder, embedded model (fashion-mnist), variant "
+        f"name or Hub id (default: {DEFAULT_MODEL})",
+    )
     p.add_argument("--revision", help="Hub branch, tag or commit")
-    p.add_argument("--preprocess", default="auto",
-                   choices=["auto", "model-card", "official", "timm"],
-                   help="preprocessing: the checkpoint's own (auto) or a named one")
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        choices=["auto", "model-card", "official", "timm"],
+        help="preprocessing: the checkpoint's own (auto) or a named one",
+    )
     p.add_argument("--labels", help="label file (one name per line, or a JSON list)")
 
 
@@ -34,15 +41,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError("--top-k and --batch-size must be at least 1")
-    clf = Classifier.from_pretrained(args.model, device=args.device, revision=args.revision,
-                                     preprocess=args.preprocess, labels=args.labels)
+    clf = Classifier.from_pretrained(
+        args.model,
+        device=args.device,
+        revision=args.revision,
+        preprocess=args.preprocess,
+        labels=args.labels,
+    )
     paths = expand_paths(args.paths)
     if not paths:
         raise ValueError("no input images")
     failed = 0
     progress = len(paths) > 20 and sys.stderr.isatty()
-    for result in clf.predict_files(paths, top_k=args.top_k, batch_size=args.batch_size,
-                                    workers=args.workers, progress=progress):
+    for result in clf.predict_files(
+        paths, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers, progress=progress
+    ):
         failed += result.error is not None
         if args.json:
             print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
@@ -67,12 +80,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from deit.checkpoints import load_model
 
-    loaded = load_model(args.model, revision=args.revision, preprocess=args.preprocess,
-                        labels=args.labels)
-    info = {"source": loaded.source, "format": loaded.format, "config": loaded.config.to_dict(),
-            "parameters": sum(p.numel() for p in loaded.model.parameters()),
-            "preprocess": loaded.preprocess.to_dict(), "num_labels": len(loaded.labels),
-            "labels_sample": loaded.labels[:5], "metadata": loaded.metadata}
+    loaded = load_model(
+        args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
+    )
+    info = {
+        "source": loaded.source,
+        "format": loaded.format,
+        "config": loaded.config.to_dict(),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "preprocess": loaded.preprocess.to_dict(),
+        "num_labels": len(loaded.labels),
+        "labels_sample": loaded.labels[:5],
+        "metadata": loaded.metadata,
+    }
     print(json.dumps(info, indent=None if args.json else 2, ensure_ascii=False))
     return 0
 

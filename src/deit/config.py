@@ -37,9 +37,13 @@ class DeiTConfig:
         h, w = self.image_hw
         problems = []
         if self.patch_size <= 0 or h % self.patch_size or w % self.patch_size:
-            problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+            problems.append(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.embed_dim % self.num_heads:
-            problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            problems.append(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
         if min(self.in_chans, self.num_classes, self.depth, self.num_heads) < 1:
             problems.append("in_chans, num_classes, depth and num_heads must be positive")
         if not 0.0 <= self.drop_path_rate < 1.0:

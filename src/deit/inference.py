@@ -24,7 +24,21 @@ from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
 from deit.transforms import ImageLike, ImageLoadError, load_image, preprocess, preprocess_image
 
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .ico .jfif".split()
+    [
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".gif",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".ico",
+        ".jfif",
+    ]
 )
 
 
@@ -46,8 +60,11 @@ class FileResult:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "predictions": [asdict(p) for p in self.predictions],
-                "error": self.error}
+        return {
+            "path": self.path,
+            "predictions": [asdict(p) for p in self.predictions],
+            "error": self.error,
+        }
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -75,8 +92,13 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[str]:
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out.extend(sorted(str(f) for f in p.rglob("*")
-                              if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+            out.extend(
+                sorted(
+                    str(f)
+                    for f in p.rglob("*")
+                    if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                )
+            )
         elif not p.exists() and glob.has_magic(str(item)):
             matches = sorted(glob.glob(str(p), recursive=True))
             out.extend(matches or [str(item)])
@@ -94,8 +116,13 @@ class Classifier:
         self.model = loaded.model.to(self.device).eval()
 
     @classmethod
-    def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *,
-                        device: str | torch.device = "auto", **load_kwargs: Any) -> Classifier:
+    def from_pretrained(
+        cls,
+        source: str | Path = DEFAULT_MODEL,
+        *,
+        device: str | torch.device = "auto",
+        **load_kwargs: Any,
+    ) -> Classifier:
         """Load any checkpoint :func:`deit.checkpoints.load_model` reads."""
         return cls(load_model(source, **load_kwargs), device)
 
@@ -112,11 +139,14 @@ class Classifier:
         """Softmax probabilities' top-k for each row of ``logits``."""
         k = max(1, min(top_k, logits.shape[-1]))
         scores, indices = logits.softmax(dim=-1).topk(k, dim=-1)
-        return [[Prediction(int(i), self.labels[int(i)], float(s)) for s, i in zip(srow, irow)]
-                for srow, irow in zip(scores.tolist(), indices.tolist())]
+        return [
+            [Prediction(int(i), self.labels[int(i)], float(s)) for s, i in zip(srow, irow)]
+            for srow, irow in zip(scores.tolist(), indices.tolist())
+        ]
 
-    def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5,
-                batch_size: int = 32) -> list[list[Prediction]]:
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], top_k: int = 5, batch_size: int = 32
+    ) -> list[list[Prediction]]:
         """Classify images (paths, PIL images, arrays or tensors); one list per image.
 
         Raises:
@@ -126,7 +156,7 @@ class Classifier:
             images = [images]
         results: list[list[Prediction]] = []
         for start in range(0, len(images), batch_size):
-            batch = preprocess(list(images[start:start + batch_size]), self.loaded.preprocess)
+            batch = preprocess(list(images[start : start + batch_size]), self.loaded.preprocess)
             results.extend(self.topk(self.logits(batch), top_k))
         return results
 
@@ -139,8 +169,15 @@ class Classifier:
         except OSError as e:  # e.g. permission denied, a directory passed as a file
             return f"cannot read file: {e.strerror or e}"
 
-    def predict_files(self, paths: Sequence[str], *, top_k: int = 5, batch_size: int = 32,
-                      workers: int | None = None, progress: bool = False) -> Iterator[FileResult]:
+    def predict_files(
+        self,
+        paths: Sequence[str],
+        *,
+        top_k: int = 5,
+        batch_size: int = 32,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[FileResult]:
         """Classify files in order, decoding in a thread pool; bad files yield an error.
 
         Results come back in input order as soon as each batch is done.

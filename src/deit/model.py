@@ -222,7 +222,10 @@ class DeiT(nn.Module):
         return torch.cat([*prefix, x], dim=1) + pos_embed  # (B, prefix + N, D)
 
     def forward_features(
-        self, pixel_values: Tensor, *, interpolate_pos_encoding: bool = False,
+        self,
+        pixel_values: Tensor,
+        *,
+        interpolate_pos_encoding: bool = False,
         output_attentions: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """Normalised tokens (B, prefix + N, D) and, when asked, each block's attention."""
@@ -230,7 +233,9 @@ class DeiT(nn.Module):
         h, w = pixel_values.shape[-2:]
         if h % p or w % p:
             raise ValueError(f"input size {h}x{w} is not a multiple of patch size {p}")
-        x = self._pos_embed(self.patch_embed(pixel_values), (h // p, w // p), interpolate_pos_encoding)
+        x = self._pos_embed(
+            self.patch_embed(pixel_values), (h // p, w // p), interpolate_pos_encoding
+        )
         attentions = []
         for block in self.blocks:
             x, weights = block(x, output_attentions)
@@ -238,12 +243,16 @@ class DeiT(nn.Module):
         return self.norm(x), (tuple(attentions) if output_attentions else None)
 
     def forward(
-        self, pixel_values: Tensor, *, interpolate_pos_encoding: bool = False,
+        self,
+        pixel_values: Tensor,
+        *,
+        interpolate_pos_encoding: bool = False,
         output_attentions: bool = False,
     ) -> DeiTOutput:
         """Classify a batch of normalised images (B, C, H, W)."""
         x, attentions = self.forward_features(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
         )
         cls_logits = self.head(x[:, 0])
