@@ -1,0 +1,562 @@
+"""Evaluation preprocessing and robust image loading for DeiT.
+
+Three reference pipelines exist for the same weights (see ``docs/reference-spec.md`` §3):
+
+* official DeiT / the model card: shorter side to ``int(size / 0.875)``, center crop, bicubic;
+* timm: shorter side to ``floor(size / crop_pct)`` with ``crop_pct`` 0.9 (1.0 at 384);
+* transformers' ``DeiTImageProcessor``: squash to a fixed (height, width), then center crop.
+
+:class:`PreprocessConfig` describes any of them and :func:`preprocess` reproduces each one to
+float32 rounding: PIL does the resizing exactly as torchvision and transformers' PIL backend do,
+and the rescale/normalize arithmetic is a 256-entry lookup table per channel computed the way both
+references compute it (``float32(float64(v) * factor)``, then ``(x - mean) / std`` in float32; for
+``factor = 1/255`` this equals torchvision's ``float32(v) / 255``).
+
+Runtime dependencies: torch, numpy and pillow only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+HF_STANDARD_MEAN: tuple[float, ...] = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_*
+HF_STANDARD_STD: tuple[float, ...] = (0.5, 0.5, 0.5)
+#: Same as PIL's ``Image.MAX_IMAGE_PIXELS`` default (about 9459 x 9459 pixels).
+DEFAULT_MAX_PIXELS: int = 89_478_485
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_WARNINGS_LOCK = threading.Lock()
+
+ImageLike = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray | torch.Tensor
+
+
+class ImageLoadError(ValueError):
+    """An input could not be turned into an image; ``str(err)`` is a short reason."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Evaluation preprocessing: mode -> (invert) -> resize -> center crop -> rescale -> normalize.
+
+    Attributes:
+        resize_mode: ``"shorter"`` resizes the shorter side to ``resize_size`` keeping the aspect
+            ratio (torchvision ``Resize(int)``: long side ``int(size * long / short)``);
+            ``"squash"`` resizes to exactly ``resize_size`` = (height, width) (transformers);
+            ``"none"`` skips resizing.
+        resize_size: An int for ``"shorter"``; (height, width) for ``"squash"`` (an int means a
+            square).
+        crop_size: Center crop (height, width); ``None`` for no crop. Crops larger than the image
+            pad with zeros (black before normalization), as torchvision and transformers do.
+        interpolation: PIL filter name, one of :data:`INTERPOLATIONS`.
+        mean: Per-channel mean, in [0, 1] units.
+        std: Per-channel standard deviation.
+        channels: 3 converts images to RGB, 1 to grayscale ``"L"`` (e.g. a Fashion-MNIST model).
+        invert_light_background: Invert images whose border is light (see
+            :func:`has_light_background`), for models trained on dark-background data.
+        rescale_factor: Multiplier from 8-bit values to the units of ``mean``/``std``.
+        crop_rounding: Crop offset for an odd margin: ``"round"`` = torchvision
+            (``round((H - h) / 2)``, half to even; padding puts the extra pixel after the image),
+            ``"floor"`` = transformers (``(H - h) // 2``; padding puts it before).
+        source: Free-text provenance, e.g. ``"official"``, ``"timm"``, ``"model card"``.
+    """
+
+    resize_mode: Literal["shorter", "squash", "none"] = "shorter"
+    resize_size: tuple[int, int] | int = 256
+    crop_size: tuple[int, int] | None = (224, 224)
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channels: int = 3
+    invert_light_background: bool = False
+    rescale_factor: float = 1 / 255
+    crop_rounding: Literal["round", "floor"] = "round"
+    source: str = "model card"
+
+    def __post_init__(self) -> None:
+        _check_choice("resize_mode", self.resize_mode, ("shorter", "squash", "none"))
+        _check_choice("interpolation", self.interpolation, tuple(INTERPOLATIONS))
+        _check_choice("crop_rounding", self.crop_rounding, ("round", "floor"))
+        _check_choice("channels", self.channels, (1, 3))
+        size = self.resize_size
+        if self.resize_mode == "shorter" and (not isinstance(size, int) or size <= 0):
+            raise ValueError(f"resize_mode 'shorter' needs a positive int size, got {size!r}")
+        fixed = {"mean": tuple(map(float, self.mean)), "std": tuple(map(float, self.std)),
+                 "resize_size": size if self.resize_mode == "shorter" else _pair(size),
+                 "crop_size": None if self.crop_size is None else _pair(self.crop_size)}
+        for name, value in fixed.items():
+            object.__setattr__(self, name, value)
+        if not len(self.mean) == len(self.std) == self.channels:
+            raise ValueError(f"mean and std need {self.channels} values each, "
+                             f"got {len(self.mean)} and {len(self.std)}")
+        if 0.0 in self.std:
+            raise ValueError("std values must be non-zero")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the tensors this config produces."""
+        if self.crop_size is not None:
+            return self.crop_size  # type: ignore[return-value]
+        if self.resize_mode == "squash":
+            return self.resize_size  # type: ignore[return-value]
+        raise ValueError(f"output size of resize_mode {self.resize_mode!r} without a crop "
+                         "depends on the image")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists); inverse of :meth:`from_dict`."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown PreprocessConfig keys: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @classmethod
+    def model_card(cls) -> PreprocessConfig:
+        """DeiT model card: shorter side 256, center crop 224, bicubic, ImageNet mean/std."""
+        return cls(source="model card")
+
+    @classmethod
+    def official(cls, img_size: int, crop_pct: float = 0.875) -> PreprocessConfig:
+        """Official DeiT eval: shorter side ``int(img_size / crop_pct)``, crop ``img_size``."""
+        return cls(resize_size=int(img_size / crop_pct), crop_size=(img_size, img_size),
+                   source="official")
+
+    @classmethod
+    def timm(cls, img_size: int, crop_pct: float = 0.9) -> PreprocessConfig:
+        """timm eval: shorter side ``floor(img_size / crop_pct)``, crop ``img_size``."""
+        return cls(resize_size=math.floor(img_size / crop_pct), crop_size=(img_size, img_size),
+                   source="timm")
+
+    @classmethod
+    def from_hf(cls, processor_config: Mapping[str, Any]) -> PreprocessConfig:
+        """Reproduce transformers' ``DeiTImageProcessor``/``ViTImageProcessor`` (PIL backend).
+
+        Accepts legacy feature-extractor files (integer ``size``/``crop_size`` mean squares) and
+        v5 files. Missing keys take the installed transformers' class defaults: DeiT (type name
+        contains ``"DeiT"``) resizes to 256x256 bicubic and crops 224; otherwise ViT: 224x224
+        bilinear, no crop; both use mean = std = 0.5 and rescale by 1/255.
+
+        Args:
+            processor_config: The parsed ``preprocessor_config.json``.
+
+        Raises:
+            ValueError: A size form transformers' DeiT/ViT processors don't use.
+        """
+        d = processor_config
+        kind = str(d.get("image_processor_type") or d.get("feature_extractor_type") or "")
+        deit = "DeiT" in kind
+        mode, size = _hf_size(d.get("size", 256 if deit else 224))
+        resample = int(d.get("resample", 3 if deit else 2))
+        names = {int(v): k for k, v in INTERPOLATIONS.items()}
+        if resample not in names:
+            raise ValueError(f"unsupported resample value {resample}")
+        crop = None
+        if d.get("do_center_crop", deit):
+            crop_mode, crop = _hf_size(d.get("crop_size", 224))
+            if crop_mode != "squash":
+                raise ValueError(f"crop_size must be an int or height/width, got {d['crop_size']}")
+        normalize, rescale = d.get("do_normalize", True), d.get("do_rescale", True)
+        mean = _triple(d.get("image_mean", HF_STANDARD_MEAN)) if normalize else (0.0,) * 3
+        std = _triple(d.get("image_std", HF_STANDARD_STD)) if normalize else (1.0,) * 3
+        return cls(resize_mode=mode if d.get("do_resize", True) else "none", resize_size=size,
+                   crop_size=crop, interpolation=names[resample], mean=mean, std=std,
+                   rescale_factor=float(d.get("rescale_factor", 1 / 255)) if rescale else 1.0,
+                   crop_rounding="floor", source="hf preprocessor_config.json")
+
+    def to_hf(self, *, exact: bool = False) -> dict[str, Any]:
+        """A v5 ``preprocessor_config.json`` dict for transformers' ``DeiTImageProcessor``.
+
+        Transformers floors crop offsets; a ``crop_rounding="round"`` config can then differ by a
+        one-pixel shift of the crop on images whose margin is 3 (mod 4). That is accepted unless
+        ``exact`` is set. RGB conversion is written as ``do_convert_rgb`` (transformers also
+        composites transparency on white).
+
+        Args:
+            exact: Raise unless transformers reproduces this config on every image.
+
+        Raises:
+            ValueError: Grayscale output or background inversion (transformers has neither), or
+                an inexact crop when ``exact`` is set.
+        """
+        if self.channels != 3 or self.invert_light_background:
+            raise ValueError("transformers' DeiTImageProcessor can't convert to grayscale or "
+                             "invert backgrounds; keep this config in deit format")
+        if exact and self.crop_size is not None and not self._hf_crop_is_exact():
+            raise ValueError("transformers floors center-crop offsets, this config rounds them "
+                             "(torchvision); the crop may shift by one pixel")
+        out: dict[str, Any] = {
+            "image_processor_type": "DeiTImageProcessor", "do_resize": self.resize_mode != "none",
+            "resample": int(INTERPOLATIONS[self.interpolation]),
+            "do_center_crop": self.crop_size is not None, "do_rescale": True,
+            "rescale_factor": self.rescale_factor, "do_normalize": True,
+            "image_mean": list(self.mean), "image_std": list(self.std), "do_convert_rgb": True}
+        if self.resize_mode == "shorter":
+            out["size"] = {"shortest_edge": self.resize_size}
+        elif self.resize_mode == "squash":
+            out["size"] = _hw_dict(self.resize_size)
+        if self.crop_size is not None:
+            out["crop_size"] = _hw_dict(self.crop_size)
+        return out
+
+    def _hf_crop_is_exact(self) -> bool:
+        if self.crop_rounding == "floor":
+            return True
+        if self.resize_mode != "squash":  # resized size depends on the image
+            return False
+        return all(crop_offset(n, m, "round") == crop_offset(n, m, "floor")
+                   for n, m in zip(self.resize_size, self.crop_size, strict=True))  # type: ignore[arg-type]
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    """(height, width) from an int (square) or a pair."""
+    if isinstance(value, int):
+        value = (value, value)
+    if len(value) != 2 or any(int(v) <= 0 for v in value):
+        raise ValueError(f"sizes must be a positive int or (height, width), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _triple(value: Any) -> tuple[float, ...]:
+    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(value)
+
+
+def _hw_dict(hw: Any) -> dict[str, int]:
+    return {"height": int(hw[0]), "width": int(hw[1])}
+
+
+def _hf_size(size: Any) -> tuple[Literal["shorter", "squash"], int | tuple[int, int]]:
+    """(resize_mode, resize_size) of a transformers ``size`` value."""
+    if isinstance(size, Mapping):
+        size = {k: v for k, v in size.items() if v is not None}
+        if set(size) == {"height", "width"}:
+            return "squash", (int(size["height"]), int(size["width"]))
+        if set(size) == {"shortest_edge"}:
+            return "shorter", int(size["shortest_edge"])
+        raise ValueError(f"unsupported size {dict(size)}: use height/width or shortest_edge")
+    return "squash", _pair(size)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_image(source: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               fast_decode: bool = False, draft_min_side: int = 512) -> Image.Image:
+    """Open and fully decode an image, in its own mode, upright per its EXIF orientation.
+
+    Animated files (GIF, APNG, WebP) give their first frame. Arrays and tensors are HW, HWC
+    (numpy) or CHW (torch) with 1, 3 or 4 channels, uint8 or float in [0, 1] (rounded to 8 bit).
+
+    Args:
+        source: A path, bytes, a binary file object, a PIL image, an array or a tensor.
+        max_pixels: Reject images with more pixels (checked from the header, before decoding);
+            ``None`` for no limit of ours (PIL's own hard limit, ``2 * Image.MAX_IMAGE_PIXELS``,
+            still applies).
+        fast_decode: Let JPEG decoding downscale by 1/2, 1/4 or 1/8 (``Image.draft``) while
+            keeping the shorter side >= ``draft_min_side``. Faster but approximate: results no
+            longer match the reference pipelines exactly.
+        draft_min_side: Smallest shorter side ``fast_decode`` may produce.
+
+    Raises:
+        ImageLoadError: Missing, empty, non-image, truncated, corrupt or too large inputs.
+    """
+    if isinstance(source, torch.Tensor):
+        source = _tensor_to_hwc(source)
+    if isinstance(source, np.ndarray):
+        img = _array_to_image(source)
+    elif isinstance(source, Image.Image):
+        img = source
+    else:
+        img = _open(source, max_pixels)
+    try:
+        _decode(img, max_pixels, draft_min_side if fast_decode else None)
+    except ImageLoadError:
+        if img is not source:
+            img.close()
+        raise
+    if getattr(img, "is_animated", False) and img is not source:
+        first = img.copy()  # the first frame, detached from the still-open file
+        img.close()
+        img = first
+    return _exif_upright(img)
+
+
+def _decode(img: Image.Image, max_pixels: int | None, draft_min_side: int | None) -> None:
+    """Check the header size, then decode all pixels (``draft_min_side``: allow JPEG draft)."""
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageLoadError(f"image too large: {width}x{height} pixels exceeds limit of "
+                             f"{max_pixels}")
+    if width == 0 or height == 0:
+        raise ImageLoadError("empty image (zero width or height)")
+    if draft_min_side is not None and min(width, height) > draft_min_side:
+        scale = draft_min_side / min(width, height)
+        img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+    try:
+        img.load()
+    except Image.DecompressionBombError as exc:  # e.g. an ICO/TIFF part larger than its header
+        raise ImageLoadError(f"image too large: {exc}") from exc
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+        raise ImageLoadError(f"truncated or corrupt image: {exc}") from exc
+
+
+def _open(source: str | os.PathLike | bytes | IO[bytes], max_pixels: int | None) -> Image.Image:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(f"{'not a file' if path.exists() else 'file not found'}: {path}")
+        if path.stat().st_size == 0:
+            raise ImageLoadError("empty file")
+        fp: Path | IO[bytes] = path
+    elif isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        try:
+            data = source.read() if hasattr(source, "read") else bytes(source)  # type: ignore[union-attr]
+        except OSError as exc:
+            raise ImageLoadError(f"cannot read input: {exc}") from exc
+        if not isinstance(data, bytes):
+            raise ImageLoadError("file objects must be opened in binary mode")
+        if not data:
+            raise ImageLoadError("empty file")
+        fp = io.BytesIO(data)
+    else:
+        raise ImageLoadError(f"unsupported input type: {type(source).__name__}")
+    try:
+        with _bomb_warnings(max_pixels):
+            return Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"image too large: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError("not an image file") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # the OS refused, e.g. permission denied
+            raise ImageLoadError(f"cannot read file: {exc.strerror}") from exc
+        raise ImageLoadError(f"truncated or corrupt image: {exc}") from exc
+    except Exception as exc:
+        raise ImageLoadError(f"truncated or corrupt image: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _bomb_warnings(max_pixels: int | None) -> Iterator[None]:
+    """Turn PIL's decompression-bomb warning into an error unless our limit is looser.
+
+    ``catch_warnings`` swaps the process-wide filters until exit, so the (cheap, header-only)
+    section it guards is serialized: interleaved exits would leave a filter behind. PIL's own
+    ``Image.MAX_IMAGE_PIXELS`` is never changed.
+    """
+    loose = max_pixels is None or max_pixels > (Image.MAX_IMAGE_PIXELS or 0)
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore" if loose else "error", Image.DecompressionBombWarning)
+        yield
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    try:
+        orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation tag
+        return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+    except Exception:  # unreadable EXIF: keep the pixels as stored
+        return img
+
+
+def _tensor_to_hwc(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.ndim == 3:
+        if t.shape[0] not in (1, 3, 4):
+            raise ImageLoadError(f"tensor must be CHW with 1, 3 or 4 channels, "
+                                 f"got {tuple(t.shape)}")
+        t = t.permute(1, 2, 0)
+    return (t if t.dtype == torch.uint8 else t.float()).numpy()
+
+
+def _array_to_image(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        raise ImageLoadError(f"array must be HW or HWC with 1, 3 or 4 channels, got {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            raise ImageLoadError("float image values must be in [0, 1]")
+        arr = np.rint(arr.astype(np.float32) * 255.0).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageLoadError(f"array dtype must be uint8 or float, got {arr.dtype}")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def to_mode(img: Image.Image, channels: int = 3) -> Image.Image:
+    """Convert any PIL mode to ``"RGB"`` (channels 3) or ``"L"`` (channels 1).
+
+    Transparent images (an alpha band or a ``transparency`` key: RGBA, LA, PA, P/L/RGB with tRNS)
+    are composited on a white background first, like transformers' ``convert_to_rgb``. 16-bit
+    modes scale 0..65535 to 0..255; ``I`` is read as 16-bit if any value exceeds 255; ``F`` is
+    read as [0, 1] if its maximum is <= 1, else clipped to [0, 255]. CMYK, YCbCr, 1, P and others
+    use PIL's own conversions.
+
+    Raises:
+        ImageLoadError: PIL has no conversion from this mode.
+    """
+    target = {3: "RGB", 1: "L"}[channels]
+    if img.mode in _HIGH_DEPTH_MODES:
+        img = _to_8bit(img)
+    try:
+        if any(b in ("A", "a") for b in img.getbands()) or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), rgba)
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        return img if img.mode == target else img.convert(target)
+    except ValueError as exc:
+        raise ImageLoadError(f"unsupported image mode {img.mode}: {exc}") from exc
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    if img.mode == "F":
+        scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
+        out = np.clip(np.nan_to_num(arr.astype(np.float64) * scale), 0, 255)
+    elif img.mode.startswith("I;16") or (arr.size and int(arr.max()) > 255):
+        out = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+    else:
+        out = np.clip(arr, 0, 255)
+    return Image.fromarray(np.rint(out).astype(np.uint8), "L")
+
+
+def has_light_background(img: Image.Image) -> bool:
+    """True if the image's border band is light: mean gray level > 127.
+
+    The band is ``max(1, min(H, W) // 32)`` pixels wide on each of the four sides, measured after
+    conversion to grayscale (``"L"``).
+    """
+    gray = np.asarray(img if img.mode == "L" else img.convert("L"))
+    b = max(1, min(gray.shape) // 32)
+    band = (gray[:b], gray[-b:], gray[b:-b, :b], gray[b:-b, -b:])
+    total = sum(float(p.sum(dtype=np.int64)) for p in band)
+    return total / max(1, sum(p.size for p in band)) > 127
+
+
+def resize_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Resize per ``cfg.resize_mode`` with the configured PIL filter."""
+    width, height = img.size
+    if cfg.resize_mode == "none":
+        return img
+    if cfg.resize_mode == "squash":
+        new_h, new_w = cfg.resize_size  # type: ignore[misc]
+    elif width <= height:  # torchvision Resize(int): long = int(size * long / short)
+        new_w, new_h = cfg.resize_size, int(cfg.resize_size * height / width)  # type: ignore[operator]
+    else:
+        new_h, new_w = cfg.resize_size, int(cfg.resize_size * width / height)  # type: ignore[operator]
+    if (new_w, new_h) == (width, height):
+        return img
+    return img.resize((new_w, new_h), INTERPOLATIONS[cfg.interpolation])
+
+
+def crop_offset(size: int, crop: int, rounding: Literal["round", "floor"]) -> int:
+    """Start of a centered window of length ``crop`` in ``size`` (negative: zero padding first)."""
+    margin = size - crop
+    if margin >= 0:
+        return round(margin / 2.0) if rounding == "round" else margin // 2  # half to even
+    return -(-margin // 2) if rounding == "round" else -((-margin + 1) // 2)
+
+
+def center_crop_array(arr: np.ndarray, crop_hw: tuple[int, int],
+                      rounding: Literal["round", "floor"] = "round") -> np.ndarray:
+    """Center crop an (H, W[, C]) array, padding with zeros where the crop exceeds it."""
+    (h, w), (ch, cw) = arr.shape[:2], crop_hw
+    top, left = crop_offset(h, ch, rounding), crop_offset(w, cw, rounding)
+    if top >= 0 and left >= 0:
+        return arr[top:top + ch, left:left + cw]  # a view, no copy
+    out = np.zeros((ch, cw, *arr.shape[2:]), dtype=arr.dtype)
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + ch, h), min(left + cw, w)
+    out[y0 - top:y1 - top, x0 - left:x1 - left] = arr[y0:y1, x0:x1]
+    return out
+
+
+@lru_cache(maxsize=32)
+def _normalize_lut(rescale_factor: float, mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> np.ndarray:
+    """(C, 256) float32 table: value v of channel c -> its normalized float."""
+    x = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    mean_, std_ = np.asarray(mean, np.float32)[:, None], np.asarray(std, np.float32)[:, None]
+    lut = (x[None, :] - mean_) / std_
+    lut.flags.writeable = False
+    return lut
+
+
+def normalize_array(arr: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """(H, W[, C]) uint8 -> (C, H, W) float32: ``(v * rescale_factor - mean) / std``."""
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    lut = _normalize_lut(cfg.rescale_factor, cfg.mean, cfg.std)
+    out = np.empty((arr.shape[2], arr.shape[0], arr.shape[1]), dtype=np.float32)
+    for c in range(arr.shape[2]):
+        np.take(lut[c], arr[:, :, c], out=out[c], mode="clip")
+    return out
+
+
+def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """One image -> (C, H, W) float32 tensor, per ``cfg``."""
+    img = to_mode(img, cfg.channels)
+    if cfg.invert_light_background and has_light_background(img):
+        img = ImageOps.invert(img)
+    arr = np.asarray(resize_image(img, cfg))
+    if cfg.crop_size is not None:
+        arr = center_crop_array(arr, cfg.crop_size, cfg.crop_rounding)
+    return torch.from_numpy(normalize_array(arr, cfg))
+
+
+def preprocess(images: Sequence[ImageLike] | ImageLike, cfg: PreprocessConfig, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               fast_decode: bool = False) -> torch.Tensor:
+    """Load and preprocess one image or a sequence of them into a (B, C, H, W) float32 batch.
+
+    A 4-D array (BHWC) or tensor (BCHW) counts as a batch.
+
+    Raises:
+        ImageLoadError: An input can't be loaded (see :func:`load_image`).
+        ValueError: No images, or outputs of different sizes (a config without a crop).
+    """
+    single = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image,
+                                 np.ndarray, torch.Tensor)) or hasattr(images, "read")
+    if single and not (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
+        images = [images]  # type: ignore[list-item]
+    tensors = [preprocess_image(load_image(x, max_pixels=max_pixels, fast_decode=fast_decode), cfg)
+               for x in images]  # type: ignore[union-attr]
+    if not tensors:
+        raise ValueError("no images to preprocess")
+    if len({t.shape for t in tensors}) > 1:
+        raise ValueError("images have different sizes after preprocessing; set a crop_size")
+    return torch.stack(tensors)
