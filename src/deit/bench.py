@@ -1,0 +1,291 @@
+"""Side-by-side inference benchmark: deit, timm and transformers in one process, same weights.
+
+Every contender computes the same function: one set of random weights (timm's initialisation
+when timm is installed) is loaded into each implementation. Each measurement reports
+throughput at a batch size, median and p99 latency of one batch, peak accelerator memory, and
+the largest absolute logit difference from an fp32 eager reference on the same input.
+
+    deit bench --device cpu --batch 1 --batch 32
+    deit bench --device cuda --dtype bf16 --batch 1024 --mode eager --mode compile --json
+
+Peers that aren't installed are skipped with a note on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from deit.checkpoints import save_model
+from deit.config import VARIANTS, DeiTConfig
+from deit.model import DeiT
+from deit.transforms import PreprocessConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = ("deit", "timm", "hf")
+MODES = ("eager", "compile")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One contender at one batch size."""
+
+    impl: str
+    mode: str
+    device: str
+    dtype: str
+    batch: int
+    img_per_s: float
+    latency_ms: float  # median time of one batch
+    latency_p99_ms: float
+    peak_mem_mb: float | None  # accelerator memory high-water mark; None on CPU
+    max_abs_logit_diff: float  # vs our fp32 eager model on the same input
+
+
+@dataclass(frozen=True)
+class Contender:
+    impl: str
+    mode: str
+    forward: Callable[[Tensor], Tensor]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_batches(
+    fn: Callable[[], object], device: torch.device, iters: int, min_seconds: float
+) -> list[float]:
+    """Seconds per call, at least ``iters`` calls and ``min_seconds`` in all."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50 * iters:
+            break
+    return times
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    if dtype == torch.float32:
+        yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+
+
+def reference_weights(variant: str) -> tuple[DeiTConfig, dict[str, Tensor]]:
+    """Random weights in official/timm key layout (timm's init when available)."""
+    config = VARIANTS[variant]
+    try:
+        import timm
+
+        model = timm.create_model(variant, pretrained=False)
+    except ImportError:
+        model = DeiT(config)
+    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def build_contenders(
+    variant: str, device: torch.device, impls: tuple[str, ...], modes: tuple[str, ...]
+) -> tuple[list[Contender], nn.Module]:
+    """The models to compare, plus our fp32 eager model as the numerical reference."""
+    config, state = reference_weights(variant)
+    ours = DeiT(config)
+    ours.load_state_dict(state)
+    ours = ours.eval().to(device)
+    models: dict[str, nn.Module] = {"deit": ours}
+    if "timm" in impls:
+        try:
+            import timm
+
+            models["timm"] = timm.create_model(variant, pretrained=False)
+            models["timm"].load_state_dict(state)
+        except ImportError:
+            print("bench: timm is not installed; skipping it", file=sys.stderr)
+    if "hf" in impls:
+        try:
+            models["hf"] = _hf_model(ours)
+        except ImportError:
+            print("bench: transformers is not installed; skipping it", file=sys.stderr)
+    contenders = []
+    for impl in impls:
+        if impl not in models:
+            continue
+        model = models[impl].eval().to(device)
+        for mode in modes:
+            contenders.append(Contender(impl, mode, _forward(impl, model, mode)))
+    return contenders, ours
+
+
+def _hf_model(ours: DeiT) -> nn.Module:
+    """The same weights in transformers, through our HF writer (LayerNorm eps kept at 1e-6)."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = [str(i) for i in range(ours.config.num_classes)]
+        save_model(ours, Path(tmp), labels=labels, preprocess=PreprocessConfig(), format="hf")
+        return transformers.AutoModelForImageClassification.from_pretrained(tmp)
+
+
+def _forward(impl: str, model: nn.Module, mode: str) -> Callable[[Tensor], Tensor]:
+    if impl == "deit":
+
+        def call(x: Tensor) -> Tensor:
+            return model(x).logits
+    elif impl == "hf":
+
+        def call(x: Tensor) -> Tensor:
+            return model(pixel_values=x).logits
+    else:
+        call = model
+    if mode == "compile":
+        return torch.compile(call)
+    if mode == "eager":
+        return call
+    raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+
+
+@torch.inference_mode()
+def measure(
+    contender: Contender,
+    reference: nn.Module,
+    *,
+    batch: int,
+    device: torch.device,
+    dtype: str,
+    iters: int = 10,
+    min_seconds: float = 1.0,
+) -> Measurement:
+    """Throughput, latency, memory and logit error of one contender at one batch size."""
+    h, w = reference.config.image_hw
+    x = torch.randn(
+        batch,
+        reference.config.in_chans,
+        h,
+        w,
+        device=device,
+        generator=torch.Generator(device).manual_seed(0),
+    )
+    expected = reference(x).logits.float()
+    torch_dtype = DTYPES[dtype]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> Tensor:
+        with _autocast(device, torch_dtype):
+            return contender.forward(x)
+
+    got = step().float()  # first call compiles when asked; also the warm-up
+    for _ in range(2):
+        step()
+    times = _time_batches(step, device, iters, min_seconds)
+    median = statistics.median(times)
+    p99 = sorted(times)[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return Measurement(
+        impl=contender.impl,
+        mode=contender.mode,
+        device=str(device),
+        dtype=dtype,
+        batch=batch,
+        img_per_s=batch / median,
+        latency_ms=1e3 * median,
+        latency_p99_ms=1e3 * p99,
+        peak_mem_mb=peak,
+        max_abs_logit_diff=float((got - expected).abs().max()),
+    )
+
+
+def run_bench(
+    variant: str = "deit_tiny_distilled_patch16_224",
+    *,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    batches: tuple[int, ...] = (1, 32),
+    impls: tuple[str, ...] = IMPLS,
+    modes: tuple[str, ...] = ("eager",),
+    iters: int = 10,
+    min_seconds: float = 1.0,
+) -> Iterator[Measurement]:
+    """Measure every contender at every batch size, yielding as results come."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    contenders, reference = build_contenders(variant, dev, impls, modes)
+    for batch in batches:
+        for contender in contenders:
+            yield measure(
+                contender,
+                reference,
+                batch=batch,
+                device=dev,
+                dtype=dtype,
+                iters=iters,
+                min_seconds=min_seconds,
+            )
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="deit_tiny_distilled_patch16_224", choices=sorted(VARIANTS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--batch", type=int, action="append", help="batch size (repeatable)")
+    p.add_argument("--impl", action="append", choices=IMPLS, help="default: all")
+    p.add_argument("--mode", action="append", choices=MODES, help="default: eager")
+    p.add_argument("--iters", type=int, default=10, help="timed batches (at least)")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds (at least)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", action="store_true", help="one JSON object per measurement")
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_bench(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        batches=tuple(args.batch or (1, 32)),
+        impls=tuple(args.impl or IMPLS),
+        modes=tuple(args.mode or ("eager",)),
+        iters=args.iters,
+        min_seconds=args.min_seconds,
+    )
+    if not args.json:
+        print(
+            f"{'impl':>5} {'mode':>8} {'batch':>6} {'img/s':>10} {'median ms':>10} "
+            f"{'p99 ms':>9} {'peak MiB':>9} {'max |Δlogit|':>13}"
+        )
+    for m in results:
+        if args.json:
+            print(json.dumps(asdict(m)), flush=True)
+        else:
+            peak = f"{m.peak_mem_mb:9.0f}" if m.peak_mem_mb is not None else f"{'-':>9}"
+            print(
+                f"{m.impl:>5} {m.mode:>8} {m.batch:>6} {m.img_per_s:10.1f} "
+                f"{m.latency_ms:10.2f} {m.latency_p99_ms:9.2f} {peak} "
+                f"{m.max_abs_logit_diff:13.2e}",
+                flush=True,
+            )
+    return 0

@@ -1,0 +1,57 @@
+"""`deit bench`: every contender runs the same weights; the JSON lines have the promised keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deit.bench import run_bench
+from deit.cli import main
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+KEYS = {"impl", "mode", "device", "dtype", "batch", "img_per_s", "latency_ms", "max_abs_logit_diff"}
+
+
+def test_all_contenders_compute_the_same_function() -> None:
+    results = list(run_bench("deit_tiny_patch16_224", batches=(2,), iters=1, min_seconds=0))
+    assert [m.impl for m in results] == ["deit", "timm", "hf"]
+    for m in results:
+        assert m.max_abs_logit_diff < 1e-4, m
+        assert m.img_per_s > 0 and m.latency_p99_ms >= m.latency_ms > 0
+        assert m.peak_mem_mb is None  # CPU
+
+
+def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "bench",
+            "--model",
+            "deit_tiny_distilled_patch16_224",
+            "--batch",
+            "1",
+            "--impl",
+            "deit",
+            "--impl",
+            "timm",
+            "--iters",
+            "1",
+            "--min-seconds",
+            "0",
+            "--json",
+        ]
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and [r["impl"] for r in rows] == ["deit", "timm"]
+    assert all(set(r) >= KEYS and r["batch"] == 1 and r["dtype"] == "fp32" for r in rows)
+
+
+def test_bad_arguments() -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            list(run_bench(device="cuda"))
+    with pytest.raises(ValueError, match="unknown dtype"):
+        list(run_bench(dtype="int3"))
