@@ -1,0 +1,345 @@
+"""Int8 ONNX models for the CPU, with an accuracy and speed report.
+
+:func:`quantize_model` exports the fp32 ONNX graph (:func:`deit.export.export_onnx`, dynamic
+batch), checks it against eager PyTorch, then applies ONNX Runtime's dynamic quantization to
+the ``MatMul``/``Gemm`` weights (int8 weights; activations quantized per batch at run time,
+so no calibration data is needed). The report compares the int8 model with the fp32 one on
+real images: top-1 agreement, and with labelled data (Fashion-MNIST, or an image folder whose
+sub-folders are class names) the top-1 accuracy of both; plus batch-1 latency of both under
+ONNX Runtime (and eager PyTorch for reference) on this machine's CPU.
+
+Example:
+    >>> report = quantize_model("fashion-mnist", "fmnist.int8.onnx", data="fashion-mnist:test")
+    >>> report.agreement, report.fp32_top1, report.int8_top1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deit.checkpoints import LoadedModel, load_model
+from deit.export import (
+    HEADS,
+    ExportError,
+    Head,
+    HeadLogits,
+    add_model_arguments,
+    add_onnx_metadata,
+    as_loaded,
+    compare_logits,
+    cpu_eval,
+    export_onnx,
+    load_inputs,
+    onnx_session,
+    read_metadata,
+    require,
+    verify_export,
+)
+from deit.transforms import preprocess_image
+
+
+@dataclass
+class QuantReport:
+    """What ``deit quantize`` measured. Accuracies are fractions; times are milliseconds."""
+
+    path: str
+    fp32_mb: float
+    int8_mb: float
+    data: str
+    num_samples: int
+    agreement: float
+    max_abs_diff: float
+    fp32_top1: float | None
+    int8_top1: float | None
+    fp32_ms: float | None
+    int8_ms: float | None
+    torch_ms: float | None
+    threads: int
+    per_channel: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextmanager
+def _no_preprocess_hint() -> Iterator[None]:
+    """Hide ONNX Runtime's root-logger hint to run its graph pre-processing first.
+
+    The hint is about static quantization; for this graph it changes neither the outputs nor
+    the speed of the dynamically quantized model (measured), so it would only be noise.
+    """
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pre-processing before quantization" not in record.getMessage()
+
+    root, drop = logging.getLogger(), _Drop()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def quantize_onnx(fp32_path: str | Path, out: str | Path, *, per_channel: bool = False) -> Path:
+    """Dynamic int8 quantization of ``MatMul``/``Gemm`` weights; keeps the ``deit.*`` metadata."""
+    require("onnxruntime", "onnxruntime", "export")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _no_preprocess_hint():
+        quantize_dynamic(
+            str(fp32_path),
+            str(out),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+        )
+    meta = read_metadata(fp32_path)
+    add_onnx_metadata(out, {**meta, "deit.quantization": "dynamic int8 (MatMul, Gemm)"})
+    return out
+
+
+def load_labelled(
+    spec: str, loaded: LoadedModel, limit: int | None, root: str | Path | None = None
+) -> tuple[Tensor, Tensor, str]:
+    """Preprocessed images and labels of ``fashion-mnist[:test|train]`` or an image folder.
+
+    Images go through the model's own preprocessing, as ``deit predict`` would apply it. An
+    image folder's sub-folders are matched to the model's labels by name when they all are
+    label names; otherwise their sorted order is taken as class indices. Unreadable files are
+    skipped.
+    """
+    from PIL import Image
+
+    from deit.data import ImageFolder, load_fashion_mnist
+
+    cfg = loaded.preprocess
+    if spec.split(":")[0] == "fashion-mnist":
+        split = spec.partition(":")[2] or "test"
+        images, labels = load_fashion_mnist(split, root)
+        images, labels = images[:limit], labels[:limit]
+        pixels = [preprocess_image(Image.fromarray(im[0].numpy(), "L"), cfg) for im in images]
+        return torch.stack(pixels), labels, f"fashion-mnist:{split}"
+    folders = (
+        sorted(d.name for d in Path(spec).iterdir() if d.is_dir()) if Path(spec).is_dir() else []
+    )
+    classes = loaded.labels if folders and set(folders) <= set(loaded.labels) else None
+    dataset = ImageFolder(spec, transform=lambda im: preprocess_image(im, cfg), classes=classes)
+    xs, ys = [], []
+    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
+        item = dataset[i]
+        if isinstance(item, tuple):
+            xs.append(item[0])
+            ys.append(item[1])
+    if not xs:
+        raise ValueError(f"no readable images in {spec}")
+    if max(ys) >= loaded.config.num_classes:
+        raise ValueError(f"{spec} has more classes than the model ({loaded.config.num_classes})")
+    return torch.stack(xs), torch.tensor(ys), str(spec)
+
+
+def onnx_logits(path: str | Path, pixels: Tensor, batch_size: int = 64) -> np.ndarray:
+    """Logits of a dynamic-batch ONNX model on ``pixels`` (N, C, H, W)."""
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    chunks = [session.run(None, {name: b.numpy()})[0] for b in pixels.split(batch_size)]
+    return np.concatenate(chunks)
+
+
+def time_batch1(
+    paths: dict[str, str | Path],
+    sample: Tensor,
+    *,
+    runs: int = 100,
+    threads: int | None = None,
+    torch_model: torch.nn.Module | None = None,
+) -> dict[str, float]:
+    """Median batch-1 latency (ms) of ONNX files (and a PyTorch model), runs interleaved.
+
+    Interleaving spreads any background load on a shared machine over all candidates alike.
+    """
+    sessions = {k: onnx_session(p, threads) for k, p in paths.items()}
+    x = sample[:1].contiguous()
+    feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sessions.items()}
+    calls: dict[str, Any] = {
+        k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()
+    }
+    if torch_model is not None:
+        calls["torch"] = lambda: torch_model(x)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for i in range(runs + 5):  # 5 warm-up rounds
+                for k, call in calls.items():
+                    t = time.perf_counter()
+                    call()
+                    if i >= 5:
+                        times[k].append(1000 * (time.perf_counter() - t))
+    finally:
+        torch.set_num_threads(old_threads)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def quantize_model(
+    model_or_loaded: LoadedModel | Any,
+    out: str | Path,
+    *,
+    data: str | None = None,
+    data_root: str | Path | None = None,
+    limit: int | None = 1000,
+    head: Head = "avg",
+    per_channel: bool = False,
+    bench_runs: int = 100,
+    threads: int | None = None,
+    keep_fp32: str | Path | None = None,
+) -> QuantReport:
+    """Export, quantize to int8 and report agreement, accuracy and speed against fp32.
+
+    Args:
+        model_or_loaded: A :class:`LoadedModel`, ``Classifier``, ``DeiT`` or checkpoint source.
+        out: The int8 ``.onnx`` file to write.
+        data: ``fashion-mnist[:test|train]`` or an image folder (labelled: accuracies are
+            reported); ``None`` compares on the package's sample images only.
+        data_root: Folder of the Fashion-MNIST IDX files (default: Debian's).
+        limit: Use at most this many images of ``data`` (``None``: all).
+        head: Which logits the model returns (``avg``, ``cls``, ``dist``).
+        per_channel: Per-output-channel weight scales (sometimes more accurate).
+        bench_runs: Batch-1 timing runs per model (0 skips timing).
+        threads: ONNX Runtime / PyTorch intra-op threads for timing (default: all cores).
+        keep_fp32: Also keep the fp32 ONNX model at this path.
+    """
+    loaded = as_loaded(model_or_loaded)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(keep_fp32) if keep_fp32 else Path(tmp) / "fp32.onnx"
+        export_onnx(loaded, fp32, head=head, dynamic_batch=True)
+        verify_export(fp32, loaded)
+        int8 = quantize_onnx(fp32, out, per_channel=per_channel)
+        if data:
+            pixels, labels, name = load_labelled(data, loaded, limit, data_root)
+        else:
+            pixels, _ = load_inputs(loaded)
+            labels, name = None, "package sample images"
+        ref, got = onnx_logits(fp32, pixels), onnx_logits(int8, pixels)
+        diff, agree = compare_logits(ref, got)
+        top1 = (
+            (lambda z: float((z.argmax(-1) == labels.numpy()).mean()))
+            if labels is not None
+            else None
+        )
+        n_threads = threads or os.cpu_count() or 1
+        times: dict[str, float] = {}
+        if bench_runs > 0:
+            eager = HeadLogits(cpu_eval(loaded.model), head)
+            times = time_batch1(
+                {"fp32": fp32, "int8": int8},
+                pixels,
+                runs=bench_runs,
+                threads=n_threads,
+                torch_model=eager,
+            )
+        return QuantReport(
+            path=str(int8),
+            fp32_mb=fp32.stat().st_size / 1e6,
+            int8_mb=int8.stat().st_size / 1e6,
+            data=name,
+            num_samples=len(pixels),
+            agreement=agree,
+            max_abs_diff=diff,
+            fp32_top1=top1(ref) if top1 else None,
+            int8_top1=top1(got) if top1 else None,
+            fp32_ms=times.get("fp32"),
+            int8_ms=times.get("int8"),
+            torch_ms=times.get("torch"),
+            threads=n_threads,
+            per_channel=per_channel,
+        )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def format_quant_report(r: QuantReport) -> str:
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    ms = lambda v: "n/a" if v is None else f"{v:.2f} ms"  # noqa: E731
+    lines = [
+        f"wrote {r.path}: {r.int8_mb:.1f} MB int8 (fp32 {r.fp32_mb:.1f} MB)",
+        f"on {r.data}, {r.num_samples} images: top-1 agreement int8 vs fp32 {pct(r.agreement)}, "
+        f"max abs logit diff {r.max_abs_diff:.3g}",
+        f"top-1 accuracy: fp32 {pct(r.fp32_top1)}, int8 {pct(r.int8_top1)}",
+        f"batch-1 latency, median, {r.threads} threads: ONNX Runtime fp32 {ms(r.fp32_ms)}, "
+        f"int8 {ms(r.int8_ms)}; eager PyTorch fp32 {ms(r.torch_ms)}",
+    ]
+    if r.fp32_ms and r.int8_ms:
+        lines[-1] += f" (int8 speed-up {r.fp32_ms / r.int8_ms:.2f}x)"
+    return "\n".join(lines)
+
+
+def run_quantize_command(args: argparse.Namespace) -> int:
+    """``deit quantize``: exit 0 on success, 2 on bad input or a failed export."""
+    try:
+        loaded = load_model(
+            args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
+        )
+        report = quantize_model(
+            loaded,
+            args.out,
+            data=args.data,
+            data_root=args.data_root,
+            limit=args.limit or None,
+            head=args.head,
+            per_channel=args.per_channel,
+            bench_runs=args.bench_runs,
+            threads=args.threads,
+            keep_fp32=args.keep_fp32,
+        )
+    except (ImportError, ExportError, FileNotFoundError) as e:
+        print(f"deit quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict()) if args.json else format_quant_report(report))
+    return 0
+
+
+QUANTIZE_HELP = "int8 ONNX model for the CPU, with an accuracy report"
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``deit quantize``."""
+    add_model_arguments(parser)
+    parser.add_argument("out", help="output .onnx file")
+    parser.add_argument("--data", help="fashion-mnist[:test|train] or an image folder (labelled)")
+    parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
+    parser.add_argument("--limit", type=int, default=1000, help="images of --data to use (0: all)")
+    parser.add_argument("--head", choices=HEADS, default="avg")
+    parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
+    parser.add_argument("--bench-runs", type=int, default=100, help="timing runs (0: no timing)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for timing (default: all)")
+    parser.add_argument("--keep-fp32", metavar="PATH", help="also keep the fp32 ONNX model here")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def register_quantize(sub: argparse._SubParsersAction) -> None:
+    """Add ``deit quantize`` to the CLI's subparsers."""
+    parser = sub.add_parser("quantize", help=QUANTIZE_HELP)
+    add_quantize_arguments(parser)
+    parser.set_defaults(func=run_quantize_command)

@@ -1,0 +1,423 @@
+"""HTTP server: classification with dynamic batching, attention maps and a web page.
+
+Endpoints (FastAPI on uvicorn; uploads are ``multipart/form-data``):
+
+    GET  /                     the web page (``deit/web/``: HTML, JS and CSS, no CDN)
+    GET  /healthz              liveness and batching counters
+    GET  /v1/model             config, labels, preprocessing, limits, batching counters
+    POST /v1/classify          one image (field ``file``), ``top_k`` as query or form field
+    POST /v1/classify/batch    several images (field ``files``); per-file results or errors
+    POST /v1/explain           attention rollout: ``format=png`` (overlay) or ``json`` (maps)
+
+Concurrent requests are batched: each upload is decoded and preprocessed in a thread pool as
+it arrives, then queued; one worker takes up to ``max_batch`` queued images, waiting at most
+``max_wait_ms`` after the first, runs the model once on the stack and hands each request its
+row. Decoding thus overlaps inference, and unreadable uploads are answered before they reach
+the queue. The model runs in one dedicated thread, so the event loop keeps serving meanwhile.
+
+Errors are JSON ``{"error": "..."}``: 413 for an upload over ``max_upload_mb`` or an image
+over ``max_pixels``, 415 for a non-image or a missing multipart body, 400 for an empty or
+malformed upload, 422 for a truncated/corrupt image or bad parameters, 503 when the queue is
+full. The server binds 127.0.0.1 unless told otherwise.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations, and
+``Request`` is imported inside :func:`create_app` to keep FastAPI an optional dependency.)
+"""
+
+import argparse
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deit.batching import BatcherBusy, DynamicBatcher
+from deit.transforms import ImageLoadError, load_image, preprocess_image
+from deit.uploads import ApiError, image_error, parse_top_k, read_uploads
+
+WEB_DIR = Path(__file__).parent / "web"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Server limits and batching. Sizes in MiB; ``max_pixels`` is width x height."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_upload_mb: float = 10.0
+    max_pixels: int = 50_000_000
+    max_files: int = 32
+    max_queue: int = 1024
+    decode_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    default_top_k: int = 5
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def _model_info(clf: Any, settings: ServeSettings, stats: dict[str, Any]) -> dict[str, Any]:
+    loaded = clf.loaded
+    return {
+        "source": loaded.source,
+        "format": loaded.format,
+        "config": loaded.config.to_dict(),
+        "distilled": loaded.config.distilled,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "num_labels": len(loaded.labels),
+        "labels": loaded.labels,
+        "preprocess": loaded.preprocess.to_dict(),
+        "device": str(clf.device),
+        "limits": {
+            "max_upload_mb": settings.max_upload_mb,
+            "max_pixels": settings.max_pixels,
+            "max_files": settings.max_files,
+        },
+        "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms, **stats},
+    }
+
+
+def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
+    """The FastAPI application serving ``model`` (a ``Classifier``, loaded model or source).
+
+    ``app.state.batcher.stats`` holds the batching counters once the app has started.
+    """
+    from deit.export import require
+
+    require("fastapi", "fastapi", "serve")
+    require("python_multipart", "python-multipart", "serve")
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException
+
+    from deit.explain import explain_payload, rollout_maps
+    from deit.inference import Classifier
+
+    settings = settings or ServeSettings()
+    clf = model if isinstance(model, Classifier) else _classifier(model)
+    loaded, cfg = clf.loaded, clf.loaded.preprocess
+    pools: dict[str, ThreadPoolExecutor] = {}  # created per run of the app, in lifespan()
+
+    def decode(data: bytes) -> tuple[Any, Tensor]:
+        try:
+            img = load_image(data, max_pixels=settings.max_pixels)
+            return img, preprocess_image(img, cfg)
+        except ImageLoadError as e:
+            raise image_error(e) from None
+
+    async def to_tensor(data: bytes) -> tuple[Any, Tensor]:
+        return await asyncio.get_running_loop().run_in_executor(pools["decode"], decode, data)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        pools["model"] = ThreadPoolExecutor(1, thread_name_prefix="deit-model")
+        pools["decode"] = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="deit-io")
+        batcher = DynamicBatcher(
+            clf.logits,
+            pools["model"],
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+        )
+        app.state.batcher = batcher
+        batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            for pool in pools.values():
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="deit", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return error(e.status, e.message)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, e: Exception) -> JSONResponse:
+        return error(500, f"internal error: {type(e).__name__}: {e}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(map(str, x.get('loc', ())))}: {x.get('msg')}" for x in e.errors()]
+        return error(422, "; ".join(parts) or "invalid request")
+
+    def predictions(row: Tensor, k: int) -> list[dict[str, Any]]:
+        return [asdict(p) for p in clf.topk(row[None], k)[0]]
+
+    async def classify_one(data: bytes, k: int, batcher: DynamicBatcher) -> list[dict[str, Any]]:
+        _, pixels = await to_tensor(data)
+        try:
+            return predictions(await batcher.submit(pixels), k)
+        except BatcherBusy as e:
+            raise ApiError(503, f"server busy ({e}), retry later") from None
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> dict[str, Any]:
+        return {"status": "ok", "batching": request.app.state.batcher.stats.to_dict()}
+
+    @app.get("/v1/model")
+    async def model_info(request: Request) -> dict[str, Any]:
+        return _model_info(clf, settings, request.app.state.batcher.stats.to_dict())
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict[str, Any]:
+        form = await read_uploads(
+            request, field_name="file", max_file_bytes=settings.max_upload_bytes
+        )
+        k = parse_top_k(
+            request.query_params.get("top_k", form.fields.get("top_k")),
+            settings.default_top_k,
+            len(loaded.labels),
+        )
+        name, data = form.files[0]
+        start = time.perf_counter()
+        preds = await classify_one(data, k, request.app.state.batcher)
+        return {
+            "filename": name,
+            "predictions": preds,
+            "time_ms": round(1000 * (time.perf_counter() - start), 3),
+        }
+
+    @app.post("/v1/classify/batch")
+    async def classify_batch(request: Request) -> dict[str, Any]:
+        form = await read_uploads(
+            request,
+            field_name="files",
+            max_file_bytes=settings.max_upload_bytes,
+            max_files=settings.max_files,
+        )
+        k = parse_top_k(
+            request.query_params.get("top_k", form.fields.get("top_k")),
+            settings.default_top_k,
+            len(loaded.labels),
+        )
+        batcher = request.app.state.batcher
+        outcomes = await asyncio.gather(
+            *(classify_one(data, k, batcher) for _, data in form.files), return_exceptions=True
+        )
+        results: list[dict[str, Any]] = []
+        for (name, _), out in zip(form.files, outcomes):
+            if isinstance(out, ApiError):
+                results.append({"filename": name, "error": out.message, "status": out.status})
+            elif isinstance(out, BaseException):
+                raise out
+            else:
+                results.append({"filename": name, "predictions": out})
+        return {"results": results}
+
+    @app.post("/v1/explain")
+    async def explain_endpoint(request: Request) -> Response:
+        form = await read_uploads(
+            request, field_name="file", max_file_bytes=settings.max_upload_bytes
+        )
+        params = {**form.fields, **request.query_params}
+        token, fmt = params.get("token", "both"), params.get("format", "json")
+        if token not in ("cls", "dist", "both") or fmt not in ("json", "png"):
+            raise ApiError(422, "token must be cls, dist or both; format json or png")
+        if token == "dist" and not loaded.config.distilled:
+            raise ApiError(422, "this model has no distillation token")
+        img, pixels = await to_tensor(form.files[0][1])
+
+        def run() -> dict[str, np.ndarray]:
+            maps = rollout_maps(clf.model, pixels[None].to(clf.device), token)  # type: ignore[arg-type]
+            return {k: v[0].numpy() for k, v in maps.items()}
+
+        loop = asyncio.get_running_loop()
+        maps = await loop.run_in_executor(pools["model"], run)
+        body = await loop.run_in_executor(pools["decode"], explain_payload, img, cfg, maps, fmt)
+        if fmt == "png":
+            return Response(body, media_type="image/png")
+        return JSONResponse(body)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    return app
+
+
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _classifier(model: Any) -> Any:
+    from deit.checkpoints import LoadedModel
+    from deit.export import as_loaded
+    from deit.inference import Classifier
+
+    loaded = model if isinstance(model, LoadedModel) else as_loaded(model)
+    return Classifier(loaded, device=str(next(loaded.model.parameters()).device))
+
+
+# --------------------------------------------------------------------------- running
+
+
+class ServerThread:
+    """Run the app under uvicorn in a background thread (tests, notebooks, benchmarks).
+
+    Example:
+        >>> with ServerThread(create_app("fashion-mnist")) as server:
+        ...     httpx.get(server.url + "/healthz").json()
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import threading
+
+        uvicorn = _require_uvicorn()
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="deit-serve", daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _require_uvicorn() -> Any:
+    from deit.export import require
+
+    return require("uvicorn", "uvicorn", "serve")
+
+
+def serve(model: Any, settings: ServeSettings | None = None, log_level: str = "info") -> None:
+    """Serve ``model`` until interrupted (blocking)."""
+    settings = settings or ServeSettings()
+    uvicorn = _require_uvicorn()
+    app = create_app(model, settings)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=log_level, timeout_keep_alive=5
+    )
+
+
+SERVE_HELP = "HTTP API and web page with dynamic batching"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``deit serve``."""
+    from deit.export import add_model_arguments
+
+    add_model_arguments(p)
+    d = ServeSettings()
+    p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest model batch")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=d.max_wait_ms,
+        help="how long a request waits for others to batch with",
+    )
+    p.add_argument(
+        "--max-upload-mb", type=float, default=d.max_upload_mb, help="largest upload per image, MiB"
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=d.max_pixels, help="largest decoded image, width x height"
+    )
+    p.add_argument("--max-files", type=int, default=d.max_files, help="files per batch request")
+    p.add_argument("--workers", type=int, default=d.decode_workers, help="decoding threads")
+    p.add_argument("--threads", type=int, help="PyTorch intra-op threads (default: all cores)")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    """``deit serve``: load the model, then serve until Ctrl-C."""
+    import sys
+
+    from deit.inference import Classifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        _require_uvicorn()
+        clf = Classifier.from_pretrained(
+            args.model,
+            device=args.device,
+            revision=args.revision,
+            preprocess=args.preprocess,
+            labels=args.labels,
+        )
+    except ImportError as e:
+        print(f"deit serve: error: {e}", file=sys.stderr)
+        return 2
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        max_files=args.max_files,
+        decode_workers=args.workers,
+    )
+    if settings.host not in LOOPBACK:
+        print(
+            f"deit serve: warning: listening on {settings.host}, reachable from other machines",
+            file=sys.stderr,
+        )
+    print(
+        f"deit serve: {clf.loaded.source} on http://{settings.host}:{settings.port}/",
+        file=sys.stderr,
+    )
+    serve(clf, settings, log_level=args.log_level)
+    return 0
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    """Add ``deit serve`` to the CLI's subparsers."""
+    parser = sub.add_parser("serve", help=SERVE_HELP)
+    add_serve_arguments(parser)
+    parser.set_defaults(func=run_serve_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deit.serve``: the same as ``deit serve``."""
+    parser = argparse.ArgumentParser(prog="deit serve", description=__doc__.splitlines()[0])
+    add_serve_arguments(parser)
+    return run_serve_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""ONNX / torch.export export, verification against eager PyTorch, int8 quantization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deit.checkpoints import load_model
+from deit.export import (
+    ExportError,
+    HeadLogits,
+    export_onnx,
+    export_torch,
+    read_metadata,
+    register_export,
+    sample_images,
+    verify_export,
+)
+from deit.model import DeiT
+from deit.quantize import register_quantize
+
+from .deploy_helpers import LABELS, run_subcommand, save_tiny_model
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def rgb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("rgb"), channels=3)
+
+
+@pytest.fixture(scope="module")
+def gray_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("gray"), channels=1)
+
+
+def _eager(model: DeiT, head: str, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return HeadLogits(model, head)(x).numpy()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("head", "dynamic", "channels"),
+    [("avg", True, 3), ("cls", False, 3), ("dist", True, 1)],
+)
+def test_onnx_matches_eager_on_real_images(
+    head: str,
+    dynamic: bool,
+    channels: int,
+    rgb_dir: Path,
+    gray_dir: Path,
+    tmp_path: Path,
+    sample_images: list[Path],
+) -> None:
+    loaded = load_model(rgb_dir if channels == 3 else gray_dir)
+    path = export_onnx(loaded, tmp_path / "m.onnx", head=head, dynamic_batch=dynamic)  # type: ignore[arg-type]
+    report = verify_export(path, loaded, sample_images)
+    assert report.passed and report.max_abs_diff <= 1e-4
+    assert report.top1_agreement == 1.0
+    assert report.num_images == len(sample_images)
+    assert report.batch_size == (len(sample_images) if dynamic else 1)
+    meta = read_metadata(path)
+    assert meta["deit.head"] == head and json.loads(meta["deit.labels"]) == LABELS
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch_sizes = (1, 3) if dynamic else (1,)
+    for b in batch_sizes:
+        x = torch.randn(b, channels, 32, 32)
+        got = session.run(None, {"pixel_values": x.numpy()})[0]
+        np.testing.assert_allclose(got, _eager(loaded.model, head, x), atol=1e-4, rtol=0)
+
+
+def test_torch_export_matches_eager(rgb_dir: Path, tmp_path: Path) -> None:
+    loaded = load_model(rgb_dir)
+    path = export_torch(loaded, tmp_path / "m.pt2", head="cls", dynamic_batch=True)
+    report = verify_export(path, loaded)  # the package's own sample images
+    assert report.backend == "torch.export"
+    assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
+    assert report.num_images == len(sample_images())
+    module = torch.export.load(str(path)).module()
+    x = torch.randn(2, 3, 32, 32)
+    np.testing.assert_allclose(
+        module(x).detach().numpy(), _eager(loaded.model, "cls", x), atol=1e-5
+    )
+
+
+def test_verify_export_raises_on_mismatch(rgb_dir: Path, tmp_path: Path) -> None:
+    loaded = load_model(rgb_dir)
+    path = export_torch(loaded, tmp_path / "m.pt2")  # the check is the same for both formats
+    with torch.no_grad():
+        loaded.model.head.bias.add_(0.1)  # eager no longer matches the file
+    with pytest.raises(ExportError, match="exceeds tolerance"):
+        verify_export(path, loaded)
+    report = verify_export(path, loaded, raise_on_failure=False)
+    assert not report.passed
+    assert report.max_abs_diff == pytest.approx(0.05, abs=1e-4)  # avg = mean of the heads
+
+
+def test_dist_head_needs_a_distilled_model(tmp_path: Path) -> None:
+    plain = load_model(save_tiny_model(tmp_path, distilled=False))
+    with pytest.raises(ValueError, match="distillation head"):
+        HeadLogits(plain.model, "dist")
+    with pytest.raises(ValueError, match="head must be"):
+        HeadLogits(plain.model, "mean")  # type: ignore[arg-type]
+
+
+def test_export_cli_prints_report(
+    rgb_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli.pt2"
+    argv = ["export", "--model", str(rgb_dir), str(out), "--format", "torch-export", "--json"]
+    code = run_subcommand(register_export, argv)
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and out.is_file()
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["head"] == "avg"
+
+
+def _fashion_mnist_available() -> bool:
+    try:
+        from deit.data import FASHION_MNIST_DIR
+    except ImportError:
+        return False
+    return (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
+
+
+def test_quantize_reports_agreement_and_accuracy(
+    gray_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.int8.onnx"
+    data = ["--data", "fashion-mnist:test", "--limit", "300"] if _fashion_mnist_available() else []
+    argv = ["quantize", "--model", str(gray_dir), str(out), *data, "--bench-runs", "3", "--json"]
+    assert run_subcommand(register_quantize, argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert out.is_file() and report["int8_mb"] < report["fp32_mb"]
+    assert report["agreement"] >= 0.9, report
+    assert report["int8_ms"] > 0 and report["fp32_ms"] > 0
+    if data:
+        assert report["num_samples"] == 300
+        assert 0.0 <= report["int8_top1"] <= 1.0 and 0.0 <= report["fp32_top1"] <= 1.0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in __import__("onnx").load(str(out)).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
+    assert session.run(None, {"pixel_values": np.zeros((2, 1, 32, 32), np.float32)})[0].shape == (
+        2,
+        10,
+    )
+    assert read_metadata(out)["deit.head"] == "avg"
+
+
+def test_labelled_image_folder(rgb_dir: Path, tmp_path: Path, sample_images: list[Path]) -> None:
+    from deit.quantize import load_labelled
+
+    root = tmp_path / "data"
+    for i, image in enumerate(sample_images[:4]):
+        folder = root / LABELS[3 - i % 2]  # folder names are labels: indices come from the model
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / image.name).write_bytes(image.read_bytes())
+    (root / LABELS[3] / "broken.jpg").write_bytes(b"not an image")  # skipped, not fatal
+    pixels, labels, name = load_labelled(str(root), load_model(rgb_dir), limit=None)
+    assert pixels.shape == (4, 3, 32, 32) and sorted(labels.tolist()) == [2, 2, 3, 3]
+    assert name == str(root)
