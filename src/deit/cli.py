@@ -128,9 +128,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands defined next to their library modules: (name, help, module, add-args, run).
+_MODULE_COMMANDS = (
+    (
+        "train",
+        "train or fine-tune a DeiT student (or a CNN teacher)",
+        "deit.train",
+        "add_train_arguments",
+        "run_train_command",
+    ),
+    (
+        "eval",
+        "top-1/top-5 of each head on a dataset",
+        "deit.evaluate",
+        "add_eval_arguments",
+        "run_eval_command",
+    ),
+    (
+        "plot",
+        "draw a run's training curves to a PNG",
+        "deit.plot",
+        "add_plot_arguments",
+        "run_plot_command",
+    ),
+    (
+        "bench",
+        "deit vs timm vs transformers: throughput, latency, memory, logit error",
+        "deit.bench",
+        "add_bench_arguments",
+        "run_bench_command",
+    ),
+    (
+        "export",
+        "export to ONNX or torch.export and verify on real images",
+        "deit.export",
+        "add_export_arguments",
+        "run_export_command",
+    ),
+    (
+        "quantize",
+        "int8 ONNX model for the CPU, with an accuracy report",
+        "deit.quantize",
+        "add_quantize_arguments",
+        "run_quantize_command",
+    ),
+    (
+        "serve",
+        "HTTP API and web page with dynamic batching",
+        "deit.serve",
+        "add_serve_arguments",
+        "run_serve_command",
+    ),
+    (
+        "explain",
+        "attention rollout map of an image (cls / dist token)",
+        "deit.explain",
+        "add_explain_arguments",
+        "run_explain_command",
+    ),
+)
+
+
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands defined next to their library modules (train, eval, …)."""
-    return []
+    """Registration functions for the subcommands that live in their own modules."""
+    import importlib
+
+    def make(name: str, help: str, module: str, add: str, run: str) -> Callable[..., None]:
+        def register(sub: argparse._SubParsersAction) -> None:
+            mod = importlib.import_module(module)
+            p = sub.add_parser(name, help=help)
+            getattr(mod, add)(p)
+            p.set_defaults(func=getattr(mod, run))
+
+        return register
+
+    return [make(*spec) for spec in _MODULE_COMMANDS]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

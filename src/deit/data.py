@@ -1,0 +1,612 @@
+"""Training and evaluation data: Fashion-MNIST, image folders, repeated augmentation.
+
+Two ways to feed a model:
+
+* **Tensor data on the device** (Fashion-MNIST): the whole uint8 dataset sits on the training
+  device as one tensor and :class:`DeviceBatches` cuts, augments (random crop with zero
+  padding, horizontal flip, random erasing) and normalises whole batches there. No workers, no
+  host-to-device copies; mixup/cutmix (timm) is applied by the training loop on top.
+* **Image folders** (or any ``torch.utils.data.Dataset`` returning ``(image, label)``): a
+  ``DataLoader`` with a per-image transform (timm's ``create_transform``, see
+  ``docs/training.md`` for why) and :class:`RepeatAugSampler`. Unreadable files come back as a
+  :class:`BadSample`; :func:`collate_skip_bad` drops them and the loop reports them by path.
+
+Plugging in another dataset: pass ``train_data=`` / ``val_data=`` (any Dataset yielding a PIL
+image or a float (C, H, W) tensor and an int label, PIL images are run through the train/eval
+transform) and ``labels=`` to ``deit.train.train``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deit.teachers import InputSpec
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (raw or gzip-compressed) of unsigned bytes.
+
+    Raises:
+        ValueError: bad magic number, unsupported element type or truncated data.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    dtype, ndim = raw[2], raw[3]
+    if dtype not in _IDX_DTYPES or ndim < 1:
+        raise ValueError(f"{path}: unsupported IDX element type 0x{dtype:02x} / {ndim} dims")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    expected = offset + math.prod(shape)
+    if len(raw) != expected:
+        raise ValueError(f"{path}: {len(raw)} bytes, expected {expected} for shape {shape}")
+    return np.frombuffer(raw, dtype=_IDX_DTYPES[dtype], offset=offset).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}(.gz) not found under {root}. Install the Debian package "
+        "(`apt-get install dataset-fashion-mnist`) or pass the folder holding the IDX files."
+    )
+
+
+def load_fashion_mnist(
+    split: str = "train", root: str | Path | None = None
+) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST as tensors.
+
+    Args:
+        split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
+        root: folder with the IDX files (``.gz`` or raw); default ``FASHION_MNIST_DIR``.
+
+    Returns:
+        ``images`` uint8 (N, 1, 28, 28) and ``labels`` int64 (N,).
+    """
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"Fashion-MNIST split must be train or test, not {split!r}")
+    root = Path(root) if root else FASHION_MNIST_DIR
+    images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST {split}: images {images.shape} / labels {labels.shape}")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
+    x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return x.mean(dim=1).tolist(), x.std(dim=1).tolist()
+
+
+def repeated_indices(
+    n: int,
+    repeats: int = 1,
+    *,
+    epoch: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    shuffle: bool = True,
+) -> Tensor:
+    """This rank's sample order for one epoch, with repeated augmentation.
+
+    Shuffles with a generator seeded by ``seed + epoch`` (the same on every rank), repeats
+    each index ``repeats`` times consecutively, pads to a multiple of ``world`` and deals the
+    indices round-robin, so the copies of one image land on different ranks. Each rank keeps
+    ``ceil(n / world)`` indices, so an epoch covers about ``n`` samples in total (about
+    ``n / repeats`` distinct images). The official RASampler also rounds that down to a
+    multiple of 256; we don't, so small datasets work.
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    order = order.repeat_interleave(repeats)
+    total = math.ceil(len(order) / world) * world
+    order = torch.cat([order, order[: total - len(order)]])
+    return order[rank:total:world][: math.ceil(n / world)]
+
+
+class RepeatAugSampler(torch.utils.data.Sampler[int]):
+    """Repeated-augmentation sampler (DeiT's RASampler), single-process or distributed.
+
+    Call :meth:`set_epoch` before each epoch. ``world``/``rank`` default to the initialised
+    process group, else one process.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        repeats: int = 3,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world: int | None = None,
+    ) -> None:
+        dist = torch.distributed
+        initialised = dist.is_available() and dist.is_initialized()
+        self.world = world if world is not None else (dist.get_world_size() if initialised else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
+        self.n, self.repeats, self.seed, self.shuffle, self.epoch = (
+            num_samples,
+            repeats,
+            seed,
+            shuffle,
+            0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        idx = repeated_indices(
+            self.n,
+            self.repeats,
+            epoch=self.epoch,
+            seed=self.seed,
+            rank=self.rank,
+            world=self.world,
+            shuffle=self.shuffle,
+        )
+        return iter(idx.tolist())
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """An image that could not be read: what the dataset returns instead of crashing."""
+
+    path: str
+    reason: str
+
+
+def _open_image(path: Path, channels: int) -> Any:
+    """PIL image in mode L or RGB (``deit.transforms`` handles odd modes, EXIF, bombs)."""
+    from deit.transforms import load_image, to_mode
+
+    return to_mode(load_image(path), channels)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """``root/<class>/<image>`` with classes in sorted folder-name order.
+
+    Args:
+        root: dataset root.
+        transform: applied to each PIL image.
+        classes: class order to use (e.g. the training set's) instead of the folders found.
+        channels: 1 (grayscale) or 3 (RGB).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Any], Any] | None = None,
+        classes: Sequence[str] | None = None,
+        channels: int = 3,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.classes = list(classes) if classes is not None else found
+        if not self.classes:
+            raise ValueError(f"{self.root} has no class sub-folders")
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [
+            (str(f), index[c])
+            for c in found
+            if c in index
+            for f in sorted((self.root / c).rglob("*"))
+            if f.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        self.transform, self.channels = transform, channels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int] | BadSample:
+        path, label = self.samples[i]
+        try:
+            image = _open_image(Path(path), self.channels)
+            return (self.transform(image) if self.transform else image), label
+        except Exception as e:  # any unreadable file is reported, never fatal
+            return BadSample(path, f"{type(e).__name__}: {e}")
+
+
+def collate_skip_bad(batch: list[Any]) -> tuple[Tensor, Tensor, list[BadSample]]:
+    """Stack the good samples; return the bad ones alongside (never raises on bad input)."""
+    bad = [b for b in batch if isinstance(b, BadSample)]
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    images = torch.stack([g[0] for g in good])
+    labels = torch.tensor([int(g[1]) for g in good], dtype=torch.long)
+    return images, labels, bad
+
+
+def random_crop_flip(x: Tensor, padding: int, hflip: float) -> Tensor:
+    """Per-sample random crop after zero padding, and horizontal flip, on a batch (B,C,H,W)."""
+    b, _, h, w = x.shape
+    if padding > 0:
+        xp = F.pad(x, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
+        dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
+        rows = (dy + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+        cols = (dx + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        ci = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+        x = xp[bi, ci, rows, cols]  # (B, C, H, W)
+    if hflip > 0:
+        flip = torch.rand(b, 1, 1, 1, device=x.device) < hflip
+        x = torch.where(flip, x.flip(-1), x)
+    return x
+
+
+def random_erasing(x: Tensor, prob: float, area: tuple[float, float] = (0.02, 1 / 3)) -> Tensor:
+    """Batched random erasing (timm ``mode='pixel'``): one box per chosen sample, N(0,1) fill.
+
+    Same distributions as timm (area fraction U(0.02, 1/3), log-aspect U(log 0.3, log 1/0.3))
+    but a single attempt per sample instead of up to ten: boxes that don't fit are skipped.
+    """
+    if prob <= 0:
+        return x
+    b, _, h, w = x.shape
+    dev = x.device
+    target = torch.empty(b, device=dev).uniform_(*area) * h * w
+    aspect = torch.exp(torch.empty(b, device=dev).uniform_(math.log(0.3), math.log(1 / 0.3)))
+    eh = torch.sqrt(target * aspect).round().long()
+    ew = torch.sqrt(target / aspect).round().long()
+    ok = (torch.rand(b, device=dev) < prob) & (eh < h) & (ew < w) & (eh > 0) & (ew > 0)
+    top = (torch.rand(b, device=dev) * (h - eh + 1).clamp(min=1)).long()
+    left = (torch.rand(b, device=dev) * (w - ew + 1).clamp(min=1)).long()
+    r = torch.arange(h, device=dev).view(1, h, 1)
+    c = torch.arange(w, device=dev).view(1, 1, w)
+    box = (r >= top.view(b, 1, 1)) & (r < (top + eh).view(b, 1, 1))
+    box = box & (c >= left.view(b, 1, 1)) & (c < (left + ew).view(b, 1, 1)) & ok.view(b, 1, 1)
+    return torch.where(box.unsqueeze(1), torch.randn_like(x), x)
+
+
+class DeviceBatches:
+    """Batches of an in-memory uint8 dataset, augmented and normalised on its device.
+
+    Args:
+        images: uint8 (N, C, H, W), ideally already on the training device.
+        labels: int64 (N,), same device.
+        batch_size: per process.
+        mean, std: normalisation per output channel, [0, 1] units.
+        train: shuffle with repeated augmentation and augment; else fixed order, no aug.
+        crop_padding, hflip, erasing: augmentation strengths (train only).
+        repeats: repeated-augmentation count.
+        img_size: resize batches to this side when it differs from the data's.
+        channels: repeat a 1-channel dataset to this many channels.
+        seed, rank, world: sampler seeding and sharding (see :func:`repeated_indices`).
+        drop_last: drop the last partial batch (train) so every batch is full and even.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        train: bool = False,
+        crop_padding: int = 0,
+        hflip: float = 0.0,
+        erasing: float = 0.0,
+        repeats: int = 1,
+        img_size: int | None = None,
+        channels: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool | None = None,
+    ) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.train, self.crop_padding, self.hflip, self.erasing = (
+            train,
+            crop_padding,
+            hflip,
+            erasing,
+        )
+        self.repeats, self.img_size, self.channels = repeats, img_size, channels
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.drop_last = train if drop_last is None else drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> Tensor:
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(n)[self.rank :: self.world]
+        return repeated_indices(
+            n, self.repeats, epoch=self.epoch, seed=self.seed, rank=self.rank, world=self.world
+        )
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        idx = self._indices().to(self.images.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = idx[start : start + self.batch_size]
+            yield self._prepare(self.images[batch]), self.labels[batch]
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = x.float().div_(255)
+        if self.train:
+            x = random_crop_flip(x, self.crop_padding, self.hflip)
+        if self.img_size and x.shape[-1] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size,) * 2, mode="bilinear", antialias=True)
+        if self.channels and self.channels != x.shape[1]:
+            x = x.expand(-1, self.channels, -1, -1)
+        x = (x - self.mean) / self.std
+        if self.train:
+            x = random_erasing(x, self.erasing)
+        return x
+
+
+def image_train_transform(
+    img_size: int, aug: Any, mean: Sequence[float], std: Sequence[float]
+) -> Any:
+    """timm's training transform (random-resized crop, flip, RandAugment, erasing) for PIL input.
+
+    ``aug`` is the run config's ``AugmentSection``.
+    """
+    try:
+        from timm.data import create_transform
+    except ImportError as e:
+        raise ImportError("training on image folders needs timm: pip install 'deit[train]'") from e
+    transform = create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(aug.scale),
+        hflip=aug.hflip,
+        auto_augment=aug.randaugment or None,
+        interpolation=aug.interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
+        re_prob=aug.random_erasing,
+        re_mode="pixel",
+        color_jitter=0.0,
+    )
+    _allow_zero_bit_posterize(transform)
+    return transform
+
+
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, with 0 bits giving a black image as Pillow < 12 did (it now raises)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _allow_zero_bit_posterize(transform: Any) -> None:
+    """Patch this transform's RandAugment posterize ops (magnitude 10 keeps 0 bits).
+
+    timm's ``PosterizeIncreasing`` at the top magnitude asks Pillow for 0 bits, which Pillow 12+
+    rejects with ``ValueError``; ``rand-m9-mstd0.5`` reaches magnitude 10 about once in 40
+    draws, so training would crash. Only this transform's op objects are changed.
+    """
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
+
+
+def image_eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """Official DeiT eval transform: shorter side to ``img_size / 0.875``, center crop, bicubic."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.Resize(int(img_size / 0.875), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(img_size),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+@dataclass
+class Data:
+    """What ``deit.train`` needs to know about its data.
+
+    Attributes:
+        train, val: a :class:`DeviceBatches` or a DataLoader yielding ``(x, y, bad_samples)``.
+        labels: class names, in class-index order.
+        spec: the student's input (normalisation, size, channels).
+        on_device: tensor data kept on the training device.
+    """
+
+    train: Any
+    val: Any
+    labels: list[str]
+    spec: InputSpec
+    on_device: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+class _Transformed(torch.utils.data.Dataset):
+    """Applies a transform to PIL images of a user dataset; tensors pass through."""
+
+    def __init__(self, dataset: Any, transform: Any) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i]
+        if isinstance(item, BadSample) or isinstance(item[0], Tensor):
+            return item
+        try:
+            return self.transform(item[0]), item[1]
+        except Exception as e:
+            return BadSample(f"item {i}", f"{type(e).__name__}: {e}")
+
+
+def _img_size(cfg: Any, native: int) -> int:
+    from deit.config import VARIANTS
+
+    if cfg.model.img_size:
+        return cfg.model.img_size
+    if cfg.model.name in VARIANTS:
+        return VARIANTS[cfg.model.name].image_hw[0]
+    return native
+
+
+def _loader(ds: Any, cfg: Any, train: bool, rank: int, world: int) -> Any:
+    bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or 2 * cfg.data.batch_size)
+    if train:
+        sampler = RepeatAugSampler(
+            len(ds), cfg.augment.repeated_aug, seed=cfg.run.seed, rank=rank, world=world
+        )
+    else:
+        sampler = list(range(rank, len(ds), world))
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=bs,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_skip_bad,
+        drop_last=train,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+
+
+def _tensor_data(cfg: Any, device: torch.device, rank: int, world: int) -> Data:
+    d, a = cfg.data, cfg.augment
+    root = d.path or None
+    x, y = load_fashion_mnist("train", root)
+    vx, vy = load_fashion_mnist("test", d.val_path or root)
+    if d.train_subset:
+        x, y = x[: d.train_subset], y[: d.train_subset]
+    if d.val_subset:
+        vx, vy = vx[: d.val_subset], vy[: d.val_subset]
+    mean, std = channel_stats(x) if d.mean is None else (d.mean, d.std or [0.5] * len(d.mean))
+    chans = d.in_chans or x.shape[1]
+    if len(mean) == 1 and chans > 1:  # gray statistics for the replicated channels
+        mean, std = mean * chans, std * chans
+    size = _img_size(cfg, x.shape[-1])
+    common = {
+        "mean": mean,
+        "std": std,
+        "img_size": size,
+        "channels": chans,
+        "rank": rank,
+        "world": world,
+        "seed": cfg.run.seed,
+    }
+    train = DeviceBatches(
+        x.to(device),
+        y.to(device),
+        d.batch_size,
+        train=True,
+        crop_padding=a.crop_padding,
+        hflip=a.hflip,
+        erasing=a.random_erasing,
+        repeats=a.repeated_aug,
+        **common,
+    )
+    val = DeviceBatches(
+        vx.to(device), vy.to(device), d.eval_batch_size or 2 * d.batch_size, **common
+    )
+    spec = InputSpec(tuple(mean), tuple(std), size, chans)
+    return Data(train, val, list(FASHION_MNIST_CLASSES), spec, on_device=True)
+
+
+def build_data(
+    cfg: Any,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    train_data: Any = None,
+    val_data: Any = None,
+    labels: Sequence[str] | None = None,
+) -> Data:
+    """Training and validation batches as the run config says (or for the given datasets).
+
+    Args:
+        cfg: a ``deit.runconfig.TrainConfig``.
+        device: the training device (tensor data is moved there).
+        rank, world: this process and the number of processes.
+        train_data, val_data, labels: user datasets replacing ``cfg.data`` (both needed).
+    """
+    if train_data is None and cfg.data.dataset == "fashion-mnist":
+        return _tensor_data(cfg, device, rank, world)
+    chans = cfg.data.in_chans or 3
+    default_mean = [0.485, 0.456, 0.406] if chans == 3 else [0.5] * chans
+    default_std = [0.229, 0.224, 0.225] if chans == 3 else [0.5] * chans
+    mean, std = cfg.data.mean or default_mean, cfg.data.std or default_std
+    size = _img_size(cfg, 224)
+    train_tf = image_train_transform(size, cfg.augment, mean, std)
+    eval_tf = image_eval_transform(size, mean, std)
+    if train_data is None:
+        train_data = ImageFolder(cfg.data.path, channels=chans)
+        classes = train_data.classes
+        val_data = ImageFolder(cfg.data.val_path or cfg.data.path, classes=classes, channels=chans)
+    else:
+        if val_data is None or labels is None:
+            raise ValueError("train_data needs val_data and labels too")
+        classes = list(labels)
+    train_ds, val_ds = _Transformed(train_data, train_tf), _Transformed(val_data, eval_tf)
+    for ds, n in ((train_ds, cfg.data.train_subset), (val_ds, cfg.data.val_subset)):
+        if n:
+            ds.dataset = torch.utils.data.Subset(ds.dataset, range(min(n, len(ds.dataset))))
+    spec = InputSpec(tuple(mean), tuple(std), size, chans)
+    return Data(
+        _loader(train_ds, cfg, True, rank, world),
+        _loader(val_ds, cfg, False, rank, world),
+        classes,
+        spec,
+        on_device=False,
+    )

@@ -1,0 +1,425 @@
+"""Evaluation: top-1/top-5 of both DeiT heads and their average, per class, against a teacher.
+
+``evaluate(model_or_source, data)`` accepts a loaded model or anything
+``deit.checkpoints.load_model`` loads (or a CNN directory from ``deit train``), and
+``fashion-mnist[:test|train]``, an image-folder directory, or a Dataset. Accuracy follows the
+official ``engine.evaluate``: the inference logits (the mean of the two heads for distilled
+models), top-k = the label is among the k largest logits, exact dataset averages. All
+accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deit.data import (
+    DeviceBatches,
+    ImageFolder,
+    collate_skip_bad,
+    image_eval_transform,
+    load_fashion_mnist,
+)
+from deit.losses import split_heads
+from deit.teachers import InputSpec, is_classifier_dir, load_classifier, load_teacher, logits_of
+
+
+class _Counts:
+    """Running sums for one evaluation, kept on the device (one sync at the end)."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
+        self.n, self.loss = 0, z()
+        self.hits = {
+            k: z()
+            for k in (
+                "top1",
+                "top5",
+                "cls_top1",
+                "cls_top5",
+                "dist_top1",
+                "dist_top5",
+                "teacher_top1",
+                "agreement",
+            )
+        }
+        self.has_dist = self.has_teacher = False
+        self.confusion = torch.zeros(num_classes, num_classes, device=device, dtype=torch.long)
+
+    def add(self, out: Any, y: Tensor, teacher_logits: Tensor | None) -> None:
+        logits = logits_of(out).float()
+        cls_logits, dist_logits = split_heads(out)
+        self.n += len(y)
+        self.loss += F.cross_entropy(logits, y, reduction="sum")
+        k = min(5, logits.shape[-1])
+        for name, z in (("", logits), ("cls_", cls_logits), ("dist_", dist_logits)):
+            if z is None:
+                continue
+            top = z.float().topk(k, dim=-1).indices
+            self.hits[f"{name}top1"] += (top[:, 0] == y).sum()
+            self.hits[f"{name}top5"] += (top == y[:, None]).any(dim=-1).sum()
+        self.has_dist |= dist_logits is not None
+        pred = logits.argmax(dim=-1)
+        self.confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+        if teacher_logits is not None:
+            self.has_teacher = True
+            t_pred = teacher_logits.argmax(dim=-1)
+            self.hits["teacher_top1"] += (t_pred == y).sum()
+            self.hits["agreement"] += (t_pred == pred).sum()
+
+    def result(self) -> dict[str, Any]:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            packed = torch.stack(
+                [
+                    self.loss,
+                    *self.hits.values(),
+                    torch.tensor(float(self.n), device=self.loss.device, dtype=torch.float64),
+                ]
+            )
+            dist.all_reduce(packed)
+            dist.all_reduce(self.confusion)
+            self.loss, self.n = packed[0], int(packed[-1].item())
+            self.hits = dict(zip(self.hits, packed[1:-1], strict=True))
+        n = max(self.n, 1)
+        out: dict[str, Any] = {"num_samples": self.n, "loss": float(self.loss) / n}
+        skip = set() if self.has_dist else {"dist_top1", "dist_top5"}
+        skip |= set() if self.has_teacher else {"teacher_top1", "agreement"}
+        out.update({k: float(v) / n for k, v in self.hits.items() if k not in skip})
+        out["confusion"] = self.confusion.cpu().tolist()
+        return out
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Any,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    num_classes: int,
+    teacher: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Accuracy sums over ``(x, y)`` or ``(x, y, bad)`` batches; the model is put in eval mode.
+
+    Returns:
+        ``num_samples``, ``loss``, ``top1``, ``top5``, ``cls_top1``, ``cls_top5``,
+        ``dist_top1``/``dist_top5`` (distilled models), ``teacher_top1``/``agreement`` (with a
+        teacher), ``confusion`` (rows = true class), ``bad_samples`` (unreadable files).
+    """
+    was_training = model.training
+    model.eval()
+    counts, bad = _Counts(num_classes, device), []
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        if len(batch) == 3:
+            bad.extend(batch[2])
+        if not len(y):
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(x)
+            t_logits = teacher(x) if teacher is not None else None
+        counts.add(out, y, t_logits)
+    model.train(was_training)
+    result = counts.result()
+    result["bad_samples"] = [{"path": b.path, "reason": b.reason} for b in bad]
+    return result
+
+
+@dataclass
+class EvalReport:
+    """What ``deit eval`` reports (``to_dict()`` is JSON-able)."""
+
+    source: str
+    data: str
+    num_samples: int
+    top1: float
+    top5: float
+    cls_top1: float
+    cls_top5: float
+    loss: float
+    dist_top1: float | None = None
+    dist_top5: float | None = None
+    teacher: str | None = None
+    teacher_top1: float | None = None
+    agreement: float | None = None  # fraction of samples where student and teacher agree
+    per_class: dict[str, float] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+    bad_samples: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Subject:
+    model: nn.Module
+    spec: InputSpec
+    labels: list[str]
+    source: str
+    preprocess: Any = None  # PreprocessConfig of a DeiT checkpoint
+
+
+def _load_subject(source: Any, device: torch.device) -> _Subject:
+    if isinstance(source, _Subject):
+        return source
+    if hasattr(source, "model") and hasattr(source, "preprocess"):  # a LoadedModel
+        p, c = source.preprocess, source.config
+        spec = InputSpec(tuple(p.mean), tuple(p.std), c.image_hw[0], c.in_chans)
+        return _Subject(
+            source.model.to(device).eval(),
+            spec,
+            list(source.labels),
+            str(getattr(source, "source", "model")),
+            p,
+        )
+    if isinstance(source, str | Path) and is_classifier_dir(source):
+        model, config = load_classifier(source, device)
+        spec = InputSpec(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in config["input"].items()}
+        )
+        return _Subject(model, spec, list(config["labels"]), str(source))
+    if isinstance(source, str | Path):
+        from deit.checkpoints import load_model
+
+        return _load_subject(load_model(source, device=device), device)
+    raise TypeError("evaluate() takes a LoadedModel, a checkpoint path/id, or a model directory")
+
+
+def _image_transform(subject: _Subject) -> Any:
+    """The checkpoint's own eval preprocessing (``deit.transforms``), else the official one."""
+    if subject.preprocess is not None:
+        from deit.transforms import preprocess_image
+
+        pre = subject.preprocess
+        return lambda img: preprocess_image(img, pre)
+    s = subject.spec
+    return image_eval_transform(s.img_size, s.mean, s.std)
+
+
+def _batches(
+    data: Any,
+    subject: _Subject,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
+    data_root: str | None,
+) -> tuple[Any, str]:
+    s = subject.spec
+    if isinstance(data, str) and data.split(":")[0] == "fashion-mnist":
+        split = data.split(":")[1] if ":" in data else "test"
+        x, y = load_fashion_mnist(split, data_root)
+        batches = DeviceBatches(
+            x.to(device),
+            y.to(device),
+            batch_size,
+            s.mean,
+            s.std,
+            img_size=s.img_size,
+            channels=s.in_chans,
+        )
+        return batches, f"fashion-mnist:{split}"
+    if isinstance(data, str | Path):
+        folders = sorted(d.name for d in Path(data).iterdir() if d.is_dir())
+        classes = subject.labels if set(folders) <= set(subject.labels) else None
+        if classes is None and len(folders) != len(subject.labels):
+            raise ValueError(
+                f"{data} has {len(folders)} class folders that are not the model's labels, "
+                f"and the model has {len(subject.labels)} classes: name the folders after "
+                "the labels, or give exactly one folder per class (sorted = class order)"
+            )
+        data_name, data = (
+            str(data),
+            ImageFolder(data, _image_transform(subject), classes, channels=s.in_chans),
+        )
+    else:
+        data_name = type(data).__name__
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_bad
+    )
+    return loader, data_name
+
+
+def evaluate(
+    model_or_source: Any,
+    data: Any = "fashion-mnist:test",
+    *,
+    teacher: str | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    data_root: str | None = None,
+    confusion_matrix: str | Path | None = None,
+) -> EvalReport:
+    """Evaluate a classifier on a dataset.
+
+    Args:
+        model_or_source: a ``LoadedModel``, or a source for ``deit.checkpoints.load_model``,
+            or a CNN directory written by ``deit train``.
+        data: ``"fashion-mnist[:test|train]"``, an image-folder directory (class folders
+            matched to the model's labels by name when they all exist, else sorted order), or
+            a Dataset yielding ``(normalised tensor, label)``.
+        teacher: also evaluate this teacher (any ``deit.teachers.load_teacher`` source) and
+            report its accuracy and the student–teacher agreement.
+        batch_size, device, precision, num_workers: how to run.
+        data_root: folder of the Fashion-MNIST IDX files (default: the Debian package's).
+        confusion_matrix: write a PNG of the confusion matrix here.
+    """
+    dev = torch.device(device)
+    subject = _load_subject(model_or_source, dev)
+    batches, data_name = _batches(data, subject, batch_size, dev, num_workers, data_root)
+    t = (
+        load_teacher(teacher, student=subject.spec, num_classes=len(subject.labels), device=dev)
+        if teacher
+        else None
+    )
+    r = evaluate_batches(
+        subject.model,
+        batches,
+        device=dev,
+        precision=precision,
+        num_classes=len(subject.labels),
+        teacher=t,
+    )
+    per_class = {
+        name: (row[i] / max(sum(row), 1))
+        for i, (name, row) in enumerate(zip(subject.labels, r["confusion"], strict=True))
+        if sum(row)
+    }
+    keys = (
+        "top1",
+        "top5",
+        "cls_top1",
+        "cls_top5",
+        "loss",
+        "dist_top1",
+        "dist_top5",
+        "teacher_top1",
+        "agreement",
+    )
+    report = EvalReport(
+        source=subject.source,
+        data=data_name,
+        num_samples=r["num_samples"],
+        teacher=teacher,
+        per_class=per_class,
+        labels=subject.labels,
+        confusion=r["confusion"],
+        bad_samples=r["bad_samples"],
+        **{k: r.get(k) for k in keys},
+    )
+    if confusion_matrix:
+        save_confusion_matrix(report.confusion, report.labels, confusion_matrix)
+    return report
+
+
+def save_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str | Path) -> Path:
+    """Row-normalised confusion matrix as a PNG (rows: true class, columns: prediction)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(
+            "the confusion-matrix plot needs matplotlib: pip install matplotlib"
+        ) from e
+    m = torch.tensor(matrix, dtype=torch.float64)
+    m = m / m.sum(dim=1, keepdim=True).clamp(min=1)
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n), max(5, 0.45 * n)))
+    im = ax.imshow(m.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 50:
+        ax.set_xticks(range(n), labels, rotation=90)
+        ax.set_yticks(range(n), labels)
+        for i in range(n):
+            for j in range(n):
+                if m[i, j] >= 0.005:
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * m[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if m[i, j] > 0.5 else "black",
+                    )
+    ax.set(xlabel="predicted", ylabel="true")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``deit eval``."""
+    parser.add_argument("--model", required=True, help="checkpoint, model directory or Hub id")
+    parser.add_argument(
+        "--data",
+        default="fashion-mnist:test",
+        help="fashion-mnist[:test|train] or an image-folder directory",
+    )
+    parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
+    parser.add_argument("--teacher", help="also score this teacher and the agreement")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--confusion-matrix", metavar="PNG", help="write the confusion matrix")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """``deit eval``: exit 0 on success, 1 when some images could not be read."""
+    report = evaluate(
+        args.model,
+        args.data,
+        teacher=args.teacher,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        num_workers=args.num_workers,
+        data_root=args.data_root,
+        confusion_matrix=args.confusion_matrix,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(
+            f"{report.source} on {report.data} ({report.num_samples} images): "
+            f"top-1 {100 * report.top1:.2f}%  top-5 {100 * report.top5:.2f}%  "
+            f"cls head {100 * report.cls_top1:.2f}%"
+            + (f"  dist head {100 * report.dist_top1:.2f}%" if report.dist_top1 is not None else "")
+            + (
+                f"  teacher {100 * report.teacher_top1:.2f}%  agreement "
+                f"{100 * report.agreement:.2f}%"
+                if report.teacher_top1 is not None
+                else ""
+            )
+        )
+        for path in report.bad_samples:
+            print(f"unreadable: {path['path']}: {path['reason']}")
+    return 1 if report.bad_samples else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deit.evaluate``: the same as ``deit eval``."""
+    parser = argparse.ArgumentParser(prog="deit eval", description="evaluate a classifier")
+    add_eval_arguments(parser)
+    return run_eval_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

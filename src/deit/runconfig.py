@@ -1,0 +1,334 @@
+"""Run configuration for ``deit train``: one dataclass per section, defaults from the DeiT recipe.
+
+A run is resolved in three layers, each overriding the one before:
+
+1. the dataclass defaults below (the DeiT recipe, reference-spec §4.1);
+2. a recipe file (TOML, or the JSON that every run writes into its run directory);
+3. command-line overrides ``section.key=value`` (values parsed as TOML literals, so
+   ``optim.lr=1e-3``, ``distill.kind=hard``, ``data.mean=[0.5]`` and ``run.ema=true`` all work;
+   bare words are read as strings).
+
+Every value is type-checked against the field's annotation and unknown sections or keys are
+errors that name them. The resolved configuration is written to ``run_dir/config.json`` and
+stored in every training checkpoint.
+
+Example:
+    >>> cfg = load_config(None, ["optim.lr=1e-3", "schedule.epochs=2"])
+    >>> cfg.optim.lr, cfg.schedule.epochs
+    (0.001, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import tomllib
+
+
+@dataclass
+class ModelSection:
+    """What to train.
+
+    ``name`` is a DeiT preset from ``deit.config.VARIANTS``, ``"deit"`` (the default
+    DeiTConfig, shaped by the fields below), ``"fmnist_cnn"`` (a small built-in CNN), or
+    ``"timm:NAME"`` / ``"torchvision:NAME"``. ``init`` fine-tunes from anything
+    ``deit.checkpoints.load_model`` loads (or a directory a CNN run exported). Fields left at
+    None take the preset's (or the data's) value.
+    """
+
+    name: str = "deit_tiny_distilled_patch16_224"
+    init: str = ""  # checkpoint to start from (fine-tuning); "" = random init
+    pretrained: bool = False  # timm:/torchvision: names only: ask the library for its weights
+    img_size: int | None = None  # None: the data's image size (tensor data) or the preset's
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    distilled: bool | None = None
+    drop_path_rate: float = 0.1  # stochastic depth of the last block (DeiT: 0.1)
+
+
+@dataclass
+class DataSection:
+    """Where the images come from and how they are batched.
+
+    ``dataset`` is ``"fashion-mnist"`` (IDX files under ``path``, default
+    ``/usr/share/datasets/fashion-mnist``) or ``"imagefolder"`` (``path`` = train root with one
+    folder per class, ``val_path`` = validation root). Tensor datasets (Fashion-MNIST) live on
+    the training device and are augmented there in whole batches.
+    """
+
+    dataset: str = "fashion-mnist"
+    path: str = ""
+    val_path: str = ""
+    train_subset: int = 0  # use only the first N training images (0 = all)
+    val_subset: int = 0  # use only the first N validation images (0 = all)
+    batch_size: int = 256  # per process
+    eval_batch_size: int = 0  # 0 = 2 x batch_size
+    num_workers: int = 2  # DataLoader workers (image-folder data only)
+    mean: list[float] | None = None  # None: the data's own statistics (tensors) or ImageNet
+    std: list[float] | None = None
+    in_chans: int | None = None  # None: 1 for Fashion-MNIST, 3 for image folders
+
+
+@dataclass
+class OptimSection:
+    """AdamW with the DeiT parameter groups (no decay on 1-D params, biases, tokens)."""
+
+    lr: float | None = None  # None: base_lr * global batch / 512 (DeiT's linear scaling)
+    base_lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float = 0.0  # max global grad norm; 0 = off
+    fused: bool = False  # torch's fused AdamW kernel (CUDA)
+
+
+@dataclass
+class ScheduleSection:
+    """Linear warmup then cosine decay, updated every step (see ``train.lr_at``)."""
+
+    epochs: int = 300
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    fit_to_time: bool = False  # with run.time_limit: shorten ``epochs`` (and the cosine with
+    # it) after each epoch so that the run ends within the limit at the measured speed
+
+
+@dataclass
+class AugmentSection:
+    """Train-time augmentation and targets (reference-spec §4.2)."""
+
+    randaugment: str = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; "" = off (PIL data)
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area
+    interpolation: str = "bicubic"
+    crop_padding: int = 4  # tensor data: random crop after zero padding by this many pixels
+    hflip: float = 0.5
+    random_erasing: float = 0.25
+    mixup: float = 0.8  # Beta alpha; 0 = off
+    cutmix: float = 1.0  # Beta alpha; 0 = off
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    repeated_aug: int = 3  # repeats per image per epoch (RASampler); 1 = off
+
+
+@dataclass
+class DistillSection:
+    """Teacher and distillation loss (reference-spec §4.3).
+
+    ``teacher`` is ``"timm:NAME"``, ``"torchvision:NAME"``, a TorchScript file (``.pt``/``.pth``
+    from ``torch.jit.save``), a ``torch.export`` file (``.pt2``) or a directory written by
+    ``deit train``. The teacher's own normalisation, input size and channels are used when it
+    declares them; the ``teacher_*`` fields set them for files that don't.
+    """
+
+    kind: str = "none"  # none | soft | hard
+    teacher: str = ""
+    alpha: float = 0.5
+    tau: float = 1.0
+    teacher_mean: list[float] | None = None
+    teacher_std: list[float] | None = None
+    teacher_img_size: int | None = None
+    teacher_in_chans: int | None = None
+
+
+@dataclass
+class RunSection:
+    """Devices, precision, checkpoints and logging."""
+
+    out_dir: str = "runs"
+    name: str = ""  # run directory name under out_dir; "" = derived from model and time
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
+    compile: bool = False  # torch.compile the student
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    ema: bool = False
+    ema_decay: float = 0.99996
+    eval_every: int = 1  # epochs between evaluations (0 = only at the end)
+    log_every: int = 50  # steps between metrics.jsonl lines
+    export: str = "final"  # which weights go to run_dir/model: final | ema | best
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower)
+    progress: bool = True  # tqdm progress bars
+    save_every: int = 1  # epochs between last.pt checkpoints (the final epoch is always saved)
+    max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit; tests)
+    time_limit: float = 0.0  # seconds of training; stop (then evaluate and export) before an
+    # epoch would end past it (0 = none); see schedule.fit_to_time to shorten the schedule too
+
+
+@dataclass
+class TrainConfig:
+    """A complete, resolved training run."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (JSON- and TOML-safe apart from None values)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a nested dict; missing keys keep their defaults."""
+        cfg = cls()
+        apply_dict(cfg, d)
+        return cfg
+
+    def validate(self) -> None:
+        """Check cross-field constraints; raise ValueError naming every problem."""
+        problems = []
+        if self.distill.kind not in ("none", "soft", "hard"):
+            problems.append(f"distill.kind must be none, soft or hard, not {self.distill.kind!r}")
+        if self.distill.kind != "none" and not self.distill.teacher:
+            problems.append(f"distill.kind={self.distill.kind} needs distill.teacher")
+        if self.run.precision not in ("fp32", "bf16", "fp16"):
+            problems.append(f"run.precision must be fp32, bf16 or fp16, not {self.run.precision!r}")
+        if self.run.export not in ("final", "ema", "best"):
+            problems.append(f"run.export must be final, ema or best, not {self.run.export!r}")
+        if self.run.export == "ema" and not self.run.ema:
+            problems.append("run.export=ema needs run.ema=true")
+        if self.data.dataset not in ("fashion-mnist", "imagefolder"):
+            problems.append(
+                f"data.dataset must be fashion-mnist or imagefolder, not {self.data.dataset!r}"
+            )
+        if self.data.batch_size < 1 or self.schedule.epochs < 1:
+            problems.append("data.batch_size and schedule.epochs must be positive")
+        if self.augment.repeated_aug < 1:
+            problems.append("augment.repeated_aug must be >= 1")
+        if not 0.0 <= self.distill.alpha <= 1.0:
+            problems.append(f"distill.alpha {self.distill.alpha} is not in [0, 1]")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` converted to ``annotation`` (int→float, list→tuple-free) or raise."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(value, option, key)
+            except TypeError as e:
+                errors.append(str(e))
+        raise TypeError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and type(value) is annotation:
+        return value
+    raise TypeError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def set_value(cfg: TrainConfig, dotted: str, value: Any) -> None:
+    """Set ``section.key`` on ``cfg`` after checking the section, the key and the type."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise KeyError(f"config key {dotted!r} must look like section.key")
+    section_name, key = parts
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section_name not in sections:
+        raise KeyError(
+            f"unknown config section {section_name!r} (known: {', '.join(sorted(sections))})"
+        )
+    section = getattr(cfg, section_name)
+    hints = _section_types(section)
+    if key not in hints:
+        raise KeyError(
+            f"unknown config key {dotted!r} (known in [{section_name}]: {', '.join(hints)})"
+        )
+    setattr(section, key, _check_value(value, hints[key], dotted))
+
+
+def apply_dict(cfg: TrainConfig, d: dict[str, Any]) -> None:
+    """Apply a nested ``{section: {key: value}}`` dict onto ``cfg`` with full checking."""
+    for section_name, values in d.items():
+        if not isinstance(values, dict):
+            raise KeyError(f"config entry {section_name!r} must be a [section] table")
+        for key, value in values.items():
+            set_value(cfg, f"{section_name}.{key}", value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is a TOML literal, else a plain string."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    raw = raw.strip()
+    if raw.lower() in ("none", "null"):
+        return key.strip(), None
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """Resolve defaults → recipe file (TOML or JSON) → ``section.key=value`` overrides.
+
+    Args:
+        path: a ``.toml`` recipe or a ``config.json`` written by an earlier run; None = defaults.
+        overrides: dotted assignments applied last, in order.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        KeyError: an unknown section or key (named in the message).
+        TypeError: a value of the wrong type.
+        ValueError: inconsistent settings (see ``TrainConfig.validate``).
+    """
+    cfg = TrainConfig()
+    if path is not None:
+        p = Path(path)
+        text = p.read_text()
+        data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        apply_dict(cfg, data)
+    for item in overrides:
+        key, value = parse_override(item)
+        try:
+            set_value(cfg, key, value)
+        except TypeError:  # e.g. distill.kind=none or run.name=123: the text itself
+            raw = item.split("=", 1)[1].strip()
+            if isinstance(value, str) and value == raw:
+                raise
+            set_value(cfg, key, raw)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as JSON (reloadable with :func:`load_config`)."""
+    path = Path(path)
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return path

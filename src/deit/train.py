@@ -1,0 +1,699 @@
+"""Training and distillation: ``train(cfg) -> run_dir``, for DeiT students and plain classifiers.
+
+Sections, top to bottom: setup (devices, processes, run directory) → data → student and
+teacher → optimizer and schedule → the epoch loop → checkpoints and export. The same loop
+trains a DeiT (outputs ``DeiTOutput``) and any CNN (outputs a tensor), so a teacher can be
+trained first with the same command. Recipe defaults: ``deit.runconfig``; formulas:
+reference-spec §4; the how-to: ``docs/training.md``.
+
+Run directory layout: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per
+log interval and per epoch), ``train.log``, ``last.pt`` / ``best.pt`` (atomic training
+checkpoints, ``torch.load(weights_only=True)``-safe), ``model/`` (the exported student),
+``tb/`` (TensorBoard, when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deit.data import Data, DeviceBatches, build_data
+from deit.losses import DistillationLoss
+from deit.plot import MetricsWriter
+from deit.runconfig import TrainConfig, load_config, save_config
+from deit.teachers import build_student
+
+__all__ = ["add_train_arguments", "lr_at", "param_groups", "run_train_command", "train"]
+
+log = logging.getLogger("deit.train")
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """Join the ``torchrun`` process group if there is one; return (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world, dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_at(epoch: float, cfg: TrainConfig, base_lr: float, epochs: int | None = None) -> float:
+    """Learning rate at a fractional epoch: linear warmup, then cosine to ``min_lr``.
+
+    Warmup goes from ``warmup_lr`` to ``base_lr`` over ``warmup_epochs``; the cosine then runs
+    over the remaining epochs (timm's ``warmup_prefix=True``). Updated every step, unlike the
+    official per-epoch schedule (whose first two epochs both run at ``warmup_lr``).
+    ``epochs`` overrides ``cfg.schedule.epochs`` (a schedule fitted to a time limit).
+    """
+    s = cfg.schedule
+    if epoch < s.warmup_epochs:
+        return s.warmup_lr + (base_lr - s.warmup_lr) * epoch / s.warmup_epochs
+    span = max((epochs or s.epochs) - s.warmup_epochs, 1e-8)
+    t = min((epoch - s.warmup_epochs) / span, 1.0)
+    return s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """DeiT's two groups: no decay for 1-D params, biases and ``no_weight_decay()`` names."""
+    skip = set(getattr(model, "no_weight_decay", set)())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+def _run_dir(cfg: TrainConfig, out: str | Path | None) -> Path:
+    if out is not None:
+        return Path(out)
+    name = cfg.run.name or f"{cfg.model.name}-{cfg.distill.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.run.out_dir) / name.replace(":", "_")
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    if rank != 0 or any(getattr(h, "_deit_run", None) == str(run_dir) for h in log.handlers):
+        return
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler._deit_run = str(run_dir)  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename over ``path``."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch and CUDA generator states, as tensors and primitives only."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+@dataclass
+class State:
+    """Everything the loop mutates; what a checkpoint restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None
+    total_epochs: int = 0  # the schedule's length (cfg.schedule.epochs unless fitted to time)
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best_top1: float = -1.0
+
+    def state_dict(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"step": self.step, "epoch": self.epoch},
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_top1": self.best_top1,
+            "total_epochs": self.total_epochs,
+            "rng": rng_state(),
+            "config": cfg.to_dict(),
+        }
+
+    def load(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.epoch, self.step, self.best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        self.total_epochs = ckpt["total_epochs"]
+        set_rng_state(ckpt["rng"])
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay·ema + (1 − decay)·model`` over floating state; other buffers copied."""
+    e, m = ema.state_dict(), model.state_dict()
+    floats = [k for k in e if e[k].is_floating_point()]
+    torch._foreach_lerp_([e[k] for k in floats], [m[k] for k in floats], 1.0 - decay)
+    for k in e.keys() - set(floats):
+        e[k].copy_(m[k])
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _mixup(cfg: TrainConfig, num_classes: int) -> Any:
+    a = cfg.augment
+    if a.mixup <= 0 and a.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=a.mixup,
+        cutmix_alpha=a.cutmix,
+        prob=a.mixup_prob,
+        switch_prob=a.mixup_switch_prob,
+        label_smoothing=a.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def _batches(data: Data, device: torch.device, bad: list[Any]) -> Any:
+    """(x, y) on the device from either kind of loader; bad samples go to ``bad``."""
+    for batch in data.train:
+        if isinstance(data.train, DeviceBatches):
+            yield batch
+            continue
+        x, y, skipped = batch
+        bad.extend(skipped)
+        if len(y):
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+@dataclass
+class Loop:
+    """The fixed parts of a run that ``train_one_epoch`` needs."""
+
+    cfg: TrainConfig
+    data: Data
+    forward: nn.Module  # possibly compiled / DDP-wrapped student
+    criterion: DistillationLoss
+    mixup: Any
+    base_lr: float
+    device: torch.device
+    rank: int
+    metrics: MetricsWriter
+
+
+def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
+    """One pass over the training data; returns the epoch's training metrics."""
+    cfg, dev = loop.cfg, loop.device
+    loop.forward.train()
+    for source in (loop.data.train, getattr(loop.data.train, "sampler", None)):
+        if hasattr(source, "set_epoch"):  # DeviceBatches, or a DataLoader's RepeatAugSampler
+            source.set_epoch(st.epoch)
+    steps = len(loop.data.train)
+    loss_sum, bad_step = torch.zeros((), device=dev), torch.full((), -1, device=dev)
+    seen, bad, t0 = 0, [], time.perf_counter()
+    bar = _progress(steps, st.epoch, cfg, loop.rank)
+    for i, (x, y) in enumerate(_batches(loop.data, dev, bad)):
+        lr = lr_at(st.epoch + i / steps, cfg, loop.base_lr, st.total_epochs)
+        for group in st.optimizer.param_groups:
+            group["lr"] = lr
+        targets = y
+        if loop.mixup is not None:
+            if len(y) % 2:
+                x, y = x[:-1], y[:-1]
+            x, targets = loop.mixup(x, y)
+        with _autocast(dev, cfg.run.precision):
+            loss = loop.criterion(x, loop.forward(x), targets)
+        st.optimizer.zero_grad(set_to_none=True)
+        st.scaler.scale(loss).backward()
+        if cfg.optim.clip_grad > 0:
+            st.scaler.unscale_(st.optimizer)
+            nn.utils.clip_grad_norm_(st.model.parameters(), cfg.optim.clip_grad)
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+        if st.ema is not None:
+            ema_update(st.ema, st.model, cfg.run.ema_decay)
+        d = loss.detach().float()
+        bad_step = torch.where((~torch.isfinite(d)) & (bad_step < 0), st.step, bad_step)
+        loss_sum += d
+        seen += len(y)
+        st.step += 1
+        if bar is not None:
+            bar.update(1)
+        if (i + 1) % cfg.run.log_every == 0 or i + 1 == steps:
+            _check_finite(bad_step, st.epoch)
+            rate = seen * _world() / (time.perf_counter() - t0)
+            loop.metrics.write(
+                {
+                    "kind": "train",
+                    "epoch": st.epoch,
+                    "step": st.step,
+                    "lr": lr,
+                    "loss": d.item(),
+                    "img_per_s": rate,
+                }
+            )
+            if bar is not None:
+                bar.set_postfix(loss=f"{d.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        if cfg.run.max_steps and st.step >= cfg.run.max_steps:
+            break
+    _check_finite(bad_step, st.epoch)
+    if bar is not None:
+        bar.close()
+    if bad:
+        log.warning(
+            "epoch %d: skipped %d unreadable images, e.g. %s (%s)",
+            st.epoch,
+            len(bad),
+            bad[0].path,
+            bad[0].reason,
+        )
+    elapsed = time.perf_counter() - t0
+    return {
+        "train_loss": (loss_sum / max(i + 1, 1)).item(),
+        "epoch_time": elapsed,
+        "img_per_s": seen * _world() / elapsed,
+        "bad_samples": len(bad),
+        "lr": lr,
+    }
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _check_finite(bad_step: Tensor, epoch: int) -> None:
+    step = int(bad_step.item())
+    if step >= 0:
+        raise FloatingPointError(
+            f"loss became NaN/inf at epoch {epoch}, step {step}; lower the learning rate, use "
+            "bf16 instead of fp16, or set optim.clip_grad"
+        )
+
+
+def _progress(steps: int, epoch: int, cfg: TrainConfig, rank: int) -> Any:
+    if not cfg.run.progress or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch}", leave=False, mininterval=1.0)
+
+
+def _evaluate(loop: Loop, model: nn.Module) -> dict[str, float]:
+    from deit.evaluate import evaluate_batches
+
+    report = evaluate_batches(
+        model,
+        loop.data.val,
+        device=loop.device,
+        precision=loop.cfg.run.precision,
+        num_classes=loop.data.num_classes,
+    )
+    return {f"val_{k}": v for k, v in report.items() if isinstance(v, float)}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    train_data: torch.utils.data.Dataset | None = None,
+    val_data: torch.utils.data.Dataset | None = None,
+    labels: list[str] | None = None,
+) -> Path:
+    """Train (and distill) a model as ``cfg`` says; return the run directory.
+
+    Args:
+        cfg: the resolved run configuration.
+        out_dir: run directory (default ``cfg.run.out_dir / cfg.run.name``).
+        resume: continue from ``out_dir/last.pt`` when it exists.
+        train_data, val_data: any datasets yielding ``(PIL image or tensor, label)`` to use
+            instead of ``cfg.data`` (see ``deit.data``); ``labels`` names their classes.
+
+    Returns:
+        The run directory; the trained model is in ``run_dir/model``.
+    """
+    cfg.validate()
+    rank, world, dev = setup_distributed(cfg.run.device)
+    seed_everything(cfg.run.seed + rank)
+    torch.backends.cudnn.benchmark = not cfg.run.deterministic
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = _run_dir(cfg, out_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+        _setup_logging(run_dir, rank)
+    data = build_data(cfg, dev, rank, world, train_data, val_data, labels)
+    model, arch = build_student(cfg, data.num_classes, data.spec, log)
+    model.to(dev)
+    loop, st = _prepare(cfg, data, model, dev, rank, world, run_dir)
+    last = run_dir / "last.pt"
+    if resume and last.is_file():
+        st.load(torch.load(last, map_location=dev, weights_only=True))
+        log.info("resumed from %s at epoch %d, step %d", last, st.epoch, st.step)
+    _run_epochs(loop, st, run_dir)
+    if rank == 0:
+        export_student(cfg, st, run_dir, data, arch)
+    loop.metrics.close()
+    if world > 1:
+        torch.distributed.barrier()  # the export is on disk before any rank returns
+    return run_dir
+
+
+def _prepare(
+    cfg: TrainConfig,
+    data: Data,
+    model: nn.Module,
+    dev: torch.device,
+    rank: int,
+    world: int,
+    run_dir: Path,
+) -> tuple[Loop, State]:
+    base_lr = (
+        cfg.optim.lr
+        if cfg.optim.lr is not None
+        else (cfg.optim.base_lr * cfg.data.batch_size * world / 512)
+    )
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=base_lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        fused=cfg.optim.fused or None,
+    )
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.run.precision == "fp16")
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.run.ema else None
+    teacher = _teacher(cfg, data, dev)
+    criterion = DistillationLoss(
+        teacher,
+        cfg.distill.kind,
+        cfg.distill.alpha,
+        cfg.distill.tau,
+        label_smoothing=cfg.augment.label_smoothing,
+    )
+    forward: nn.Module = model
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+    if cfg.run.compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # a compile failure falls back to eager
+        forward = torch.compile(forward, mode=cfg.run.compile_mode)
+    log.info(
+        "student %s: %.2fM parameters, base lr %.3g, %d process(es), device %s",
+        cfg.model.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        base_lr,
+        world,
+        dev,
+    )
+    metrics = MetricsWriter(run_dir, rank == 0)
+    loop = Loop(
+        cfg, data, forward, criterion, _mixup(cfg, data.num_classes), base_lr, dev, rank, metrics
+    )
+    return loop, State(model, optimizer, scaler, ema, total_epochs=cfg.schedule.epochs)
+
+
+def _teacher(cfg: TrainConfig, data: Data, dev: torch.device) -> nn.Module | None:
+    if cfg.distill.kind == "none":
+        return None
+    from deit.teachers import load_teacher
+
+    d = cfg.distill
+    teacher = load_teacher(
+        d.teacher,
+        student=data.spec,
+        num_classes=data.num_classes,
+        device=dev,
+        mean=d.teacher_mean,
+        std=d.teacher_std,
+        img_size=d.teacher_img_size,
+        in_chans=d.teacher_in_chans,
+    )
+    log.info(
+        "teacher %s (%s distillation, alpha %.2f, tau %.2f), input %s",
+        d.teacher,
+        d.kind,
+        d.alpha,
+        d.tau,
+        teacher.spec,
+    )
+    return teacher
+
+
+def _fit_to_time(cfg: TrainConfig, st: State, elapsed: float, last_epoch: float) -> bool:
+    """Apply ``run.time_limit`` after an epoch; return True when the run must stop now.
+
+    Without ``schedule.fit_to_time`` the run stops when one more epoch (at the last epoch's
+    duration) would pass the limit. With it, the schedule's length is set to the epochs that
+    fit (at most ``schedule.epochs``), so the cosine still ends at ``min_lr``.
+    """
+    if not cfg.run.time_limit:
+        return False
+    fits = int((cfg.run.time_limit - elapsed) // max(last_epoch, 1e-6))
+    if cfg.schedule.fit_to_time:
+        total = max(st.epoch, min(cfg.schedule.epochs, st.epoch + fits))
+        if total != st.total_epochs:
+            log.info(
+                "schedule fitted to run.time_limit: %d epochs (was %d)", total, st.total_epochs
+            )
+            st.total_epochs = total
+        return st.epoch >= st.total_epochs
+    if fits < 1 and st.epoch < st.total_epochs:
+        log.warning(
+            "stopping after epoch %d of %d: run.time_limit %.0f s would be exceeded",
+            st.epoch,
+            st.total_epochs,
+            cfg.run.time_limit,
+        )
+        return True
+    return False
+
+
+def _run_epochs(loop: Loop, st: State, run_dir: Path) -> None:
+    cfg, start = loop.cfg, time.perf_counter()
+    while st.epoch < st.total_epochs:
+        t0 = time.perf_counter()
+        record = train_one_epoch(loop, st)
+        st.epoch += 1
+        now = time.perf_counter()
+        stop = bool(cfg.run.max_steps and st.step >= cfg.run.max_steps)
+        stop = _fit_to_time(cfg, st, now - start, now - t0) or stop
+        final = stop or st.epoch >= st.total_epochs
+        if (cfg.run.eval_every and st.epoch % cfg.run.eval_every == 0) or final:
+            record.update(_evaluate(loop, st.model))
+            if st.ema is not None:
+                record["val_ema_top1"] = _evaluate(loop, st.ema)["val_top1"]
+        if loop.rank == 0:
+            _end_of_epoch(loop, st, run_dir, record, final)
+        if stop:
+            break
+
+
+def _end_of_epoch(
+    loop: Loop, st: State, run_dir: Path, record: dict[str, Any], final: bool
+) -> None:
+    cfg = loop.cfg
+    top1 = record.get("val_top1", -1.0)
+    if top1 > st.best_top1:
+        st.best_top1 = top1
+        if cfg.run.export == "best":
+            atomic_save(
+                {"model": st.model.state_dict(), "epoch": st.epoch, "top1": top1},
+                run_dir / "best.pt",
+            )
+    if final or st.epoch % max(cfg.run.save_every, 1) == 0:
+        atomic_save(st.state_dict(cfg), run_dir / "last.pt")
+    loop.metrics.write({"kind": "epoch", "epoch": st.epoch, "step": st.step, **record})
+    log.info(
+        "epoch %d/%d: %s",
+        st.epoch,
+        st.total_epochs,
+        ", ".join(f"{k} {v:.4g}" for k, v in record.items()),
+    )
+
+
+def eval_preprocess(data: Data) -> dict[str, Any]:
+    """Eval preprocessing for the exported model (``deit.transforms.PreprocessConfig`` fields).
+
+    Tensor data (Fashion-MNIST) was never resized or cropped during training: images of the
+    model's size are used as they are (a same-size squash is the identity), other images are
+    squashed to it, and light backgrounds are inverted to Fashion-MNIST's black. Image
+    folders get the official DeiT eval transform (shorter side to size / 0.875, center crop).
+    """
+    s = data.spec
+    common = {
+        "mean": list(s.mean),
+        "std": list(s.std),
+        "channels": s.in_chans,
+        "source": "deit train",
+    }
+    if data.on_device:
+        return {
+            "resize_mode": "squash",
+            "resize_size": s.img_size,
+            "crop_size": None,
+            "interpolation": "bilinear",
+            "invert_light_background": True,
+            **common,
+        }
+    return {
+        "resize_mode": "shorter",
+        "resize_size": int(s.img_size / 0.875),
+        "crop_size": s.img_size,
+        "interpolation": "bicubic",
+        **common,
+    }
+
+
+def export_student(cfg: TrainConfig, st: State, run_dir: Path, data: Data, arch: str) -> Path:
+    """Write the chosen weights (final / EMA / best) to ``run_dir/model``."""
+    model = st.ema if cfg.run.export == "ema" else st.model
+    if cfg.run.export == "best" and (run_dir / "best.pt").is_file():
+        model = copy.deepcopy(st.model)
+        model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
+    model = model.eval()
+    pre = eval_preprocess(data)
+    meta = {
+        "arch": arch,
+        "epochs": st.epoch,
+        "steps": st.step,
+        "best_val_top1": st.best_top1,
+        "weights": cfg.run.export,
+        "train_config": cfg.to_dict(),
+    }
+    out = run_dir / "model"
+    if arch == "deit":
+        from deit.checkpoints import save_model
+        from deit.transforms import PreprocessConfig
+
+        save_model(
+            model,
+            out,
+            labels=data.labels,
+            preprocess=PreprocessConfig.from_dict(pre),
+            format="deit",
+            metadata=meta,
+        )
+    else:
+        from deit.teachers import save_classifier
+
+        save_classifier(
+            model,
+            out,
+            arch=arch,
+            num_classes=data.num_classes,
+            spec=data.spec,
+            labels=data.labels,
+            preprocess=pre,
+            metadata=meta,
+        )
+    log.info("exported the %s weights to %s", cfg.run.export, out)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``deit train``."""
+    parser.add_argument("--config", help="recipe file (.toml, or a run's config.json)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, e.g. optim.lr=1e-3 distill.kind=hard",
+    )
+    parser.add_argument("--out", help="run directory (default: run.out_dir/run.name)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    """``deit train``: resolve the config, train, print where the model went."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        print(f"deit train: error: {e}", file=sys.stderr)
+        return 2
+    run_dir = train(cfg, out_dir=args.out, resume=args.resume)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    print(f"run directory: {run_dir}\nmodel: {run_dir / 'model'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deit.train``: the same as ``deit train``."""
+    parser = argparse.ArgumentParser(prog="deit train", description="train or distill a model")
+    add_train_arguments(parser)
+    return run_train_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
