@@ -292,3 +292,17 @@ def test_hub_offline_without_cache_is_one_clear_message(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert "--model fashion-mnist" in result.stderr and REPO_ID in result.stderr
+
+
+def test_load_at_another_input_size(tmp_path: Path) -> None:
+    """The official 224 → 384 fine-tuning start: pos_embed resampled, preprocessing scaled."""
+    timm = pytest.importorskip("timm")
+    theirs = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    torch.save({"model": theirs.state_dict()}, tmp_path / "official.pth")
+    loaded = load_model(tmp_path / "official.pth", img_size=384)
+    assert loaded.config.img_size == 384 and loaded.model.pos_embed.shape == (1, 2 + 24 * 24, 192)
+    assert loaded.preprocess.crop_size == (384, 384) and loaded.preprocess.resize_size == 438
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():  # same as resampling at forward time
+        expected = load_model(tmp_path / "official.pth").model(x, interpolate_pos_encoding=True)
+        torch.testing.assert_close(loaded.model(x).logits, expected.logits)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from PIL import Image
 from deit.cli import main
 from deit.inference import Classifier, expand_paths
 
+from .deploy_helpers import png_claiming
 from .test_checkpoints import write_tiny_hf
 
 pytest.importorskip("transformers")
@@ -29,22 +28,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _png_header_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims a huge size (a decompression bomb's calling card)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.fixture
 def bad_files(tmp_path: Path, sample_images: list[Path]) -> dict[str, Path]:
     jpeg = next(p for p in sample_images if p.suffix == ".jpg").read_bytes()
@@ -53,7 +36,7 @@ def bad_files(tmp_path: Path, sample_images: list[Path]) -> dict[str, Path]:
         "text": b"this is not an image\n",
         "truncated": jpeg[: len(jpeg) // 3],
         "corrupt": jpeg[:200] + os.urandom(2000),
-        "oversized": _png_header_claiming(50_000, 50_000),
+        "oversized": png_claiming(50_000, 50_000),
     }
     out = {}
     for name, data in files.items():

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from deit.config import VARIANTS, DeiTConfig
 from deit.labels import imagenet_labels, read_label_file
-from deit.model import DeiT
+from deit.model import DeiT, resize_pos_embed
 from deit.transforms import PreprocessConfig
 
 StateDict = dict[str, Tensor]
@@ -486,6 +486,7 @@ def load_model(
     revision: str | None = None,
     preprocess: PreprocessChoice = "auto",
     labels: str | Path | None = None,
+    img_size: int | tuple[int, int] | None = None,
 ) -> LoadedModel:
     """Load a DeiT checkpoint of any supported format, strictly.
 
@@ -498,6 +499,8 @@ def load_model(
             HF folders, official or timm eval transforms for their files); or force
             ``model-card`` (resize 256, crop 224), ``official`` or ``timm``.
         labels: a label file (one name per line, or a JSON list) overriding the names.
+        img_size: build the model for another input size: the position embedding is
+            resampled (:func:`deit.model.resize_pos_embed`) and the preprocessing scaled.
     """
     resolved = resolve_source(source)
     if isinstance(resolved, str):
@@ -517,8 +520,38 @@ def load_model(
         loaded.preprocess = _timm_preprocess(loaded.config, None)
     if labels is not None:
         loaded.labels = read_label_file(labels, loaded.config.num_classes)
+    if img_size is not None:
+        resize_input(loaded, img_size)
     loaded.model.to(device)
     return loaded
+
+
+def resize_input(loaded: LoadedModel, img_size: int | tuple[int, int]) -> None:
+    """Rebuild ``loaded`` for another input size, in place.
+
+    The position embedding's patch rows are resampled bicubically (prefix rows kept), as in
+    the official fine-tuning at 384 px; the preprocessing's crop becomes the new size and its
+    resize is scaled by the same factor.
+    """
+    old = loaded.config
+    new = old.replace(img_size=img_size)
+    if new.image_hw == old.image_hw:
+        return
+    state = loaded.model.state_dict()
+    state["pos_embed"] = resize_pos_embed(
+        state["pos_embed"], old.num_prefix_tokens, old.grid_size, new.grid_size
+    )
+    loaded.model = build_model(new, state, loaded.source)
+    loaded.config = new
+    pre = loaded.preprocess
+    scale_h, scale_w = (n / o for n, o in zip(new.image_hw, old.image_hw))
+    changes: dict[str, Any] = {"crop_size": new.image_hw} if pre.crop_size is not None else {}
+    if pre.resize_mode == "shorter":
+        changes["resize_size"] = int(int(pre.resize_size) * scale_h)  # 256 → 438 at 384
+    elif pre.resize_mode == "squash":
+        h, w = pre.resize_size  # type: ignore[misc]
+        changes["resize_size"] = (round(h * scale_h), round(w * scale_w))
+    loaded.preprocess = dataclasses.replace(pre, **changes)
 
 
 # --------------------------------------------------------------------------- saving
