@@ -73,15 +73,26 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- transformers
 
-LEGACY = {"do_center_crop": True, "do_normalize": True, "do_resize": True,
-          "feature_extractor_type": "DeiTFeatureExtractor", "image_mean": list(IMAGENET_MEAN),
-          "image_std": list(IMAGENET_STD), "resample": 3}
+LEGACY = {
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "DeiTFeatureExtractor",
+    "image_mean": list(IMAGENET_MEAN),
+    "image_std": list(IMAGENET_STD),
+    "resample": 3,
+}
 HUB_FILES = {  # reference-spec §2.6
     "tiny-distilled-224": {**LEGACY, "size": 224, "crop_size": 224},
     "small-distilled-224": {**LEGACY, "size": 256, "crop_size": 224},
     "base-distilled-384": {**LEGACY, "size": 438, "crop_size": 384},
-    "vit-style-224": {"do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
-                      "image_std": [0.5, 0.5, 0.5], "size": 224},
+    "vit-style-224": {
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": 224,
+    },
 }
 
 
@@ -119,9 +130,14 @@ def test_from_hf_fields():
     vit = PreprocessConfig.from_hf(HUB_FILES["vit-style-224"])
     assert (vit.crop_size, vit.interpolation, vit.mean) == (None, "bilinear", (0.5, 0.5, 0.5))
     assert vit.input_size == (224, 224)
-    v5 = PreprocessConfig.from_hf({"image_processor_type": "DeiTImageProcessor",
-                                   "size": {"shortest_edge": 256}, "do_normalize": False,
-                                   "do_rescale": False})
+    v5 = PreprocessConfig.from_hf(
+        {
+            "image_processor_type": "DeiTImageProcessor",
+            "size": {"shortest_edge": 256},
+            "do_normalize": False,
+            "do_rescale": False,
+        }
+    )
     assert (v5.resize_mode, v5.resize_size, v5.crop_size) == ("shorter", 256, (224, 224))
     assert (v5.mean, v5.std, v5.rescale_factor) == ((0.0,) * 3, (1.0,) * 3, 1.0)
     assert PreprocessConfig.from_hf({"do_resize": False}).resize_mode == "none"
@@ -132,8 +148,9 @@ def test_from_hf_fields():
 def _mode_variants(rgb: Image.Image) -> dict[str, tuple[Image.Image, Image.Image | None]]:
     """mode name -> (image in that mode, the RGB image HF should get, None = HF converts)."""
     gray = np.asarray(rgb.convert("L"))
-    alpha = Image.fromarray(np.tile(np.linspace(0, 255, rgb.width).astype(np.uint8),
-                                    (rgb.height, 1)))
+    alpha = Image.fromarray(
+        np.tile(np.linspace(0, 255, rgb.width).astype(np.uint8), (rgb.height, 1))
+    )
     gray_rgb = Image.fromarray(gray).convert("RGB")
     rgba, la = rgb.copy(), rgb.convert("L")
     rgba.putalpha(alpha)
@@ -141,10 +158,16 @@ def _mode_variants(rgb: Image.Image) -> dict[str, tuple[Image.Image, Image.Image
     p_trns = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
     p_trns.info["transparency"] = 0
     return {
-        "RGB": (rgb, None), "L": (rgb.convert("L"), None), "1": (rgb.convert("1"), None),
-        "P": (rgb.convert("P", palette=Image.Palette.ADAPTIVE), None), "P+trns": (p_trns, None),
-        "RGBA": (rgba, None), "LA": (la, None), "PA": (rgba.convert("PA"), None),
-        "CMYK": (rgb.convert("CMYK"), None), "YCbCr": (rgb.convert("YCbCr"), None),
+        "RGB": (rgb, None),
+        "L": (rgb.convert("L"), None),
+        "1": (rgb.convert("1"), None),
+        "P": (rgb.convert("P", palette=Image.Palette.ADAPTIVE), None),
+        "P+trns": (p_trns, None),
+        "RGBA": (rgba, None),
+        "LA": (la, None),
+        "PA": (rgba.convert("PA"), None),
+        "CMYK": (rgb.convert("CMYK"), None),
+        "YCbCr": (rgb.convert("YCbCr"), None),
         # high bit depths: HF clips them; the expected 8-bit image is written out by hand
         "I;16": (Image.fromarray(gray.astype(np.uint16) * 257), gray_rgb),
         "I": (Image.fromarray(gray.astype(np.int32) * 257), gray_rgb),
@@ -179,8 +202,13 @@ def test_to_mode_composites_on_white_and_scales_16_bit():
 
 def test_to_hf_loads_in_transformers_and_matches(photos, tmp_path):
     floor_card = dataclasses.replace(PreprocessConfig.model_card(), crop_rounding="floor")
-    for i, cfg in enumerate([PreprocessConfig.from_hf(HUB_FILES["base-distilled-384"]),
-                             PreprocessConfig.from_hf(HUB_FILES["vit-style-224"]), floor_card]):
+    for i, cfg in enumerate(
+        [
+            PreprocessConfig.from_hf(HUB_FILES["base-distilled-384"]),
+            PreprocessConfig.from_hf(HUB_FILES["vit-style-224"]),
+            floor_card,
+        ]
+    ):
         hf_dict = cfg.to_hf(exact=True)
         proc = _hf_processor(tmp_path / str(i), hf_dict)
         assert type(proc).__name__ == "DeiTImageProcessorPil"
@@ -209,9 +237,14 @@ def test_to_hf_refuses_what_transformers_cannot_do():
 @pytest.mark.parametrize("img_size", [224, 384])
 def test_matches_official_eval_transform(img_size, photos):
     T = pytest.importorskip("torchvision.transforms")
-    reference = T.Compose([
-        T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(img_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    reference = T.Compose(
+        [
+            T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     cfg = PreprocessConfig.official(img_size)
     assert cfg.resize_size == {224: 256, 384: 438}[img_size]
     for photo, img in photos.items():
@@ -219,9 +252,13 @@ def test_matches_official_eval_transform(img_size, photos):
 
 
 @needs_images
-@pytest.mark.parametrize(("name", "img_size", "crop_pct", "resize"), [
-    ("deit_tiny_patch16_224.fb_in1k", 224, 0.9, 248),
-    ("deit_base_patch16_384.fb_in1k", 384, 1.0, 384)])
+@pytest.mark.parametrize(
+    ("name", "img_size", "crop_pct", "resize"),
+    [
+        ("deit_tiny_patch16_224.fb_in1k", 224, 0.9, 248),
+        ("deit_base_patch16_384.fb_in1k", 384, 1.0, 384),
+    ],
+)
 def test_matches_timm_eval_transform(name, img_size, crop_pct, resize, photos):
     timm = pytest.importorskip("timm")
     from timm.data import create_transform, resolve_data_config
@@ -259,8 +296,12 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + crc
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64)))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(bytes(64)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_bytes(img: Image.Image, **kwargs) -> bytes:
@@ -349,9 +390,13 @@ def test_array_and_tensor_inputs():
     hwc = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     cfg = PreprocessConfig(crop_size=(32, 32), resize_size=40)
     expected = preprocess(Image.fromarray(hwc), cfg)
-    inputs = [hwc, hwc.astype(np.float32) / 255, torch.from_numpy(hwc).permute(2, 0, 1),
-              torch.from_numpy(hwc).permute(2, 0, 1).double() / 255,
-              _jpeg_bytes(Image.fromarray(hwc), quality=100)]
+    inputs = [
+        hwc,
+        hwc.astype(np.float32) / 255,
+        torch.from_numpy(hwc).permute(2, 0, 1),
+        torch.from_numpy(hwc).permute(2, 0, 1).double() / 255,
+        _jpeg_bytes(Image.fromarray(hwc), quality=100),
+    ]
     for x in inputs[:4]:
         assert _maxdiff(preprocess(x, cfg), expected) == 0.0, type(x)
     assert preprocess(inputs, cfg).shape == (5, 3, 32, 32)
@@ -361,9 +406,12 @@ def test_array_and_tensor_inputs():
     assert load_image(gray[..., None]).mode == "L"
     assert load_image(np.dstack([hwc, gray])).mode == "RGBA"
     assert preprocess(np.stack([hwc, hwc]), cfg).shape == (2, 3, 32, 32)  # BHWC batch
-    for bad, reason in [(hwc.astype(np.float32), r"\[0, 1\]"), (hwc.astype(np.int64), "dtype"),
-                        (np.zeros((4, 4, 2), np.uint8), "HW or HWC"),
-                        (torch.zeros(5, 4, 4), "CHW")]:
+    for bad, reason in [
+        (hwc.astype(np.float32), r"\[0, 1\]"),
+        (hwc.astype(np.int64), "dtype"),
+        (np.zeros((4, 4, 2), np.uint8), "HW or HWC"),
+        (torch.zeros(5, 4, 4), "CHW"),
+    ]:
         with pytest.raises(ImageLoadError, match=reason):
             load_image(bad)
 
@@ -373,8 +421,9 @@ def test_file_inputs_agree(tmp_path):
     path = tmp_path / "x.png"
     img.save(path)
     cfg = PreprocessConfig(resize_size=40, crop_size=(32, 32))
-    batch = preprocess([path, str(path), path.read_bytes(), io.BytesIO(path.read_bytes()), img],
-                       cfg)
+    batch = preprocess(
+        [path, str(path), path.read_bytes(), io.BytesIO(path.read_bytes()), img], cfg
+    )
     assert all(torch.equal(batch[0], b) for b in batch)
 
 
@@ -384,8 +433,14 @@ def test_invert_light_background():
     dark = Image.new("L", (28, 28), 0)
     dark.paste(255, (8, 8, 20, 20))  # Fashion-MNIST style: light item on black
     assert has_light_background(white) and not has_light_background(dark)
-    cfg = PreprocessConfig(resize_mode="none", crop_size=None, channels=1, mean=(0.5,),
-                           std=(0.5,), invert_light_background=True)
+    cfg = PreprocessConfig(
+        resize_mode="none",
+        crop_size=None,
+        channels=1,
+        mean=(0.5,),
+        std=(0.5,),
+        invert_light_background=True,
+    )
     assert torch.equal(preprocess_image(white, cfg), preprocess_image(dark, cfg))
     assert preprocess_image(white.convert("RGB"), cfg)[0, 0, 0] == -1.0
 
@@ -395,9 +450,13 @@ def test_invert_light_background():
 
 def test_config_round_trip_and_validation():
     gray = PreprocessConfig(channels=1, mean=(0.2,), std=(0.3,), invert_light_background=True)
-    for cfg in [PreprocessConfig.model_card(), PreprocessConfig.official(384),
-                PreprocessConfig.timm(224), PreprocessConfig.from_hf(HUB_FILES["vit-style-224"]),
-                gray]:
+    for cfg in [
+        PreprocessConfig.model_card(),
+        PreprocessConfig.official(384),
+        PreprocessConfig.timm(224),
+        PreprocessConfig.from_hf(HUB_FILES["vit-style-224"]),
+        gray,
+    ]:
         d = json.loads(json.dumps(cfg.to_dict()))
         assert PreprocessConfig.from_dict(d) == cfg
     assert PreprocessConfig.model_card().input_size == (224, 224)
@@ -405,8 +464,14 @@ def test_config_round_trip_and_validation():
     assert PreprocessConfig.timm(384, crop_pct=1.0).resize_size == 384
     with pytest.raises(ValueError, match="bogus, extra"):
         PreprocessConfig.from_dict({**PreprocessConfig().to_dict(), "extra": 1, "bogus": 2})
-    bad = [{"interpolation": "cubic"}, {"mean": (0.5,)}, {"resize_mode": "squish"},
-           {"resize_size": (256, 256)}, {"channels": 2}, {"crop_rounding": "ceil"}]
+    bad = [
+        {"interpolation": "cubic"},
+        {"mean": (0.5,)},
+        {"resize_mode": "squish"},
+        {"resize_size": (256, 256)},
+        {"channels": 2},
+        {"crop_rounding": "ceil"},
+    ]
     for kwargs in bad:
         with pytest.raises(ValueError):
             PreprocessConfig(**kwargs)
@@ -447,3 +512,26 @@ def test_concurrent_loads_leave_warning_filters_alone():
         results = list(pool.map(attempt, sources))
     assert results[1] == "RGB" and results[0].startswith("image too large")
     assert warnings.filters == before
+
+
+def test_longer_side_resize_letterboxes() -> None:
+    """``longer`` + a crop of the same size pads the short side with black, aspect kept."""
+    cfg = PreprocessConfig(
+        resize_mode="longer",
+        resize_size=28,
+        crop_size=28,
+        channels=1,
+        mean=(0.0,),
+        std=(1.0,),
+        interpolation="bilinear",
+    )
+    wide = Image.new("L", (40, 20), color=255)
+    out = preprocess_image(wide, cfg)[0]
+    assert out.shape == (28, 28)
+    assert torch.all(out[7:21] == 1.0) and torch.all(out[:7] == 0) and torch.all(out[21:] == 0)
+    same = Image.fromarray(np.arange(784, dtype=np.uint8).reshape(28, 28) % 251)
+    assert torch.equal(
+        preprocess_image(same, cfg)[0] * 255, torch.from_numpy(np.asarray(same)).float()
+    )
+    with pytest.raises(ValueError, match="letterbox"):
+        cfg.to_hf()

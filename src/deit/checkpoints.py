@@ -546,7 +546,7 @@ def resize_input(loaded: LoadedModel, img_size: int | tuple[int, int]) -> None:
     pre = loaded.preprocess
     scale_h, scale_w = (n / o for n, o in zip(new.image_hw, old.image_hw))
     changes: dict[str, Any] = {"crop_size": new.image_hw} if pre.crop_size is not None else {}
-    if pre.resize_mode == "shorter":
+    if pre.resize_mode in ("shorter", "longer"):
         changes["resize_size"] = int(int(pre.resize_size) * scale_h)  # 256 → 438 at 384
     elif pre.resize_mode == "squash":
         h, w = pre.resize_size  # type: ignore[misc]

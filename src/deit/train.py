@@ -582,8 +582,9 @@ def eval_preprocess(data: Data) -> dict[str, Any]:
     """Eval preprocessing for the exported model (``deit.transforms.PreprocessConfig`` fields).
 
     Tensor data (Fashion-MNIST) was never resized or cropped during training: images of the
-    model's size are used as they are (a same-size squash is the identity), other images are
-    squashed to it, and light backgrounds are inverted to Fashion-MNIST's black. Image
+    model's size are used as they are, other images are letterboxed to it (longer side
+    resized, black padding, aspect kept, as Fashion-MNIST framed its garments), and light
+    backgrounds are inverted to Fashion-MNIST's black. Image
     folders get the official DeiT eval transform (shorter side to size / 0.875, center crop).
     """
     s = data.spec
@@ -595,9 +596,9 @@ def eval_preprocess(data: Data) -> dict[str, Any]:
     }
     if data.on_device:
         return {
-            "resize_mode": "squash",
+            "resize_mode": "longer",
             "resize_size": s.img_size,
-            "crop_size": None,
+            "crop_size": s.img_size,
             "interpolation": "bilinear",
             "invert_light_background": True,
             **common,

@@ -69,9 +69,11 @@ class PreprocessConfig:
         resize_mode: ``"shorter"`` resizes the shorter side to ``resize_size`` keeping the aspect
             ratio (torchvision ``Resize(int)``: long side ``int(size * long / short)``);
             ``"squash"`` resizes to exactly ``resize_size`` = (height, width) (transformers);
-            ``"none"`` skips resizing.
-        resize_size: An int for ``"shorter"``; (height, width) for ``"squash"`` (an int means a
-            square).
+            ``"longer"`` resizes the longer side to ``resize_size`` keeping the aspect ratio, so
+            that a crop of that size pads instead of cutting (letterboxing: how Fashion-MNIST
+            framed its garments); ``"none"`` skips resizing.
+        resize_size: An int for ``"shorter"`` and ``"longer"``; (height, width) for ``"squash"``
+            (an int means a square).
         crop_size: Center crop (height, width); ``None`` for no crop. Crops larger than the image
             pad with zeros (black before normalization), as torchvision and transformers do.
         interpolation: PIL filter name, one of :data:`INTERPOLATIONS`.
@@ -87,7 +89,7 @@ class PreprocessConfig:
         source: Free-text provenance, e.g. ``"official"``, ``"timm"``, ``"model card"``.
     """
 
-    resize_mode: Literal["shorter", "squash", "none"] = "shorter"
+    resize_mode: Literal["shorter", "longer", "squash", "none"] = "shorter"
     resize_size: tuple[int, int] | int = 256
     crop_size: tuple[int, int] | None = (224, 224)
     interpolation: str = "bicubic"
@@ -100,15 +102,17 @@ class PreprocessConfig:
     source: str = "model card"
 
     def __post_init__(self) -> None:
-        _check_choice("resize_mode", self.resize_mode, ("shorter", "squash", "none"))
+        _check_choice("resize_mode", self.resize_mode, ("shorter", "longer", "squash", "none"))
         _check_choice("interpolation", self.interpolation, tuple(INTERPOLATIONS))
         _check_choice("crop_rounding", self.crop_rounding, ("round", "floor"))
         _check_choice("channels", self.channels, (1, 3))
         size = self.resize_size
-        if self.resize_mode == "shorter" and (not isinstance(size, int) or size <= 0):
-            raise ValueError(f"resize_mode 'shorter' needs a positive int size, got {size!r}")
+        by_side = self.resize_mode in ("shorter", "longer")
+        if by_side and (not isinstance(size, int) or size <= 0):
+            raise ValueError(f"resize_mode {self.resize_mode!r} needs a positive int size, "
+                             f"got {size!r}")
         fixed = {"mean": tuple(map(float, self.mean)), "std": tuple(map(float, self.std)),
-                 "resize_size": size if self.resize_mode == "shorter" else _pair(size),
+                 "resize_size": size if by_side else _pair(size),
                  "crop_size": None if self.crop_size is None else _pair(self.crop_size)}
         for name, value in fixed.items():
             object.__setattr__(self, name, value)
@@ -208,9 +212,9 @@ class PreprocessConfig:
             ValueError: Grayscale output or background inversion (transformers has neither), or
                 an inexact crop when ``exact`` is set.
         """
-        if self.channels != 3 or self.invert_light_background:
-            raise ValueError("transformers' DeiTImageProcessor can't convert to grayscale or "
-                             "invert backgrounds; keep this config in deit format")
+        if self.channels != 3 or self.invert_light_background or self.resize_mode == "longer":
+            raise ValueError("transformers' DeiTImageProcessor can't convert to grayscale, "
+                             "invert backgrounds or letterbox; keep this config in deit format")
         if exact and self.crop_size is not None and not self._hf_crop_is_exact():
             raise ValueError("transformers floors center-crop offsets, this config rounds them "
                              "(torchvision); the crop may shift by one pixel")
@@ -476,6 +480,9 @@ def resize_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
         return img
     if cfg.resize_mode == "squash":
         new_h, new_w = cfg.resize_size  # type: ignore[misc]
+    elif cfg.resize_mode == "longer":
+        scale = cfg.resize_size / max(width, height)  # type: ignore[operator]
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     elif width <= height:  # torchvision Resize(int): long = int(size * long / short)
         new_w, new_h = cfg.resize_size, int(cfg.resize_size * height / width)  # type: ignore[operator]
     else:
