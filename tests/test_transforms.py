@@ -531,7 +531,7 @@ def test_longer_side_resize_letterboxes() -> None:
     assert torch.all(out[7:21] == 1.0) and torch.all(out[:7] == 0) and torch.all(out[21:] == 0)
     same = Image.fromarray(np.arange(784, dtype=np.uint8).reshape(28, 28) % 251)
     assert torch.equal(
-        preprocess_image(same, cfg)[0] * 255, torch.from_numpy(np.asarray(same)).float()
+        preprocess_image(same, cfg)[0] * 255, torch.from_numpy(np.array(same)).float()
     )
     with pytest.raises(ValueError, match="letterbox"):
         cfg.to_hf()

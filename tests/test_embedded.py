@@ -1,0 +1,66 @@
+"""The embedded `fashion-mnist` model: accuracy on the real test split, the bundled samples,
+and the README's offline main job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deit.checkpoints import load_model
+from deit.inference import Classifier
+
+from .conftest import REPO
+
+SAMPLES = REPO / "samples" / "fashion-mnist"
+# The CPU-trained interim model measured 0.8x-0.9x (docs/results/fashion-mnist.md); the floor
+# sits below it with room for run-to-run noise. Issue 6's 92% awaits the GPU-trained model.
+MIN_TEST_TOP1 = 0.85
+
+
+def _label_of(path: Path) -> str:
+    """`test00019_t-shirt-top.png` → `t-shirt-top`."""
+    return path.stem.split("_", 1)[1]
+
+
+def _slug(label: str) -> str:
+    return label.lower().replace("/", "-").replace(" ", "-")
+
+
+def test_embedded_model_is_a_distilled_deit() -> None:
+    loaded = load_model("fashion-mnist")
+    assert loaded.format == "deit" and loaded.config.distilled and loaded.config.in_chans == 1
+    assert [_slug(x) for x in loaded.labels][:3] == ["t-shirt-top", "trouser", "pullover"]
+    assert loaded.preprocess.invert_light_background
+
+
+def test_accuracy_on_the_real_test_split() -> None:
+    """Computed here on all 10,000 test images; nothing about the result is stored."""
+    fmnist = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+    if not fmnist.is_dir():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    from deit.evaluate import evaluate
+
+    report = evaluate("fashion-mnist", "fashion-mnist:test", data_root=str(fmnist),
+                      batch_size=500)
+    assert report.num_samples == 10_000
+    assert report.top1 >= MIN_TEST_TOP1, report.top1
+
+
+def test_bundled_samples_match_their_labels() -> None:
+    paths = sorted(SAMPLES.glob("*.png"))
+    assert len(paths) == 10
+    clf = Classifier.from_pretrained("fashion-mnist", device="cpu")
+    predicted = [_slug(p[0].label) for p in clf.predict([str(p) for p in paths], top_k=1)]
+    assert predicted == [_label_of(p) for p in paths]
+
+
+def test_readme_main_job_runs_offline() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "deit", "predict", "--model", "fashion-mnist",
+                             str(SAMPLES)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("%") == 5 * 10  # top-5 for each of the ten samples
