@@ -55,3 +55,22 @@ def test_bad_arguments() -> None:
             list(run_bench(device="cuda"))
     with pytest.raises(ValueError, match="unknown dtype"):
         list(run_bench(dtype="int3"))
+
+
+def test_onnx_runtime_modes() -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    results = list(
+        run_bench(
+            "deit_tiny_patch16_224",
+            batches=(2,),
+            impls=("deit", "timm"),
+            modes=("onnx", "onnx-int8"),
+            iters=1,
+            min_seconds=0,
+        )
+    )
+    assert [(m.impl, m.mode) for m in results] == [("deit", "onnx"), ("deit", "onnx-int8")]
+    assert results[0].max_abs_logit_diff < 1e-4  # fp32 export is exact
+    with pytest.raises(ValueError, match="use --dtype fp32"):
+        list(run_bench(dtype="bf16", modes=("onnx",)))

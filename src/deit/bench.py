@@ -34,7 +34,7 @@ from deit.transforms import PreprocessConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("deit", "timm", "hf")
-MODES = ("eager", "compile")
+MODES = ("eager", "compile", "onnx", "onnx-int8")  # onnx*: ours through ONNX Runtime, CPU
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,31 @@ def build_contenders(
             continue
         model = models[impl].eval().to(device)
         for mode in modes:
+            if mode.startswith("onnx"):
+                if impl == "deit":
+                    contenders.append(Contender(impl, mode, _onnx_forward(ours, mode, device)))
+                continue
             contenders.append(Contender(impl, mode, _forward(impl, model, mode)))
     return contenders, ours
+
+
+def _onnx_forward(model: DeiT, mode: str, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """Our model exported to ONNX (int8 weights for ``onnx-int8``), run by ONNX Runtime."""
+    from deit.export import export_onnx, onnx_session
+    from deit.quantize import quantize_onnx
+
+    if device.type != "cpu":
+        raise ValueError(f"mode {mode!r} runs on the CPU only")
+    folder = Path(tempfile.mkdtemp(prefix="deit-bench-"))
+    path = export_onnx(model, folder / "model.onnx", dynamic_batch=True)
+    if mode == "onnx-int8":
+        path = quantize_onnx(path, folder / "model.int8.onnx")
+    session = onnx_session(path, threads=torch.get_num_threads())
+
+    def forward(x: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
+
+    return forward
 
 
 def _hf_model(ours: DeiT) -> nn.Module:
@@ -192,9 +215,10 @@ def measure(
         with _autocast(device, torch_dtype):
             return contender.forward(x)
 
-    got = step().float()  # first call compiles when asked; also the warm-up
-    for _ in range(2):
-        step()
+    got = step().float()  # the first call compiles, when asked
+    # Warm-up: oneDNN and the allocators settle over the first few calls (seen: ten times
+    # slower for several calls), whichever implementation happens to run first.
+    _time_batches(step, device, iters=3, min_seconds=min_seconds / 2)
     times = _time_batches(step, device, iters, min_seconds)
     median = statistics.median(times)
     p99 = sorted(times)[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
@@ -229,6 +253,8 @@ def run_bench(
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if dtype != "fp32" and any(m.startswith("onnx") for m in modes):
+        raise ValueError("the onnx modes measure fp32 (and int8) models: use --dtype fp32")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
