@@ -6,6 +6,7 @@ themselves (real weights can't be downloaded here). fp32, CPU, tolerance 1e-5.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,8 @@ def test_official_pth_layout(tmp_path: Path) -> None:
     """Official files wrap the weights under "model" beside optimizer state and args."""
     theirs = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).eval()
     path = tmp_path / "deit_tiny_distilled_patch16_224-b40b3cf7.pth"
-    torch.save({"model": theirs.state_dict(), "epoch": 299, "args": {"lr": 5e-4}}, path)
+    args = argparse.Namespace(lr=5e-4, model="deit_tiny_distilled_patch16_224")
+    torch.save({"model": theirs.state_dict(), "epoch": 299, "args": args}, path)
     ours = load_model(path)
     assert ours.format == "official"
     assert ours.preprocess.resize_size == 256 and ours.preprocess.crop_size == (224, 224)

@@ -125,7 +125,7 @@ class DynamicBatcher:
                 break
             try:
                 items.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return items
 

@@ -145,13 +145,14 @@ def _onnx_forward(model: DeiT, mode: str, device: torch.device) -> Callable[[Ten
 
     if device.type != "cpu":
         raise ValueError(f"mode {mode!r} runs on the CPU only")
-    folder = Path(tempfile.mkdtemp(prefix="deit-bench-"))
+    tmp = tempfile.TemporaryDirectory(prefix="deit-bench-")  # removed with the contender
+    folder = Path(tmp.name)
     path = export_onnx(model, folder / "model.onnx", dynamic_batch=True)
     if mode == "onnx-int8":
         path = quantize_onnx(path, folder / "model.int8.onnx")
     session = onnx_session(path, threads=torch.get_num_threads())
 
-    def forward(x: Tensor) -> Tensor:
+    def forward(x: Tensor, _keep: object = tmp) -> Tensor:
         return torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
 
     return forward

@@ -19,10 +19,12 @@ safetensors, or ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,7 +79,10 @@ def read_state_dict(path: str | Path) -> tuple[StateDict, Format]:
 
             obj: Any = load_file(str(path))
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # Official training checkpoints keep their argparse.Namespace of arguments beside
+            # the weights; allow that one plain class, nothing executable.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or unsafe file: say which, never run it
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     fmt: Format = "timm"
@@ -413,6 +418,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; let huggingface_hub try
     url = urlparse(constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from deit.checkpoints import DEFAULT_MODEL, CheckpointError
+from deit.checkpoints import DEFAULT_MODEL
 
 EXIT_INPUT_FAILED = 1  # ran, but some inputs could not be processed
 EXIT_USAGE = 2  # nothing ran: bad arguments, model or data
@@ -205,15 +205,23 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     return [make(*spec) for spec in _MODULE_COMMANDS]
 
 
+# Failures a user can cause or fix (bad input, a missing file or package, a diverging run):
+# one line on stderr. DEIT_DEBUG=1 shows the traceback instead.
+_EXPECTED_ERRORS = (ValueError, OSError, ImportError, RuntimeError, ArithmeticError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deit`` console script."""
-    from deit.transforms import ImageLoadError
+    import os
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
-        print(f"deit {args.command}: error: {e}", file=sys.stderr)
+    except _EXPECTED_ERRORS as e:  # CheckpointError and ImageLoadError are ValueErrors
+        if os.environ.get("DEIT_DEBUG"):
+            raise
+        message = str(e) or type(e).__name__
+        print(f"deit {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"deit {args.command}: interrupted", file=sys.stderr)

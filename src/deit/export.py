@@ -386,6 +386,11 @@ def format_report(report: VerifyReport) -> str:
 
 def run_export_command(args: argparse.Namespace) -> int:
     """``deit export``: write the file, verify it, print the report (exit 1 if it differs)."""
+    suffix = {"onnx": ".onnx", "torch-export": ".pt2"}[args.format]
+    if Path(args.out).suffix != suffix:
+        print(f"deit export: error: --format {args.format} writes a {suffix} file, "
+              f"not {args.out!r}", file=sys.stderr)
+        return 2
     try:
         loaded = load_model(
             args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels

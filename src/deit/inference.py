@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import glob
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -180,16 +181,22 @@ class Classifier:
     ) -> Iterator[FileResult]:
         """Classify files in order, decoding in a thread pool; bad files yield an error.
 
-        Results come back in input order as soon as each batch is done.
+        Results come back in input order as soon as each batch is done. At most two batches
+        are decoded ahead, so memory stays bounded however many paths are given.
         """
         from tqdm import tqdm
 
         workers = workers or min(8, os.cpu_count() or 1)
         bar = tqdm(total=len(paths), unit="img", disable=not progress, leave=False)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            loaded = pool.map(self._load, paths)  # lazy, in order, decoded ahead
+        pool = ThreadPoolExecutor(max_workers=workers)
+        ahead: deque[Future[Tensor | str]] = deque()
+        todo = iter(paths)
+        try:
             batch: list[tuple[str, Tensor]] = []
-            for path, item in zip(paths, loaded):
+            for path in paths:
+                while len(ahead) < 2 * batch_size and (nxt := next(todo, None)) is not None:
+                    ahead.append(pool.submit(self._load, nxt))
+                item = ahead.popleft().result()
                 if isinstance(item, str):
                     yield from self._flush(batch, top_k, bar)
                     batch = []
@@ -201,7 +208,9 @@ class Classifier:
                     yield from self._flush(batch, top_k, bar)
                     batch = []
             yield from self._flush(batch, top_k, bar)
-        bar.close()
+        finally:  # also when the caller stops early
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
 
     def _flush(self, batch: list[tuple[str, Tensor]], top_k: int, bar: Any) -> Iterator[FileResult]:
         if not batch:

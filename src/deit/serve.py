@@ -368,6 +368,12 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
     from deit.inference import Classifier
 
+    for flag in ("max_batch", "workers", "max_files", "max_upload_mb"):
+        value = getattr(args, flag, None)
+        if value is not None and value <= 0:
+            name = "--" + flag.replace("_", "-")
+            print(f"deit serve: error: {name} must be positive, not {value}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -73,9 +73,17 @@ class FashionCNN(nn.Sequential):
 
 
 def build_classifier(
-    name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    keep_head: bool = False,
 ) -> nn.Module:
-    """A non-DeiT classifier: ``fmnist_cnn[_small]``, ``timm:NAME`` or ``torchvision:NAME``."""
+    """A non-DeiT classifier: ``fmnist_cnn[_small]``, ``timm:NAME`` or ``torchvision:NAME``.
+
+    ``keep_head`` (teachers) keeps a pretrained timm model's own classifier instead of a new,
+    random one for ``num_classes``: the caller then checks that the class counts agree.
+    """
     if name in ("fmnist_cnn", "fmnist_cnn_small"):
         return FashionCNN(num_classes, in_chans, width=64 if name == "fmnist_cnn" else 32)
     if name.startswith("timm:"):
@@ -84,9 +92,8 @@ def build_classifier(
         except ImportError as e:
             raise ImportError(f"{name} needs timm: pip install timm") from e
         try:
-            return timm.create_model(
-                name[5:], pretrained=pretrained, num_classes=num_classes, in_chans=in_chans
-            )
+            head = {} if keep_head and pretrained else {"num_classes": num_classes}
+            return timm.create_model(name[5:], pretrained=pretrained, in_chans=in_chans, **head)
         except Exception as e:
             raise RuntimeError(f"could not create {name} (pretrained={pretrained}): {e}") from e
     if name.startswith("torchvision:"):
@@ -233,7 +240,7 @@ def _load_network(source: str, student: InputSpec, num_classes: int) -> tuple[nn
     path = Path(source)
     if source.startswith(("timm:", "torchvision:")):
         in_chans = 3
-        model = build_classifier(source, num_classes, in_chans, pretrained=True)
+        model = build_classifier(source, num_classes, in_chans, pretrained=True, keep_head=True)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         size = cfg.get("input_size", (3, 224, 224))[-1]
         spec = InputSpec(

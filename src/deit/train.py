@@ -268,6 +268,11 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
         if hasattr(source, "set_epoch"):  # DeviceBatches, or a DataLoader's RepeatAugSampler
             source.set_epoch(st.epoch)
     steps = len(loop.data.train)
+    if steps == 0:
+        raise ValueError(
+            f"no full training batch: {cfg.data.batch_size} images per batch per process, "
+            "more than the training set has; lower data.batch_size"
+        )
     loss_sum, bad_step = torch.zeros((), device=dev), torch.full((), -1, device=dev)
     seen, bad, t0 = 0, [], time.perf_counter()
     bar = _progress(steps, st.epoch, cfg, loop.rank)
@@ -318,6 +323,8 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
     _check_finite(bad_step, st.epoch)
     if bar is not None:
         bar.close()
+    if seen == 0:
+        raise ValueError(f"epoch {st.epoch}: no training image could be read")
     if bad:
         log.warning(
             "epoch %d: skipped %d unreadable images, e.g. %s (%s)",
