@@ -542,6 +542,16 @@ def _fit_to_time(cfg: TrainConfig, st: State, elapsed: float, last_epoch: float)
     return False
 
 
+def _agree_max(device: torch.device, *values: float) -> list[float]:
+    """The largest of each value over all processes (the values as given in one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def _run_epochs(loop: Loop, st: State, run_dir: Path) -> None:
     cfg, start = loop.cfg, time.perf_counter()
     while st.epoch < st.total_epochs:
@@ -549,8 +559,9 @@ def _run_epochs(loop: Loop, st: State, run_dir: Path) -> None:
         record = train_one_epoch(loop, st)
         st.epoch += 1
         now = time.perf_counter()
+        elapsed, last = _agree_max(loop.device, now - start, now - t0)  # same decision on all ranks
         stop = bool(cfg.run.max_steps and st.step >= cfg.run.max_steps)
-        stop = _fit_to_time(cfg, st, now - start, now - t0) or stop
+        stop = _fit_to_time(cfg, st, elapsed, last) or stop
         final = stop or st.epoch >= st.total_epochs
         if (cfg.run.eval_every and st.epoch % cfg.run.eval_every == 0) or final:
             record.update(_evaluate(loop, st.model))
