@@ -40,7 +40,7 @@ def _pipelines(size: int) -> dict[str, Any]:
     from torchvision.transforms import v2
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    from deit.data import image_train_transform
+    from deit.augment import image_train_transform
     from deit.runconfig import AugmentSection
 
     timm_tf = image_train_transform(size, AugmentSection(), mean, std)
@@ -65,7 +65,8 @@ def _pipelines(size: int) -> dict[str, Any]:
 def bench_augment(seconds: float) -> None:
     from PIL import Image
 
-    from deit.data import load_fashion_mnist, random_crop_flip, random_erasing
+    from deit.augment import random_crop_flip, random_erasing
+    from deit.data import load_fashion_mnist
 
     torch.set_num_threads(1)
     photo = Image.open(PHOTO).convert("RGB")

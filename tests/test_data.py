@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from deit.augment import random_crop_flip, random_erasing
 from deit.data import (
     FASHION_MNIST_DIR,
     BadSample,
@@ -18,8 +19,6 @@ from deit.data import (
     RepeatAugSampler,
     collate_skip_bad,
     load_fashion_mnist,
-    random_crop_flip,
-    random_erasing,
     read_idx,
     repeated_indices,
 )

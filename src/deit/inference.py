@@ -22,24 +22,13 @@ import torch
 from torch import Tensor
 
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
-from deit.transforms import ImageLike, ImageLoadError, load_image, preprocess, preprocess_image
-
-IMAGE_EXTENSIONS = frozenset(
-    [
-        ".jpg",
-        ".jpeg",
-        ".png",
-        ".gif",
-        ".bmp",
-        ".tif",
-        ".tiff",
-        ".webp",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".ico",
-        ".jfif",
-    ]
+from deit.transforms import (
+    IMAGE_EXTENSIONS,
+    ImageLike,
+    ImageLoadError,
+    load_image,
+    preprocess,
+    preprocess_image,
 )
 
 

@@ -54,6 +54,13 @@ _WARNINGS_LOCK = threading.Lock()
 ImageLike = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray | torch.Tensor
 
 
+# File name extensions treated as images when a folder is listed (prediction, image folders).
+IMAGE_EXTENSIONS = frozenset(
+    [".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"]
+    + [".pbm", ".ico"]
+)
+
+
 class ImageLoadError(ValueError):
     """An input could not be turned into an image; ``str(err)`` is a short reason."""
 
