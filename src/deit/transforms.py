@@ -56,8 +56,7 @@ ImageLike = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray | t
 
 # File name extensions treated as images when a folder is listed (prediction, image folders).
 IMAGE_EXTENSIONS = frozenset(
-    [".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"]
-    + [".pbm", ".ico"]
+    ".jpg .jpeg .jfif .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .ico".split()  # noqa: SIM905
 )
 
 
