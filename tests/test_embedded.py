@@ -16,7 +16,7 @@ from deit.inference import Classifier
 from .conftest import REPO
 
 SAMPLES = REPO / "samples" / "fashion-mnist"
-# The CPU-trained interim model measured 0.8x-0.9x (docs/results/fashion-mnist.md); the floor
+# The CPU-trained interim model measured 87.98% (docs/results/fashion-mnist.md); the floor
 # sits below it with room for run-to-run noise. Issue 6's 92% awaits the GPU-trained model.
 MIN_TEST_TOP1 = 0.85
 
