@@ -14,7 +14,6 @@ Peers that aren't installed are skipped with a note on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from deit.checkpoints import save_model
 from deit.config import VARIANTS, DeiTConfig
+from deit.inference import autocast
 from deit.model import DeiT
 from deit.transforms import PreprocessConfig
 
@@ -79,15 +79,6 @@ def _time_batches(
         if len(times) >= 50 * iters:
             break
     return times
-
-
-@contextlib.contextmanager
-def _autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    if dtype == torch.float32:
-        yield
-    else:
-        with torch.autocast(device.type, dtype=dtype):
-            yield
 
 
 def reference_weights(variant: str) -> tuple[DeiTConfig, dict[str, Tensor]]:
@@ -208,12 +199,11 @@ def measure(
         generator=torch.Generator(device).manual_seed(0),
     )
     expected = reference(x).logits.float()
-    torch_dtype = DTYPES[dtype]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> Tensor:
-        with _autocast(device, torch_dtype):
+        with autocast(device, dtype):
             return contender.forward(x)
 
     got = step().float()  # the first call compiles, when asked

@@ -27,6 +27,7 @@ from deit.data import (
     image_eval_transform,
     load_fashion_mnist,
 )
+from deit.inference import resolve_device
 from deit.losses import split_heads
 from deit.teachers import InputSpec, is_classifier_dir, load_classifier, load_teacher, logits_of
 
@@ -276,7 +277,7 @@ def evaluate(
         data_root: folder of the Fashion-MNIST IDX files (default: the Debian package's).
         confusion_matrix: write a PNG of the confusion matrix here.
     """
-    dev = torch.device(device)
+    dev = resolve_device(device)
     subject = _load_subject(model_or_source, dev)
     batches, data_name = _batches(data, subject, batch_size, dev, num_workers, data_root)
     t = (
@@ -374,7 +375,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--teacher", help="also score this teacher and the agreement")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--confusion-matrix", metavar="PNG", help="write the confusion matrix")

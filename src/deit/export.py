@@ -172,6 +172,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props if p.key.startswith("deit.")}
 
 
+def _prepare(
+    model_or_loaded: LoadedModel | DeiT | Any, out: str | Path, head: Head, dynamic_batch: bool
+) -> tuple[LoadedModel, HeadLogits, Path, Tensor, dict[str, Any] | None]:
+    """What both exporters need: the model, its head wrapper, the output path, an example
+    input and the dynamic-shape spec (a symbolic batch dimension, or none)."""
+    loaded = as_loaded(model_or_loaded)
+    wrapper = HeadLogits(cpu_eval(loaded.model), head).eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = _example(loaded, 2 if dynamic_batch else 1)
+    dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    return loaded, wrapper, out, example, dynamic
+
+
 def export_onnx(
     model_or_loaded: LoadedModel | DeiT | Any,
     out: str | Path,
@@ -198,12 +212,7 @@ def export_onnx(
     """
     require("onnx", "onnx", "export")
     require("onnxscript", "onnxscript", "export")
-    loaded = as_loaded(model_or_loaded)
-    wrapper = HeadLogits(cpu_eval(loaded.model), head).eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    example = _example(loaded, 2 if dynamic_batch else 1)
-    dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    loaded, wrapper, out, example, dynamic = _prepare(model_or_loaded, out, head, dynamic_batch)
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -239,12 +248,7 @@ def export_torch(
     Raises:
         ExportError: ``torch.export`` failed.
     """
-    loaded = as_loaded(model_or_loaded)
-    wrapper = HeadLogits(cpu_eval(loaded.model), head).eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    example = _example(loaded, 2 if dynamic_batch else 1)
-    dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    loaded, wrapper, out, example, dynamic = _prepare(model_or_loaded, out, head, dynamic_batch)
     try:
         with torch.no_grad():
             program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic)
@@ -388,8 +392,10 @@ def run_export_command(args: argparse.Namespace) -> int:
     """``deit export``: write the file, verify it, print the report (exit 1 if it differs)."""
     suffix = {"onnx": ".onnx", "torch-export": ".pt2"}[args.format]
     if Path(args.out).suffix != suffix:
-        print(f"deit export: error: --format {args.format} writes a {suffix} file, "
-              f"not {args.out!r}", file=sys.stderr)
+        print(
+            f"deit export: error: --format {args.format} writes a {suffix} file, not {args.out!r}",
+            file=sys.stderr,
+        )
         return 2
     try:
         loaded = load_model(

@@ -22,7 +22,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from deit.data import Data, DeviceBatches, build_data
+from deit.inference import autocast, resolve_device
 from deit.losses import DistillationLoss
 from deit.plot import MetricsWriter
 from deit.runconfig import TrainConfig, load_config, save_config
@@ -49,9 +49,7 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """Join the ``torchrun`` process group if there is one; return (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local)
     if dev.type == "cuda":
@@ -210,13 +208,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # --------------------------------------------------------------------------- loop
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _mixup(cfg: TrainConfig, num_classes: int) -> Any:
     a = cfg.augment
     if a.mixup <= 0 and a.cutmix <= 0:
@@ -285,7 +276,7 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
             if len(y) % 2:
                 x, y = x[:-1], y[:-1]
             x, targets = loop.mixup(x, y)
-        with _autocast(dev, cfg.run.precision):
+        with autocast(dev, cfg.run.precision):
             loss = loop.criterion(x, loop.forward(x), targets)
         st.optimizer.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
