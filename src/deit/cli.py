@@ -18,7 +18,8 @@ EXIT_INPUT_FAILED = 1  # ran, but some inputs could not be processed
 EXIT_USAGE = 2  # nothing ran: bad arguments, model or data
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model`` and the loading options every model-taking subcommand shares."""
     p.add_argument(
         "--model",
         "-m",
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predict", help="classify image files, folders or globs")
-    _add_model_args(p)
+    add_model_arguments(p)
     p.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
     p.add_argument("--top-k", "-k", type=int, default=5)
     p.add_argument("--batch-size", "-b", type=int, default=32)
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="show a checkpoint's architecture, preprocessing, labels")
-    _add_model_args(p)
+    add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_info)
 

@@ -35,7 +35,8 @@ from PIL import Image
 from torch import Tensor
 
 from deit.checkpoints import LoadedModel
-from deit.export import add_model_arguments, as_loaded
+from deit.cli import add_model_arguments
+from deit.export import as_loaded
 from deit.model import DeiT
 from deit.transforms import (
     ImageLike,

@@ -371,13 +371,6 @@ def verify_export(
 # --------------------------------------------------------------------------- CLI
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` and the loading options shared with the other subcommands."""
-    from deit.cli import _add_model_args
-
-    _add_model_args(parser)
-
-
 def format_report(report: VerifyReport) -> str:
     status = "OK" if report.passed else "FAILED"
     return (
@@ -430,6 +423,8 @@ EXPORT_HELP = "export to ONNX or torch.export and verify on real images"
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``deit export``."""
+    from deit.cli import add_model_arguments
+
     add_model_arguments(parser)
     parser.add_argument("out", help="output file (.onnx or .pt2)")
     parser.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")

@@ -34,12 +34,12 @@ import torch
 from torch import Tensor
 
 from deit.checkpoints import LoadedModel, load_model
+from deit.cli import add_model_arguments
 from deit.export import (
     HEADS,
     ExportError,
     Head,
     HeadLogits,
-    add_model_arguments,
     add_onnx_metadata,
     as_loaded,
     compare_logits,

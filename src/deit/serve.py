@@ -334,7 +334,7 @@ SERVE_HELP = "HTTP API and web page with dynamic batching"
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``deit serve``."""
-    from deit.export import add_model_arguments
+    from deit.cli import add_model_arguments
 
     add_model_arguments(p)
     d = ServeSettings()
