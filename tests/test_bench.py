@@ -74,3 +74,20 @@ def test_onnx_runtime_modes() -> None:
     assert results[0].max_abs_logit_diff < 1e-4  # fp32 export is exact
     with pytest.raises(ValueError, match="use --dtype fp32"):
         list(run_bench(dtype="bf16", modes=("onnx",)))
+
+
+def test_pytorch_int8_mode() -> None:
+    results = list(
+        run_bench(
+            "deit_tiny_patch16_224",
+            batches=(1,),
+            impls=("deit", "timm"),
+            modes=("int8",),
+            iters=1,
+            min_seconds=0,
+        )
+    )
+    assert [(m.impl, m.mode) for m in results] == [("deit", "int8")]  # peers have no int8 mode
+    assert 0 < results[0].max_abs_logit_diff < 0.5  # quantized, but the same function
+    with pytest.raises(ValueError, match="use --dtype fp32"):
+        list(run_bench(dtype="bf16", modes=("int8",)))

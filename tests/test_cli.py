@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from deit.cli import main
-from deit.inference import Classifier, expand_paths
+from deit.inference import Classifier, expand_paths, prepare_model, quantize_int8
+from deit.transforms import preprocess
 
 from .deploy_helpers import png_claiming
 from .test_checkpoints import write_tiny_hf
@@ -124,6 +126,44 @@ def test_python_api_batches_and_orders(model_dir: Path, sample_images: list[Path
     buffer = io.BytesIO()
     images[0].convert("RGB").save(buffer, format="PNG")
     assert clf.predict(buffer.getvalue())[0][0].index == batched[0][0].index
+
+
+def test_precisions_agree_with_fp32(model_dir: Path, sample_images: list[Path]) -> None:
+    from torch import nn
+
+    reference = Classifier.from_pretrained(model_dir, device="cpu")
+    images = [str(p) for p in sample_images]
+    pixels = preprocess(images, reference.loaded.preprocess)
+    expected = reference.logits(pixels)
+    for precision, tol in (("bf16", 0.1), ("int8", 0.1)):
+        clf = Classifier(reference.loaded, device="cpu", precision=precision)
+        got = clf.logits(pixels)
+        assert got.dtype == torch.float32 and (got - expected).abs().max() < tol, precision
+        assert all(r.predictions for r in clf.predict_files(images))  # the file pipeline too
+    # the fp32 model is left as it was: the reference, used by `explain`
+    assert next(reference.loaded.model.parameters()).dtype == torch.float32
+    assert all(type(m) is not nn.Linear for m in quantize_int8(reference.model).modules())
+    compiled = Classifier(reference.loaded, device="cpu", compile=True)
+    assert (compiled.logits(pixels) - expected).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="CPU only"):
+        prepare_model(reference.model, torch.device("cuda"), "int8")
+    with pytest.raises(ValueError, match="unknown precision"):
+        Classifier(reference.loaded, device="cpu", precision="int4")
+
+
+def test_predict_int8_cli(
+    model_dir: Path, sample_images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = [str(p) for p in sample_images]
+    code, fp32, _ = _run(["predict", "-m", str(model_dir), "--json", "-k", "1", *paths], capsys)
+    code8, int8, _ = _run(
+        ["predict", "-m", str(model_dir), "--json", "-k", "1", "--precision", "int8", *paths],
+        capsys,
+    )
+    assert code == code8 == 0
+    top = lambda out: [json.loads(line)["predictions"][0]["index"] for line in out.splitlines()]  # noqa: E731
+    agree = sum(a == b for a, b in zip(top(fp32), top(int8)))
+    assert agree >= len(paths) - 1  # random tiny weights: small margins, allow one flip
 
 
 def test_expand_paths(tmp_path: Path) -> None:

@@ -138,9 +138,11 @@ def test_quantize_reports_agreement_and_accuracy(
     assert out.is_file() and report["int8_mb"] < report["fp32_mb"]
     assert report["agreement"] >= 0.9, report
     assert report["int8_ms"] > 0 and report["fp32_ms"] > 0
+    assert report["torch_int8_agreement"] >= 0.9 and report["torch_int8_ms"] > 0, report
     if data:
         assert report["num_samples"] == 300
         assert 0.0 <= report["int8_top1"] <= 1.0 and 0.0 <= report["fp32_top1"] <= 1.0
+        assert 0.0 <= report["torch_int8_top1"] <= 1.0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     ops = {node.op_type for node in __import__("onnx").load(str(out)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops

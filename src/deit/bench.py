@@ -28,13 +28,13 @@ from torch import Tensor, nn
 
 from deit.checkpoints import save_model
 from deit.config import VARIANTS, DeiTConfig
-from deit.inference import autocast
+from deit.inference import DTYPES, autocast, quantize_int8
 from deit.model import DeiT
 from deit.transforms import PreprocessConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("deit", "timm", "hf")
-MODES = ("eager", "compile", "onnx", "onnx-int8")  # onnx*: ours through ONNX Runtime, CPU
+# onnx*: ours through ONNX Runtime; int8: ours with int8 linear layers in PyTorch (both CPU)
+MODES = ("eager", "compile", "int8", "onnx", "onnx-int8")
 
 
 @dataclass(frozen=True)
@@ -121,21 +121,27 @@ def build_contenders(
             continue
         model = models[impl].eval().to(device)
         for mode in modes:
-            if mode.startswith("onnx"):
-                if impl == "deit":
-                    contenders.append(Contender(impl, mode, _onnx_forward(ours, mode, device)))
+            if mode.startswith("onnx") or mode == "int8":
+                if impl != "deit":
+                    continue
+                if device.type != "cpu":
+                    raise ValueError(f"mode {mode!r} runs on the CPU only")
+                forward = (
+                    _forward(impl, quantize_int8(ours), "eager")
+                    if mode == "int8"
+                    else _onnx_forward(ours, mode)
+                )
+                contenders.append(Contender(impl, mode, forward))
                 continue
             contenders.append(Contender(impl, mode, _forward(impl, model, mode)))
     return contenders, ours
 
 
-def _onnx_forward(model: DeiT, mode: str, device: torch.device) -> Callable[[Tensor], Tensor]:
+def _onnx_forward(model: DeiT, mode: str) -> Callable[[Tensor], Tensor]:
     """Our model exported to ONNX (int8 weights for ``onnx-int8``), run by ONNX Runtime."""
     from deit.export import export_onnx, onnx_session
     from deit.quantize import quantize_onnx
 
-    if device.type != "cpu":
-        raise ValueError(f"mode {mode!r} runs on the CPU only")
     tmp = tempfile.TemporaryDirectory(prefix="deit-bench-")  # removed with the contender
     folder = Path(tmp.name)
     path = export_onnx(model, folder / "model.onnx", dynamic_batch=True)
@@ -244,8 +250,8 @@ def run_bench(
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if dtype != "fp32" and any(m.startswith("onnx") for m in modes):
-        raise ValueError("the onnx modes measure fp32 (and int8) models: use --dtype fp32")
+    if dtype != "fp32" and any(m.startswith("onnx") or m == "int8" for m in modes):
+        raise ValueError("the onnx and int8 modes measure fp32 and int8 models: use --dtype fp32")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")

@@ -37,6 +37,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="label file (one name per line, or a JSON list)")
 
 
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """``--precision`` and ``--compile``, for commands that build a ``Classifier``."""
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16", "int8"),
+        default="fp32",
+        help="fp32 (reference), bf16/fp16 weights, or int8 linear layers (CPU only)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (slow first batch)"
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from deit.inference import Classifier, expand_paths
 
@@ -45,6 +58,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     clf = Classifier.from_pretrained(
         args.model,
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
         revision=args.revision,
         preprocess=args.preprocess,
         labels=args.labels,
@@ -108,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", "-k", type=int, default=5)
     p.add_argument("--batch-size", "-b", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_speed_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.set_defaults(func=cmd_predict)

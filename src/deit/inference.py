@@ -9,8 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
 from deit.transforms import (
@@ -106,13 +108,70 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[str]:
     return out
 
 
-class Classifier:
-    """A loaded model with its preprocessing and labels, ready to classify images."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = (*DTYPES, "int8")
 
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto") -> None:
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` whose ``nn.Linear`` layers compute in int8.
+
+    PyTorch's dynamic quantization: weights are quantized once (per tensor), activations per
+    batch at run time, so no calibration data is needed. Everything else (patch embedding,
+    attention, norms) stays fp32. ``deit quantize`` measures its accuracy and speed.
+    """
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8
+        )
+
+
+def prepare_model(
+    model: nn.Module, device: torch.device, precision: str = "fp32", compile: bool = False
+) -> nn.Module:
+    """``model`` ready for inference on ``device``, in ``precision``, optionally compiled.
+
+    ``bf16``/``fp16`` cast a copy of the weights (inputs are cast to match); ``int8`` runs
+    the linear layers of a copy in int8 on the CPU (:func:`quantize_int8`); ``fp32`` moves
+    ``model`` itself. ``compile`` applies ``torch.compile``,
+    which fuses the element-wise work around the matrix products; on CUDA it also captures
+    CUDA graphs for small batches (mode ``max-autotune``).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError("precision int8 runs on the CPU only; on a GPU use bf16 or fp16")
+        model = quantize_int8(model)
+    elif precision != "fp32":  # a copy: the fp32 model stays the reference (and explains)
+        model = copy.deepcopy(model).to(device=device, dtype=DTYPES[precision]).eval()
+    else:
+        model = model.to(device).eval()
+    if compile:
+        model = torch.compile(model, mode="max-autotune" if device.type == "cuda" else None)
+    return model
+
+
+class Classifier:
+    """A loaded model with its preprocessing and labels, ready to classify images.
+
+    ``precision`` (``fp32``, ``bf16``, ``fp16`` or CPU-only ``int8``) and ``compile`` pick a
+    faster path (see :func:`prepare_model`); the fp32 eager model is the reference.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str | torch.device = "auto",
+        *,
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> None:
         self.loaded = loaded
         self.device = resolve_device(device)
-        self.model = loaded.model.to(self.device).eval()
+        self.precision = precision
+        self.model = prepare_model(loaded.model, self.device, precision, compile)
+        self.input_dtype = DTYPES.get(precision, torch.float32)
 
     @classmethod
     def from_pretrained(
@@ -120,10 +179,12 @@ class Classifier:
         source: str | Path = DEFAULT_MODEL,
         *,
         device: str | torch.device = "auto",
+        precision: str = "fp32",
+        compile: bool = False,
         **load_kwargs: Any,
     ) -> Classifier:
         """Load any checkpoint :func:`deit.checkpoints.load_model` reads."""
-        return cls(load_model(source, **load_kwargs), device)
+        return cls(load_model(source, **load_kwargs), device, precision=precision, compile=compile)
 
     @property
     def labels(self) -> list[str]:
@@ -132,7 +193,8 @@ class Classifier:
     @torch.inference_mode()
     def logits(self, pixel_values: Tensor) -> Tensor:
         """Inference logits (B, classes) of preprocessed images (B, C, H, W)."""
-        return self.model(pixel_values.to(self.device, non_blocking=True)).logits.float().cpu()
+        x = pixel_values.to(self.device, self.input_dtype, non_blocking=True)
+        return self.model(x).logits.float().cpu()
 
     def topk(self, logits: Tensor, top_k: int = 5) -> list[list[Prediction]]:
         """Softmax probabilities' top-k for each row of ``logits``."""
@@ -213,7 +275,10 @@ class Classifier:
     def _flush(self, batch: list[tuple[str, Tensor]], top_k: int, bar: Any) -> Iterator[FileResult]:
         if not batch:
             return
-        logits = self.logits(torch.stack([t for _, t in batch]))
+        pixels = torch.stack([t for _, t in batch])
+        if self.device.type == "cuda":  # page-locked, so the copy overlaps with the host
+            pixels = pixels.pin_memory()
+        logits = self.logits(pixels)
         for (path, _), preds in zip(batch, self.topk(logits, top_k)):
             bar.update(1)
             yield FileResult(path, preds)

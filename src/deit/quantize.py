@@ -51,6 +51,7 @@ from deit.export import (
     require,
     verify_export,
 )
+from deit.inference import quantize_int8
 from deit.transforms import preprocess_image
 
 
@@ -70,6 +71,10 @@ class QuantReport:
     fp32_ms: float | None
     int8_ms: float | None
     torch_ms: float | None
+    # PyTorch's int8 path (``--precision int8`` of predict/serve) on the same images
+    torch_int8_agreement: float
+    torch_int8_top1: float | None
+    torch_int8_ms: float | None
     threads: int
     per_channel: bool
 
@@ -170,9 +175,9 @@ def time_batch1(
     *,
     runs: int = 100,
     threads: int | None = None,
-    torch_model: torch.nn.Module | None = None,
+    torch_models: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, float]:
-    """Median batch-1 latency (ms) of ONNX files (and a PyTorch model), runs interleaved.
+    """Median batch-1 latency (ms) of ONNX files (and PyTorch models), runs interleaved.
 
     Interleaving spreads any background load on a shared machine over all candidates alike.
     """
@@ -182,8 +187,8 @@ def time_batch1(
     calls: dict[str, Any] = {
         k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()
     }
-    if torch_model is not None:
-        calls["torch"] = lambda: torch_model(x)
+    for k, m in (torch_models or {}).items():
+        calls[k] = lambda m=m: m(x)
     times: dict[str, list[float]] = {k: [] for k in calls}
     old_threads = torch.get_num_threads()
     if threads:
@@ -242,6 +247,11 @@ def quantize_model(
             labels, name = None, "package sample images"
         ref, got = onnx_logits(fp32, pixels), onnx_logits(int8, pixels)
         diff, agree = compare_logits(ref, got)
+        eager = HeadLogits(cpu_eval(loaded.model), head)
+        eager_int8 = quantize_int8(eager)
+        with torch.inference_mode():
+            got_torch = torch.cat([eager_int8(b) for b in pixels.split(64)]).numpy()
+        _, agree_torch = compare_logits(ref, got_torch)
         top1 = (
             (lambda z: float((z.argmax(-1) == labels.numpy()).mean()))
             if labels is not None
@@ -250,13 +260,12 @@ def quantize_model(
         n_threads = threads or os.cpu_count() or 1
         times: dict[str, float] = {}
         if bench_runs > 0:
-            eager = HeadLogits(cpu_eval(loaded.model), head)
             times = time_batch1(
                 {"fp32": fp32, "int8": int8},
                 pixels,
                 runs=bench_runs,
                 threads=n_threads,
-                torch_model=eager,
+                torch_models={"torch": eager, "torch_int8": eager_int8},
             )
         return QuantReport(
             path=str(int8),
@@ -271,6 +280,9 @@ def quantize_model(
             fp32_ms=times.get("fp32"),
             int8_ms=times.get("int8"),
             torch_ms=times.get("torch"),
+            torch_int8_agreement=agree_torch,
+            torch_int8_top1=top1(got_torch) if top1 else None,
+            torch_int8_ms=times.get("torch_int8"),
             threads=n_threads,
             per_channel=per_channel,
         )
@@ -292,6 +304,12 @@ def format_quant_report(r: QuantReport) -> str:
     ]
     if r.fp32_ms and r.int8_ms:
         lines[-1] += f" (int8 speed-up {r.fp32_ms / r.int8_ms:.2f}x)"
+    lines.append(
+        f"PyTorch int8 (--precision int8): agreement {pct(r.torch_int8_agreement)}, "
+        f"top-1 {pct(r.torch_int8_top1)}, batch-1 {ms(r.torch_int8_ms)}"
+    )
+    if r.torch_ms and r.torch_int8_ms:
+        lines[-1] += f" (speed-up over eager fp32 {r.torch_ms / r.torch_int8_ms:.2f}x)"
     return "\n".join(lines)
 
 

@@ -242,7 +242,8 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
         img, pixels = await to_tensor(form.files[0][1])
 
         def run() -> dict[str, np.ndarray]:
-            maps = rollout_maps(clf.model, pixels[None].to(clf.device), token)  # type: ignore[arg-type]
+            ref = clf.loaded.model  # the fp32 eager model, whatever precision serves
+            maps = rollout_maps(ref, pixels[None].to(next(ref.parameters()).device), token)
             return {k: v[0].numpy() for k, v in maps.items()}
 
         loop = asyncio.get_running_loop()
@@ -334,13 +335,14 @@ SERVE_HELP = "HTTP API and web page with dynamic batching"
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``deit serve``."""
-    from deit.cli import add_model_arguments
+    from deit.cli import add_model_arguments, add_speed_arguments
 
     add_model_arguments(p)
     d = ServeSettings()
     p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_speed_arguments(p)
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest model batch")
     p.add_argument(
         "--max-wait-ms",
@@ -381,6 +383,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
         clf = Classifier.from_pretrained(
             args.model,
             device=args.device,
+            precision=args.precision,
+            compile=args.compile,
             revision=args.revision,
             preprocess=args.preprocess,
             labels=args.labels,
