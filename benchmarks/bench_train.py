@@ -1,15 +1,18 @@
-"""Training-side benchmarks on this machine's CPU.
+"""Training-side benchmarks: augmentation pipelines (CPU) and training steps (CPU or GPU).
 
 ``augment``: images/s of the candidate train-augmentation pipelines (DeiT recipe: random
 resized crop, flip, RandAugment m9, random erasing 0.25, normalise) on one real photo at
 224 px and on Fashion-MNIST images at 28 px, single process.
 
-``steps``: training steps/s of ``deit.train``'s step (our DeiT, our loss, AdamW) against the
-same-shaped timm model with timm's loss in the same process, on the same batches.
+``steps``: training images/s of ``deit.train``'s step (our DeiT, our loss on both heads,
+AdamW) against the same-shaped timm model with timm's loss, interleaved in one process on the
+same batch; optionally both compiled, in bf16/fp16, on a GPU.
 
 Usage:
     python benchmarks/bench_train.py augment [--seconds 3]
-    python benchmarks/bench_train.py steps [--steps 20]
+    python benchmarks/bench_train.py steps --img-size 28 --patch-size 4 --in-chans 1 \
+        --num-classes 10   # the Fashion-MNIST student's shape, CPU
+    python benchmarks/bench_train.py steps --device cuda --dtype bf16 --batch 256 --compile
 """
 
 from __future__ import annotations
@@ -89,66 +92,96 @@ def bench_augment(seconds: float) -> None:
     print(f"  28 px  {'deit.data batch (crop+flip+erase)':<32} {rate:>9.0f} img/s (2 threads)")
 
 
-def bench_steps(steps: int) -> None:
+def bench_steps(args: argparse.Namespace) -> None:
+    import json
+
     import timm
     from timm.loss import SoftTargetCrossEntropy
 
-    from deit.config import DeiTConfig
+    from deit.config import VARIANTS
+    from deit.inference import autocast
     from deit.losses import DistillationLoss
     from deit.model import DeiT
 
     torch.manual_seed(0)
-    cfg = DeiTConfig(
-        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=12, num_heads=3
-    )
-    ours = DeiT(cfg)
-    theirs = timm.create_model(
-        "deit_tiny_distilled_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10
-    )
+    dev = torch.device(args.device)
+    shape = {"img_size": args.img_size, "patch_size": args.patch_size, "in_chans": args.in_chans}
+    shape = {k: v for k, v in shape.items() if v is not None}
+    cfg = VARIANTS[args.variant].replace(num_classes=args.num_classes, **shape)
+    ours = DeiT(cfg).to(dev)
+    theirs = timm.create_model(args.variant, num_classes=args.num_classes, **shape).to(dev)
     theirs.set_distilled_training(True)
-    x, y = torch.randn(64, 1, 28, 28), torch.softmax(torch.randn(64, 10), -1)
+    b, c, (h, w) = args.batch, cfg.in_chans, cfg.image_hw
+    x = torch.randn(b, c, h, w, device=dev)
+    y = torch.softmax(torch.randn(b, args.num_classes, device=dev), -1)
     our_loss, timm_loss = DistillationLoss(kind="none"), SoftTargetCrossEntropy()
+    fused = {"fused": True} if dev.type == "cuda" else {}
+    opt_a = torch.optim.AdamW(ours.parameters(), **fused)
+    opt_b = torch.optim.AdamW(theirs.parameters(), **fused)
+    fwd_a = torch.compile(ours) if args.compile else ours
+    fwd_b = torch.compile(theirs) if args.compile else theirs
 
-    def step(model: torch.nn.Module, loss_fn: Callable[[Any], torch.Tensor], opt: Any) -> None:
-        loss = loss_fn(model(x))
+    def step(model: Any, loss_fn: Callable[[Any], torch.Tensor], opt: Any) -> None:
+        with autocast(dev, args.dtype):
+            loss = loss_fn(model(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    opt_a = torch.optim.AdamW(ours.parameters())
-    opt_b = torch.optim.AdamW(theirs.parameters())
-    fns = {
-        "deit (ours)": lambda: step(ours, lambda o: our_loss(x, o, y), opt_a),
-        "timm": lambda: step(
-            theirs, lambda o: (timm_loss(o[0], y) + timm_loss(o[1], y)) / 2, opt_b
-        ),
-    }
+    def timm_step() -> None:
+        step(fwd_b, lambda o: (timm_loss(o[0].float(), y) + timm_loss(o[1].float(), y)) / 2, opt_b)
+
+    fns = {"deit": lambda: step(fwd_a, lambda o: our_loss(x, o, y), opt_a), "timm": timm_step}
     spent = dict.fromkeys(fns, 0.0)
-    for fn in fns.values():
-        fn(), fn()
-    for _ in range(steps):  # interleaved, so load changes hit both alike
+    for fn in fns.values():  # warm-up (and compilation)
+        for _ in range(3):
+            fn()
+    for _ in range(args.steps):  # interleaved, so load changes hit both alike
         for name, fn in fns.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             start = time.perf_counter()
             fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             spent[name] += time.perf_counter() - start
-    rates = {name: steps / t for name, t in spent.items()}
-    threads = torch.get_num_threads()
-    print(f"DeiT-tiny-distilled shape, 28 px / patch 4, batch 64, fp32, {threads} threads")
+    rates = {name: args.steps * b / t for name, t in spent.items()}
+    setting = (
+        f"{args.variant} at {h}x{w} px / patch {cfg.patch_size}, batch {b}, {args.dtype}, "
+        f"{'compiled' if args.compile else 'eager'}, {dev}"
+        + (f", {torch.get_num_threads()} threads" if dev.type == "cpu" else "")
+    )
+    if args.json:
+        for name, rate in rates.items():
+            print(json.dumps({"impl": name, "setting": setting, "img_per_s": round(rate, 1)}))
+        return
+    print(setting)
     for name, rate in rates.items():
-        print(f"  {name:<12} {rate:6.2f} steps/s  {64 * rate:7.0f} img/s")
-    print(f"  ratio ours/timm: {rates['deit (ours)'] / rates['timm']:.2f}")
+        print(f"  {name:<6} {rate / b:7.2f} steps/s  {rate:9.0f} img/s")
+    print(f"  ratio deit/timm: {rates['deit'] / rates['timm']:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("augment").add_argument("--seconds", type=float, default=3.0)
-    sub.add_parser("steps").add_argument("--steps", type=int, default=20)
+    p = sub.add_parser("steps")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--variant", default="deit_tiny_distilled_patch16_224")
+    p.add_argument("--img-size", type=int, help="default: the variant's")
+    p.add_argument("--patch-size", type=int, help="default: the variant's")
+    p.add_argument("--in-chans", type=int, help="default: the variant's")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.what == "augment":
         bench_augment(args.seconds)
     else:
-        bench_steps(args.steps)
+        bench_steps(args)
 
 
 if __name__ == "__main__":
