@@ -165,3 +165,42 @@ def test_labelled_image_folder(rgb_dir: Path, tmp_path: Path, sample_images: lis
     pixels, labels, name = load_labelled(str(root), load_model(rgb_dir), limit=None)
     assert pixels.shape == (4, 3, 32, 32) and sorted(labels.tolist()) == [2, 2, 3, 3]
     assert name == str(root)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_predict_runs_exported_onnx_files(
+    dynamic: bool, rgb_dir: Path, tmp_path: Path, sample_images: list[Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`deit predict --model file.onnx` (and Classifier): same answers as the PyTorch model."""
+    from deit.cli import main
+    from deit.inference import Classifier
+
+    path = export_onnx(load_model(rgb_dir), tmp_path / "m.onnx", dynamic_batch=dynamic)
+    paths = [str(p) for p in sample_images]
+    onnx_clf = Classifier.from_pretrained(path)
+    torch_clf = Classifier.from_pretrained(rgb_dir, device="cpu")
+    assert onnx_clf.labels == LABELS and onnx_clf.loaded.preprocess == torch_clf.loaded.preprocess
+    for a, b in zip(onnx_clf.predict(paths, top_k=2), torch_clf.predict(paths, top_k=2)):
+        assert [p.index for p in a] == [p.index for p in b]
+        assert a[0].score == pytest.approx(b[0].score, abs=1e-4)
+    assert main(["predict", "--model", str(path), "--json", "-k", "1", *paths]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(paths) and all(json.loads(x)["predictions"] for x in lines)
+    with pytest.raises(ValueError, match="runs as exported"):
+        Classifier.from_pretrained(path, precision="int8")
+
+
+def test_onnx_without_our_metadata_is_refused(rgb_dir: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from deit.export import load_onnx
+
+    path = export_onnx(load_model(rgb_dir), tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ExportError, match="no deit metadata"):
+        load_onnx(tmp_path / "bare.onnx")
+    with pytest.raises(ExportError, match="not found"):
+        load_onnx(tmp_path / "missing.onnx")

@@ -40,7 +40,7 @@ from deit.model import DeiT, resize_pos_embed
 from deit.transforms import PreprocessConfig
 
 StateDict = dict[str, Tensor]
-Format = Literal["official", "timm", "hf", "deit"]
+Format = Literal["official", "timm", "hf", "deit", "onnx"]  # onnx: deit.export.load_onnx
 PreprocessChoice = Literal["auto", "model-card", "official", "timm"]
 
 DEFAULT_MODEL = "facebook/deit-tiny-distilled-patch16-224"

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from deit.checkpoints import LoadedModel, load_model
-from deit.model import DeiT
+from deit.config import DeiTConfig
+from deit.model import DeiT, DeiTOutput
 from deit.transforms import ImageLike, PreprocessConfig, preprocess
 
 Head = Literal["avg", "cls", "dist"]
@@ -295,6 +296,59 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel(nn.Module):
+    """An ``.onnx`` file of ``deit export``/``deit quantize``, run by ONNX Runtime on the CPU.
+
+    Called like :class:`DeiT` for inference: it returns a :class:`DeiTOutput` whose
+    ``logits`` are the file's (the head chosen at export); the per-head logits are not in
+    the file, so ``cls_logits`` repeats ``logits`` and ``dist_logits`` is ``None``.
+    """
+
+    def __init__(self, path: str | Path, config: DeiTConfig, dynamic_batch: bool,
+                 threads: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.path = str(path)
+        self.dynamic_batch = dynamic_batch
+        self.session = onnx_session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, pixel_values: Tensor) -> DeiTOutput:
+        x = pixel_values.detach().to("cpu", torch.float32)
+        batches = [x] if self.dynamic_batch else list(x.split(1))
+        logits = torch.from_numpy(
+            np.concatenate([self.session.run(None, {self.input_name: b.numpy()})[0]
+                            for b in batches])
+        )
+        return DeiTOutput(logits=logits, cls_logits=logits, dist_logits=None)
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> LoadedModel:
+    """An exported ``.onnx`` file with its labels and preprocessing, ready for a ``Classifier``.
+
+    Raises:
+        ExportError: The file is missing or carries no ``deit.*`` metadata (not ours).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file not found: {path}")
+    meta = read_metadata(path)
+    if not {"deit.config", "deit.labels", "deit.preprocess"} <= set(meta):
+        raise ExportError(f"{path} has no deit metadata: export it with `deit export` or "
+                          "`deit quantize` to run it with labels and preprocessing")
+    config = DeiTConfig.from_dict(json.loads(meta["deit.config"]))
+    dynamic = json.loads(meta.get("deit.dynamic_batch", "false"))
+    return LoadedModel(
+        model=OnnxModel(path, config, dynamic, threads),  # type: ignore[arg-type]
+        config=config,
+        preprocess=PreprocessConfig.from_dict(json.loads(meta["deit.preprocess"])),
+        labels=json.loads(meta["deit.labels"]),
+        source=str(path),
+        format="onnx",
+        metadata={k: v for k, v in meta.items() if k not in ("deit.labels", "deit.config")},
+    )
 
 
 def run_exported(path: str | Path, pixel_values: Tensor, *, dynamic_batch: bool) -> np.ndarray:

@@ -170,6 +170,12 @@ class Classifier:
         self.loaded = loaded
         self.device = resolve_device(device)
         self.precision = precision
+        as_exported = self.device.type == "cpu" and precision == "fp32" and not compile
+        if loaded.format == "onnx" and not as_exported:
+            raise ValueError(
+                "an ONNX model runs as exported, on the CPU: drop --device/--precision/--compile "
+                "(for int8, pass the file `deit quantize` wrote)"
+            )
         self.model = prepare_model(loaded.model, self.device, precision, compile)
         self.input_dtype = DTYPES.get(precision, torch.float32)
 
@@ -183,7 +189,18 @@ class Classifier:
         compile: bool = False,
         **load_kwargs: Any,
     ) -> Classifier:
-        """Load any checkpoint :func:`deit.checkpoints.load_model` reads."""
+        """Load any checkpoint :func:`deit.checkpoints.load_model` reads, or an ``.onnx`` file
+        of ``deit export``/``deit quantize`` (run by ONNX Runtime on the CPU, with the labels
+        and preprocessing stored in the file)."""
+        if str(source).endswith(".onnx"):
+            from deit.export import load_onnx
+
+            unused = {k: v for k, v in load_kwargs.items() if v not in (None, "auto")}
+            if unused:
+                raise ValueError(f"an ONNX file carries its own settings; drop {sorted(unused)}")
+            if str(device) == "auto":
+                device = "cpu"
+            return cls(load_onnx(source), device, precision=precision, compile=compile)
         return cls(load_model(source, **load_kwargs), device, precision=precision, compile=compile)
 
     @property

@@ -237,6 +237,8 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
         token, fmt = params.get("token", "both"), params.get("format", "json")
         if token not in ("cls", "dist", "both") or fmt not in ("json", "png"):
             raise ApiError(422, "token must be cls, dist or both; format json or png")
+        if loaded.format == "onnx":
+            raise ApiError(422, "explain needs a PyTorch model; this server runs an ONNX file")
         if token == "dist" and not loaded.config.distilled:
             raise ApiError(422, "this model has no distillation token")
         img, pixels = await to_tensor(form.files[0][1])
