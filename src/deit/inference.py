@@ -133,9 +133,8 @@ def prepare_model(
 
     ``bf16``/``fp16`` cast a copy of the weights (inputs are cast to match); ``int8`` runs
     the linear layers of a copy in int8 on the CPU (:func:`quantize_int8`); ``fp32`` moves
-    ``model`` itself. ``compile`` applies ``torch.compile``,
-    which fuses the element-wise work around the matrix products; on CUDA it also captures
-    CUDA graphs for small batches (mode ``max-autotune``).
+    ``model`` itself. ``compile`` applies ``torch.compile``, which fuses the element-wise work
+    around the matrix products; on CUDA it also captures CUDA graphs (mode ``max-autotune``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
