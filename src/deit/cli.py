@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from deit.checkpoints import DEFAULT_MODEL
+from deit.inference import PRECISIONS
 
 EXIT_INPUT_FAILED = 1  # ran, but some inputs could not be processed
 EXIT_USAGE = 2  # nothing ran: bad arguments, model or data
@@ -41,7 +42,7 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     """``--precision`` and ``--compile``, for commands that build a ``Classifier``."""
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16", "int8"),
+        choices=PRECISIONS,
         default="fp32",
         help="fp32 (reference), bf16/fp16 weights, or int8 linear layers (CPU only)",
     )
