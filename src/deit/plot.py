@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,18 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def _pyplot() -> Any:
+    """pyplot on the file-only Agg backend, or an ImportError that says what to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("deit plot needs matplotlib: pip install matplotlib") from e
+    return plt
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw loss, accuracy and learning-rate curves of a run into a PNG.
 
@@ -72,13 +85,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Returns:
         The PNG path.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("deit plot needs matplotlib: pip install matplotlib") from e
+    plt = _pyplot()
     records = read_metrics(run_dir)
     steps = [r for r in records if r.get("kind") == "train"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
@@ -107,18 +114,71 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def plot_compare(
+    run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None
+) -> Path:
+    """Overlay several runs: evaluated top-1 (both heads averaged) and mean training loss per epoch.
+
+    Args:
+        run_dirs: run directories with ``metrics.jsonl``.
+        out: PNG path.
+        labels: one legend entry per run (default: the directories' names).
+
+    Returns:
+        The PNG path.
+    """
+    plt = _pyplot()
+    labels = labels or [Path(d).name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for run_dir, label in zip(run_dirs, labels, strict=True):
+        epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
+        ev = [r for r in epochs if "val_top1" in r]
+        ax_acc.plot([r["epoch"] for r in ev], [100 * r["val_top1"] for r in ev], "o-", label=label)
+        ax_loss.plot(
+            [r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label=label
+        )
+    ax_acc.set(xlabel="epoch", ylabel="top-1 %", title="evaluated top-1 (heads averaged)")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss (epoch mean)")
+    for ax in (ax_acc, ax_loss):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
 def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``deit plot``."""
-    parser.add_argument("run_dir", help="a `deit train` run directory")
-    parser.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a `deit train` run directory; several are overlaid in one comparison plot",
+    )
+    parser.add_argument(
+        "--out", help="PNG path (default RUN_DIR/curves.png; required for several runs)"
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        help="legend entry of each run, in order (repeat; default the directories' names)",
+    )
 
 
 def run_plot_command(args: argparse.Namespace) -> int:
-    """``deit plot``: write the curves PNG and print its path."""
+    """``deit plot``: write the curves (or comparison) PNG and print its path."""
     try:
-        path = plot_run(args.run_dir, args.out)
-    except (FileNotFoundError, ImportError) as e:
-        print(f"error: {e}")
+        if len(args.run_dirs) == 1 and not args.label:
+            path = plot_run(args.run_dirs[0], args.out)
+        elif not args.out:
+            raise ValueError("--out is required when plotting several runs")
+        else:
+            path = plot_compare(args.run_dirs, args.out, args.label)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        print(f"deit plot: error: {e}", file=sys.stderr)
         return 1
     print(path)
     return 0
