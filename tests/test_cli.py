@@ -188,6 +188,28 @@ def test_convert_and_info(
     assert code == 0 and info["format"] == "deit" and info["config"]["embed_dim"] == 64
 
 
+def test_convert_to_fp16_halves_the_file_and_keeps_the_answers(
+    model_dir: Path, tmp_path: Path, sample_images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    half = tmp_path / "half"
+    code, _, _ = _run(
+        ["convert", str(model_dir), str(half), "--to", "deit", "--dtype", "fp16"], capsys
+    )
+    assert code == 0
+    assert {t.dtype for t in load_file(half / "model.safetensors").values()} == {torch.float16}
+    code, out, _ = _run(["info", "-m", str(half), "--json"], capsys)
+    assert json.loads(out)["metadata"]["dtype"] == "float16"
+    full, halved = Classifier.from_pretrained(str(model_dir)), Classifier.from_pretrained(str(half))
+    batch = preprocess(sample_images, full.loaded.preprocess)
+    reference, rounded = full.logits(batch), halved.logits(batch)
+    assert torch.equal(reference.argmax(-1), rounded.argmax(-1))
+    assert 0 < (reference - rounded).abs().max() < 1e-2  # fp16 weights: rounded, not broken
+    with pytest.raises(SystemExit):  # argparse rejects an unknown dtype
+        _run(["convert", str(model_dir), str(half), "--to", "deit", "--dtype", "int4"], capsys)
+
+
 def test_console_script_runs_as_module(model_dir: Path, sample_images: list[Path]) -> None:
     result = subprocess.run(
         [

@@ -612,14 +612,26 @@ def convert(
     *,
     to: Literal["deit", "hf"],
     revision: str | None = None,
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None,
 ) -> Path:
-    """Load any supported checkpoint and write it in another format."""
+    """Load any supported checkpoint and write it in another format.
+
+    ``dtype`` stores the weights in that precision (``fp16`` halves the size, which is how the
+    embedded model ships); None keeps the source's dtypes. Loading always computes in fp32.
+    """
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(dtypes)}")
     loaded = load_model(source, revision=revision)
+    metadata = {**loaded.metadata, "converted_from": str(loaded.source)}
+    if dtype is not None:
+        metadata["dtype"] = str(dtypes[dtype]).removeprefix("torch.")
     return save_model(
         loaded.model,
         out_dir,
         labels=loaded.labels,
         preprocess=loaded.preprocess,
         format=to,
-        metadata={"converted_from": loaded.source, **loaded.metadata},
+        dtype=dtypes[dtype] if dtype else None,
+        metadata=metadata,
     )

@@ -89,7 +89,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from deit.checkpoints import convert
 
-    out = convert(args.source, args.out, to=args.to, revision=args.revision)
+    out = convert(args.source, args.out, to=args.to, revision=args.revision, dtype=args.dtype)
     print(f"wrote {args.to} checkpoint to {out}")
     return 0
 
@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--to", choices=["deit", "hf"], required=True)
     p.add_argument("--revision")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="store the weights in this precision (default: as the source stores them)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="show a checkpoint's architecture, preprocessing, labels")
