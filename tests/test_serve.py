@@ -190,3 +190,43 @@ def test_app_from_a_bare_model(tmp_path: Path, photo: bytes) -> None:
     with ServerThread(create_app(model, SETTINGS)) as running:
         r = httpx.post(f"{running.url}/v1/classify", files={"file": ("a.jpg", photo)}, timeout=30)
     assert r.status_code == 200 and r.json()["predictions"][0]["label"].startswith("class ")
+
+
+def test_the_serve_command_end_to_end(tmp_path: Path, photo: bytes) -> None:
+    """`deit serve` as a user starts it: a real process, a real port, Ctrl-C to stop."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    model = save_tiny_model(tmp_path)
+    bad = subprocess.run(
+        [sys.executable, "-m", "deit", "serve", "-m", str(model), "--max-batch", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--max-batch must be positive" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["serve", "-m", str(model), "--port", str(port), "--precision", "bf16"]
+    cmd = [sys.executable, "-m", "deit", *argv]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            try:
+                assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "server did not come up in 120 s"
+                time.sleep(0.5)
+        r = httpx.post(f"{url}/v1/classify", files={"file": ("a.jpg", photo)}, timeout=30)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"].startswith("class-")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert f"on http://127.0.0.1:{port}/" in err

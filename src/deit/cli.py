@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from deit.checkpoints import DEFAULT_MODEL
-from deit.inference import PRECISIONS
+from deit.inference import PRECISIONS, Classifier
 
 EXIT_INPUT_FAILED = 1  # ran, but some inputs could not be processed
 EXIT_USAGE = 2  # nothing ran: bad arguments, model or data
@@ -51,12 +51,9 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from deit.inference import Classifier, expand_paths
-
-    if args.top_k < 1 or args.batch_size < 1:
-        raise ValueError("--top-k and --batch-size must be at least 1")
-    clf = Classifier.from_pretrained(
+def classifier_from_args(args: argparse.Namespace) -> Classifier:
+    """The ``Classifier`` asked for by the model, speed and ``--device`` arguments."""
+    return Classifier.from_pretrained(
         args.model,
         device=args.device,
         precision=args.precision,
@@ -65,6 +62,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         preprocess=args.preprocess,
         labels=args.labels,
     )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from deit.inference import expand_paths
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ValueError("--top-k and --batch-size must be at least 1")
+    clf = classifier_from_args(args)
     paths = expand_paths(args.paths)
     if not paths:
         raise ValueError("no input images")

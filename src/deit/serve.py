@@ -370,7 +370,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     """``deit serve``: load the model, then serve until Ctrl-C."""
     import sys
 
-    from deit.inference import Classifier
+    from deit.cli import classifier_from_args
 
     for flag in ("max_batch", "workers", "max_files", "max_upload_mb"):
         value = getattr(args, flag, None)
@@ -382,15 +382,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         _require_uvicorn()
-        clf = Classifier.from_pretrained(
-            args.model,
-            device=args.device,
-            precision=args.precision,
-            compile=args.compile,
-            revision=args.revision,
-            preprocess=args.preprocess,
-            labels=args.labels,
-        )
+        clf = classifier_from_args(args)
     except ImportError as e:
         print(f"deit serve: error: {e}", file=sys.stderr)
         return 2
