@@ -20,7 +20,7 @@ from PIL import Image
 from deit.data import FASHION_MNIST_DIR
 from deit.model import DeiT
 from deit.runconfig import TrainConfig, load_config
-from deit.train import lr_at, param_groups, train
+from deit.train import State, _fit_to_time, lr_at, param_groups, train
 
 TINY = [
     "model.name=deit",
@@ -67,6 +67,25 @@ def test_lr_schedule() -> None:
     assert lr_at(6, cfg, 1e-3) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # cosine midpoint
     assert lr_at(10, cfg, 1e-3) == pytest.approx(1e-5)
     assert lr_at(4, cfg, 1e-3, epochs=6) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+
+
+def test_time_limit_fits_the_schedule_and_ignores_one_slow_epoch() -> None:
+    limit = ["schedule.epochs=30", "run.time_limit=3100"]
+    cfg = load_config(None, [*limit, "schedule.fit_to_time=true"])
+    st = State(None, None, None, None, total_epochs=30, epoch=12)  # type: ignore[arg-type]
+    # 12 epochs of 100 s, the last one slowed to 190 s by another job: 18 more still fit.
+    assert not _fit_to_time(cfg, st, 1290, [100.0] * 11 + [190.0])
+    assert st.total_epochs == 30
+    # The machine stays slow: the cosine is shortened to what fits.
+    st.epoch = 14
+    assert not _fit_to_time(cfg, st, 1670, [100.0] * 11 + [190.0] * 3)
+    assert st.total_epochs == 14 + (3100 - 1670) // 190
+    # Without fit_to_time the run stops once another epoch would pass the limit.
+    cfg = load_config(None, limit)
+    st = State(None, None, None, None, total_epochs=30, epoch=20)  # type: ignore[arg-type]
+    assert _fit_to_time(cfg, st, 3050, [100.0] * 20)
+    assert not _fit_to_time(cfg, st, 2900, [100.0] * 20)
+    assert st.total_epochs == 30
 
 
 def test_param_groups_skip_decay_on_1d_biases_and_tokens() -> None:

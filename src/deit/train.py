@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -504,16 +505,19 @@ def _teacher(cfg: TrainConfig, data: Data, dev: torch.device) -> nn.Module | Non
     return teacher
 
 
-def _fit_to_time(cfg: TrainConfig, st: State, elapsed: float, last_epoch: float) -> bool:
+def _fit_to_time(cfg: TrainConfig, st: State, elapsed: float, durations: list[float]) -> bool:
     """Apply ``run.time_limit`` after an epoch; return True when the run must stop now.
 
-    Without ``schedule.fit_to_time`` the run stops when one more epoch (at the last epoch's
-    duration) would pass the limit. With it, the schedule's length is set to the epochs that
-    fit (at most ``schedule.epochs``), so the cosine still ends at ``min_lr``.
+    One more epoch is expected to take the median of the last three ``durations``, so an
+    epoch slowed by another job on the machine does not move the schedule. Without
+    ``schedule.fit_to_time`` the run stops when one more epoch would pass the limit. With
+    it, the schedule's length is set to the epochs that fit (at most ``schedule.epochs``),
+    so the cosine still ends at ``min_lr``.
     """
     if not cfg.run.time_limit:
         return False
-    fits = int((cfg.run.time_limit - elapsed) // max(last_epoch, 1e-6))
+    epoch_time = statistics.median(durations[-3:])
+    fits = int((cfg.run.time_limit - elapsed) // max(epoch_time, 1e-6))
     if cfg.schedule.fit_to_time:
         total = max(st.epoch, min(cfg.schedule.epochs, st.epoch + fits))
         if total != st.total_epochs:
@@ -545,14 +549,16 @@ def _agree_max(device: torch.device, *values: float) -> list[float]:
 
 def _run_epochs(loop: Loop, st: State, run_dir: Path) -> None:
     cfg, start = loop.cfg, time.perf_counter()
+    durations: list[float] = []
     while st.epoch < st.total_epochs:
         t0 = time.perf_counter()
         record = train_one_epoch(loop, st)
         st.epoch += 1
         now = time.perf_counter()
         elapsed, last = _agree_max(loop.device, now - start, now - t0)  # same decision on all ranks
+        durations.append(last)
         stop = bool(cfg.run.max_steps and st.step >= cfg.run.max_steps)
-        stop = _fit_to_time(cfg, st, elapsed, last) or stop
+        stop = _fit_to_time(cfg, st, elapsed, durations) or stop
         final = stop or st.epoch >= st.total_epochs
         if (cfg.run.eval_every and st.epoch % cfg.run.eval_every == 0) or final:
             record.update(_evaluate(loop, st.model))
