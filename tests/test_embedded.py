@@ -16,9 +16,9 @@ from deit.inference import Classifier
 from .conftest import REPO
 
 SAMPLES = REPO / "samples" / "fashion-mnist"
-# The CPU-trained interim model measured 87.98% (docs/results/fashion-mnist.md); the floor
-# sits below it with room for run-to-run noise. Issue 6's 92% awaits the GPU-trained model.
-MIN_TEST_TOP1 = 0.85
+# The bar the embedded model must clear (issue 6). It measures 92.12% on this split
+# (docs/results/fashion-mnist.md); the accuracy is computed here, from the shipped fp16 weights.
+MIN_TEST_TOP1 = 0.92
 
 
 def _label_of(path: Path) -> str:
