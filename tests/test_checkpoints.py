@@ -214,6 +214,21 @@ def test_preprocess_and_label_overrides(tmp_path: Path) -> None:
         load_model(tmp_path / "m", labels=tmp_path / "short.txt")
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_saved_weights_are_readable_like_any_new_file(tmp_path: Path) -> None:
+    """safetensors 0.8 writes 0600 files; a saved model must be readable by its group and
+    others when the umask says so, or a service running as another user can't load it."""
+    old = os.umask(0o022)
+    try:
+        save_model(
+            tiny_model(), tmp_path / "m", labels=["a", "b", "c"], preprocess=PreprocessConfig()
+        )
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_convert_to_hf_and_back(tmp_path: Path) -> None:
     write_tiny_hf(tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "ours", to="deit")

@@ -601,8 +601,12 @@ def save_model(
         (out / "preprocessor_config.json").write_text(json.dumps(preprocess.to_hf(), indent=2))
     else:
         raise ValueError(f"unknown format {format!r}: use 'deit' or 'hf'")
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file(state, str(weights), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(meta, indent=2))
+    # safetensors 0.8 creates its files 0600 whatever the umask (safetensors issue #782);
+    # give the weights the mode an ordinary new file gets, so other users can load them.
+    os.chmod(weights, (out / "config.json").stat().st_mode & 0o777)
     return out
 
 
