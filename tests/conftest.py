@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,13 @@ from deit.config import DeiTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def idx_bytes(arr: np.ndarray, *, gz: bool = False) -> bytes:
+    """``arr`` as an IDX file (the Fashion-MNIST format), gzip-compressed when ``gz``."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    return gzip.compress(data) if gz else data
 
 
 def shared_dir() -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,15 @@ from deit.data import (
     repeated_indices,
 )
 
+from .conftest import idx_bytes
+
 HAVE_FMNIST = (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
-
-
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-    return header + arr.astype(np.uint8).tobytes()
 
 
 def test_read_idx_raw_and_gzip(tmp_path: Path) -> None:
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    (tmp_path / "a").write_bytes(_idx_bytes(arr))
-    (tmp_path / "a.gz").write_bytes(gzip.compress(_idx_bytes(arr)))
+    (tmp_path / "a").write_bytes(idx_bytes(arr))
+    (tmp_path / "a.gz").write_bytes(idx_bytes(arr, gz=True))
     np.testing.assert_array_equal(read_idx(tmp_path / "a"), arr)
     np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), arr)
 
@@ -43,7 +39,7 @@ def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
     (tmp_path / "magic").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
     with pytest.raises(ValueError, match="magic"):
         read_idx(tmp_path / "magic")
-    (tmp_path / "short").write_bytes(_idx_bytes(np.zeros((4, 4)))[:-3])
+    (tmp_path / "short").write_bytes(idx_bytes(np.zeros((4, 4)))[:-3])
     with pytest.raises(ValueError, match="expected"):
         read_idx(tmp_path / "short")
 
@@ -55,8 +51,8 @@ def test_missing_fashion_mnist_names_the_package(tmp_path: Path) -> None:
 
 def test_fashion_mnist_from_any_folder(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(images))
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.arange(5))))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(idx_bytes(np.arange(5), gz=True))
     x, y = load_fashion_mnist("test", tmp_path)
     assert x.shape == (5, 1, 28, 28) and x.dtype == torch.uint8
     assert y.tolist() == [0, 1, 2, 3, 4]

@@ -44,8 +44,7 @@ def test_accuracy_on_the_real_test_split() -> None:
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     from deit.evaluate import evaluate
 
-    report = evaluate("fashion-mnist", "fashion-mnist:test", data_root=str(fmnist),
-                      batch_size=500)
+    report = evaluate("fashion-mnist", "fashion-mnist:test", data_root=str(fmnist), batch_size=500)
     assert report.num_samples == 10_000
     assert report.top1 >= MIN_TEST_TOP1, report.top1
 
@@ -60,7 +59,12 @@ def test_bundled_samples_match_their_labels() -> None:
 
 def test_readme_main_job_runs_offline() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "deit", "predict", "--model", "fashion-mnist",
-                             str(SAMPLES)], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "deit", "predict", "--model", "fashion-mnist", str(SAMPLES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("%") == 5 * 10  # top-5 for each of the ten samples

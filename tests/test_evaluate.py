@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 from pathlib import Path
 
@@ -22,18 +21,16 @@ from deit.evaluate import (
 from deit.model import DeiT, DeiTOutput
 from deit.transforms import PreprocessConfig
 
-
-def _idx(arr: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-    return gzip.compress(header + arr.astype(np.uint8).tobytes())
+from .conftest import idx_bytes
 
 
 @pytest.fixture(scope="module")
 def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fmnist")
     rng = np.random.default_rng(0)
-    (root / "t10k-images-idx3-ubyte.gz").write_bytes(_idx(rng.integers(0, 256, (40, 28, 28))))
-    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(_idx(np.arange(40) % 10))
+    images = rng.integers(0, 256, (40, 28, 28))
+    (root / "t10k-images-idx3-ubyte.gz").write_bytes(idx_bytes(images, gz=True))
+    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(idx_bytes(np.arange(40) % 10, gz=True))
     return root
 
 

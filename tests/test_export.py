@@ -169,7 +169,10 @@ def test_labelled_image_folder(rgb_dir: Path, tmp_path: Path, sample_images: lis
 
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_predict_runs_exported_onnx_files(
-    dynamic: bool, rgb_dir: Path, tmp_path: Path, sample_images: list[Path],
+    dynamic: bool,
+    rgb_dir: Path,
+    tmp_path: Path,
+    sample_images: list[Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`deit predict --model file.onnx` (and Classifier): same answers as the PyTorch model."""

@@ -3,7 +3,6 @@ fine-tuning to new classes and sizes, and a short run on real Fashion-MNIST."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
@@ -22,6 +21,8 @@ from deit.model import DeiT
 from deit.runconfig import TrainConfig, load_config
 from deit.train import State, _fit_to_time, lr_at, param_groups, train
 
+from .conftest import idx_bytes
+
 TINY = [
     "model.name=deit",
     "model.patch_size=7",
@@ -37,11 +38,6 @@ TINY = [
 ]
 
 
-def _idx(arr: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-    return gzip.compress(header + arr.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def fake_fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 256/128-image stand-in with the Fashion-MNIST file layout (class = brightness)."""
@@ -50,8 +46,8 @@ def fake_fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for prefix, n in (("train", 256), ("t10k", 128)):
         labels = np.arange(n) % 10
         images = rng.integers(0, 40, (n, 28, 28)) + labels[:, None, None] * 20
-        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(_idx(images))
-        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(_idx(labels))
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(idx_bytes(images, gz=True))
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(idx_bytes(labels, gz=True))
     return root
 
 
