@@ -306,8 +306,9 @@ class OnnxModel(nn.Module):
     the file, so ``cls_logits`` repeats ``logits`` and ``dist_logits`` is ``None``.
     """
 
-    def __init__(self, path: str | Path, config: DeiTConfig, dynamic_batch: bool,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, config: DeiTConfig, dynamic_batch: bool, threads: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.path = str(path)
@@ -319,8 +320,9 @@ class OnnxModel(nn.Module):
         x = pixel_values.detach().to("cpu", torch.float32)
         batches = [x] if self.dynamic_batch else list(x.split(1))
         logits = torch.from_numpy(
-            np.concatenate([self.session.run(None, {self.input_name: b.numpy()})[0]
-                            for b in batches])
+            np.concatenate(
+                [self.session.run(None, {self.input_name: b.numpy()})[0] for b in batches]
+            )
         )
         return DeiTOutput(logits=logits, cls_logits=logits, dist_logits=None)
 
@@ -336,8 +338,10 @@ def load_onnx(path: str | Path, threads: int | None = None) -> LoadedModel:
         raise ExportError(f"ONNX file not found: {path}")
     meta = read_metadata(path)
     if not {"deit.config", "deit.labels", "deit.preprocess"} <= set(meta):
-        raise ExportError(f"{path} has no deit metadata: export it with `deit export` or "
-                          "`deit quantize` to run it with labels and preprocessing")
+        raise ExportError(
+            f"{path} has no deit metadata: export it with `deit export` or "
+            "`deit quantize` to run it with labels and preprocessing"
+        )
     config = DeiTConfig.from_dict(json.loads(meta["deit.config"]))
     dynamic = json.loads(meta.get("deit.dynamic_batch", "false"))
     return LoadedModel(

@@ -115,16 +115,22 @@ class PreprocessConfig:
         size = self.resize_size
         by_side = self.resize_mode in ("shorter", "longer")
         if by_side and (not isinstance(size, int) or size <= 0):
-            raise ValueError(f"resize_mode {self.resize_mode!r} needs a positive int size, "
-                             f"got {size!r}")
-        fixed = {"mean": tuple(map(float, self.mean)), "std": tuple(map(float, self.std)),
-                 "resize_size": size if by_side else _pair(size),
-                 "crop_size": None if self.crop_size is None else _pair(self.crop_size)}
+            raise ValueError(
+                f"resize_mode {self.resize_mode!r} needs a positive int size, got {size!r}"
+            )
+        fixed = {
+            "mean": tuple(map(float, self.mean)),
+            "std": tuple(map(float, self.std)),
+            "resize_size": size if by_side else _pair(size),
+            "crop_size": None if self.crop_size is None else _pair(self.crop_size),
+        }
         for name, value in fixed.items():
             object.__setattr__(self, name, value)
         if not len(self.mean) == len(self.std) == self.channels:
-            raise ValueError(f"mean and std need {self.channels} values each, "
-                             f"got {len(self.mean)} and {len(self.std)}")
+            raise ValueError(
+                f"mean and std need {self.channels} values each, "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
         if 0.0 in self.std:
             raise ValueError("std values must be non-zero")
 
@@ -135,8 +141,9 @@ class PreprocessConfig:
             return self.crop_size  # type: ignore[return-value]
         if self.resize_mode == "squash":
             return self.resize_size  # type: ignore[return-value]
-        raise ValueError(f"output size of resize_mode {self.resize_mode!r} without a crop "
-                         "depends on the image")
+        raise ValueError(
+            f"output size of resize_mode {self.resize_mode!r} without a crop depends on the image"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (tuples become lists); inverse of :meth:`from_dict`."""
@@ -158,14 +165,18 @@ class PreprocessConfig:
     @classmethod
     def official(cls, img_size: int, crop_pct: float = 0.875) -> PreprocessConfig:
         """Official DeiT eval: shorter side ``int(img_size / crop_pct)``, crop ``img_size``."""
-        return cls(resize_size=int(img_size / crop_pct), crop_size=(img_size, img_size),
-                   source="official")
+        return cls(
+            resize_size=int(img_size / crop_pct), crop_size=(img_size, img_size), source="official"
+        )
 
     @classmethod
     def timm(cls, img_size: int, crop_pct: float = 0.9) -> PreprocessConfig:
         """timm eval: shorter side ``floor(img_size / crop_pct)``, crop ``img_size``."""
-        return cls(resize_size=math.floor(img_size / crop_pct), crop_size=(img_size, img_size),
-                   source="timm")
+        return cls(
+            resize_size=math.floor(img_size / crop_pct),
+            crop_size=(img_size, img_size),
+            source="timm",
+        )
 
     @classmethod
     def from_hf(cls, processor_config: Mapping[str, Any]) -> PreprocessConfig:
@@ -198,10 +209,17 @@ class PreprocessConfig:
         normalize, rescale = d.get("do_normalize", True), d.get("do_rescale", True)
         mean = _triple(d.get("image_mean", HF_STANDARD_MEAN)) if normalize else (0.0,) * 3
         std = _triple(d.get("image_std", HF_STANDARD_STD)) if normalize else (1.0,) * 3
-        return cls(resize_mode=mode if d.get("do_resize", True) else "none", resize_size=size,
-                   crop_size=crop, interpolation=names[resample], mean=mean, std=std,
-                   rescale_factor=float(d.get("rescale_factor", 1 / 255)) if rescale else 1.0,
-                   crop_rounding="floor", source="hf preprocessor_config.json")
+        return cls(
+            resize_mode=mode if d.get("do_resize", True) else "none",
+            resize_size=size,
+            crop_size=crop,
+            interpolation=names[resample],
+            mean=mean,
+            std=std,
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)) if rescale else 1.0,
+            crop_rounding="floor",
+            source="hf preprocessor_config.json",
+        )
 
     def to_hf(self, *, exact: bool = False) -> dict[str, Any]:
         """A v5 ``preprocessor_config.json`` dict for transformers' ``DeiTImageProcessor``.
@@ -219,17 +237,27 @@ class PreprocessConfig:
                 an inexact crop when ``exact`` is set.
         """
         if self.channels != 3 or self.invert_light_background or self.resize_mode == "longer":
-            raise ValueError("transformers' DeiTImageProcessor can't convert to grayscale, "
-                             "invert backgrounds or letterbox; keep this config in deit format")
+            raise ValueError(
+                "transformers' DeiTImageProcessor can't convert to grayscale, "
+                "invert backgrounds or letterbox; keep this config in deit format"
+            )
         if exact and self.crop_size is not None and not self._hf_crop_is_exact():
-            raise ValueError("transformers floors center-crop offsets, this config rounds them "
-                             "(torchvision); the crop may shift by one pixel")
+            raise ValueError(
+                "transformers floors center-crop offsets, this config rounds them "
+                "(torchvision); the crop may shift by one pixel"
+            )
         out: dict[str, Any] = {
-            "image_processor_type": "DeiTImageProcessor", "do_resize": self.resize_mode != "none",
+            "image_processor_type": "DeiTImageProcessor",
+            "do_resize": self.resize_mode != "none",
             "resample": int(INTERPOLATIONS[self.interpolation]),
-            "do_center_crop": self.crop_size is not None, "do_rescale": True,
-            "rescale_factor": self.rescale_factor, "do_normalize": True,
-            "image_mean": list(self.mean), "image_std": list(self.std), "do_convert_rgb": True}
+            "do_center_crop": self.crop_size is not None,
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+        }
         if self.resize_mode == "shorter":
             out["size"] = {"shortest_edge": self.resize_size}
         elif self.resize_mode == "squash":
@@ -243,8 +271,10 @@ class PreprocessConfig:
             return True
         if self.resize_mode != "squash":  # resized size depends on the image
             return False
-        return all(crop_offset(n, m, "round") == crop_offset(n, m, "floor")
-                   for n, m in zip(self.resize_size, self.crop_size, strict=True))  # type: ignore[arg-type]
+        return all(
+            crop_offset(n, m, "round") == crop_offset(n, m, "floor")
+            for n, m in zip(self.resize_size, self.crop_size, strict=True)
+        )  # type: ignore[arg-type]
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -284,8 +314,13 @@ def _hf_size(size: Any) -> tuple[Literal["shorter", "squash"], int | tuple[int, 
 # --------------------------------------------------------------------------- loading
 
 
-def load_image(source: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               fast_decode: bool = False, draft_min_side: int = 512) -> Image.Image:
+def load_image(
+    source: ImageLike,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    fast_decode: bool = False,
+    draft_min_side: int = 512,
+) -> Image.Image:
     """Open and fully decode an image, in its own mode, upright per its EXIF orientation.
 
     Animated files (GIF, APNG, WebP) give their first frame. Arrays and tensors are HW, HWC
@@ -329,8 +364,9 @@ def _decode(img: Image.Image, max_pixels: int | None, draft_min_side: int | None
     """Check the header size, then decode all pixels (``draft_min_side``: allow JPEG draft)."""
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageLoadError(f"image too large: {width}x{height} pixels exceeds limit of "
-                             f"{max_pixels}")
+        raise ImageLoadError(
+            f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}"
+        )
     if width == 0 or height == 0:
         raise ImageLoadError("empty image (zero width or height)")
     if draft_min_side is not None and min(width, height) > draft_min_side:
@@ -405,8 +441,9 @@ def _tensor_to_hwc(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
     if t.ndim == 3:
         if t.shape[0] not in (1, 3, 4):
-            raise ImageLoadError(f"tensor must be CHW with 1, 3 or 4 channels, "
-                                 f"got {tuple(t.shape)}")
+            raise ImageLoadError(
+                f"tensor must be CHW with 1, 3 or 4 channels, got {tuple(t.shape)}"
+            )
         t = t.permute(1, 2, 0)
     return (t if t.dtype == torch.uint8 else t.float()).numpy()
 
@@ -506,22 +543,24 @@ def crop_offset(size: int, crop: int, rounding: Literal["round", "floor"]) -> in
     return -(-margin // 2) if rounding == "round" else -((-margin + 1) // 2)
 
 
-def center_crop_array(arr: np.ndarray, crop_hw: tuple[int, int],
-                      rounding: Literal["round", "floor"] = "round") -> np.ndarray:
+def center_crop_array(
+    arr: np.ndarray, crop_hw: tuple[int, int], rounding: Literal["round", "floor"] = "round"
+) -> np.ndarray:
     """Center crop an (H, W[, C]) array, padding with zeros where the crop exceeds it."""
     (h, w), (ch, cw) = arr.shape[:2], crop_hw
     top, left = crop_offset(h, ch, rounding), crop_offset(w, cw, rounding)
     if top >= 0 and left >= 0:
-        return arr[top:top + ch, left:left + cw]  # a view, no copy
+        return arr[top : top + ch, left : left + cw]  # a view, no copy
     out = np.zeros((ch, cw, *arr.shape[2:]), dtype=arr.dtype)
     y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + ch, h), min(left + cw, w)
-    out[y0 - top:y1 - top, x0 - left:x1 - left] = arr[y0:y1, x0:x1]
+    out[y0 - top : y1 - top, x0 - left : x1 - left] = arr[y0:y1, x0:x1]
     return out
 
 
 @lru_cache(maxsize=32)
-def _normalize_lut(rescale_factor: float, mean: tuple[float, ...],
-                   std: tuple[float, ...]) -> np.ndarray:
+def _normalize_lut(
+    rescale_factor: float, mean: tuple[float, ...], std: tuple[float, ...]
+) -> np.ndarray:
     """(C, 256) float32 table: value v of channel c -> its normalized float."""
     x = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
     mean_, std_ = np.asarray(mean, np.float32)[:, None], np.asarray(std, np.float32)[:, None]
@@ -551,9 +590,13 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     return torch.from_numpy(normalize_array(arr, cfg))
 
 
-def preprocess(images: Sequence[ImageLike] | ImageLike, cfg: PreprocessConfig, *,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               fast_decode: bool = False) -> torch.Tensor:
+def preprocess(
+    images: Sequence[ImageLike] | ImageLike,
+    cfg: PreprocessConfig,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    fast_decode: bool = False,
+) -> torch.Tensor:
     """Load and preprocess one image or a sequence of them into a (B, C, H, W) float32 batch.
 
     A 4-D array (BHWC) or tensor (BCHW) counts as a batch.
@@ -562,12 +605,16 @@ def preprocess(images: Sequence[ImageLike] | ImageLike, cfg: PreprocessConfig, *
         ImageLoadError: An input can't be loaded (see :func:`load_image`).
         ValueError: No images, or outputs of different sizes (a config without a crop).
     """
-    single = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image,
-                                 np.ndarray, torch.Tensor)) or hasattr(images, "read")
+    single = isinstance(
+        images,
+        (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor),
+    ) or hasattr(images, "read")
     if single and not (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
         images = [images]  # type: ignore[list-item]
-    tensors = [preprocess_image(load_image(x, max_pixels=max_pixels, fast_decode=fast_decode), cfg)
-               for x in images]  # type: ignore[union-attr]
+    tensors = [
+        preprocess_image(load_image(x, max_pixels=max_pixels, fast_decode=fast_decode), cfg)
+        for x in images  # type: ignore[union-attr]
+    ]
     if not tensors:
         raise ValueError("no images to preprocess")
     if len({t.shape for t in tensors}) > 1:
