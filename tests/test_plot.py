@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deit.plot import main, plot_compare, plot_run, read_metrics
+from deit.plot import group_curves, main, plot_compare, plot_run, read_metrics
 
 pytest.importorskip("matplotlib")
 
@@ -59,6 +59,19 @@ def test_plot_run_and_compare(tmp_path: Path) -> None:
     assert _is_png(out)
     with pytest.raises(ValueError, match="1 labels for 2 runs"):
         plot_compare([a, b], tmp_path / "x.png", ["one"])
+
+
+def test_runs_sharing_a_label_are_averaged_over_their_common_epochs(tmp_path: Path) -> None:
+    s0, s1 = _run(tmp_path, "s0", [0.5, 0.7, 0.8]), _run(tmp_path, "s1", [0.6, 0.9])
+    other = _run(tmp_path, "other", [0.1])
+    curves = group_curves([s0, other, s1], ["hard", "none", "hard"], "val_top1")
+    assert list(curves) == ["hard", "none"]
+    epochs, mean, low, high = curves["hard"]
+    assert epochs == [1, 2]
+    assert mean == pytest.approx([0.55, 0.8])
+    assert (low, high) == ([0.5, 0.7], [0.6, 0.9])
+    assert curves["none"] == ([1], [0.1], [0.1], [0.1])
+    assert _is_png(plot_compare([s0, other, s1], tmp_path / "seeds.png", ["hard", "none", "hard"]))
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -114,10 +114,49 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def group_curves(
+    run_dirs: list[str | Path], labels: list[str], key: str
+) -> dict[str, tuple[list[int], list[float], list[float], list[float]]]:
+    """One curve per label: runs that share a label (seeds of one recipe) are averaged.
+
+    Args:
+        run_dirs: run directories with ``metrics.jsonl``.
+        labels: one label per run; repeated labels form a group.
+        key: an ``"epoch"`` record's field, e.g. ``"val_top1"`` or ``"train_loss"``.
+
+    Returns:
+        ``{label: (epochs, mean, low, high)}`` in first-seen order, over the epochs every run
+        of the group recorded; ``low``/``high`` are the group's minimum and maximum.
+    """
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    series: dict[str, list[dict[int, float]]] = {}
+    for run_dir, label in zip(run_dirs, labels, strict=True):
+        records = read_metrics(run_dir)
+        values = {
+            r["epoch"]: float(r[key]) for r in records if r.get("kind") == "epoch" and key in r
+        }
+        series.setdefault(label, []).append(values)
+    curves = {}
+    for label, runs in series.items():
+        epochs = sorted(set.intersection(*(set(v) for v in runs)))
+        rows = [[v[e] for v in runs] for e in epochs]
+        curves[label] = (
+            epochs,
+            [sum(r) / len(r) for r in rows],
+            [min(r) for r in rows],
+            [max(r) for r in rows],
+        )
+    return curves
+
+
 def plot_compare(
     run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None
 ) -> Path:
     """Overlay several runs: evaluated top-1 (both heads averaged) and mean training loss per epoch.
+
+    Runs given the same label are drawn as one line, their mean, with a band from the lowest
+    to the highest run (e.g. three seeds of one recipe).
 
     Args:
         run_dirs: run directories with ``metrics.jsonl``.
@@ -129,19 +168,25 @@ def plot_compare(
     """
     plt = _pyplot()
     labels = labels or [Path(d).name for d in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    counts = {label: labels.count(label) for label in labels}
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for run_dir, label in zip(run_dirs, labels, strict=True):
-        epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
-        ev = [r for r in epochs if "val_top1" in r]
-        ax_acc.plot([r["epoch"] for r in ev], [100 * r["val_top1"] for r in ev], "o-", label=label)
-        ax_loss.plot(
-            [r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label=label
-        )
+    for ax, key, scale in ((ax_acc, "val_top1", 100.0), (ax_loss, "train_loss", 1.0)):
+        for label, (epochs, mean, low, high) in group_curves(run_dirs, labels, key).items():
+            n = counts[label]
+            name = f"{label} (mean of {n}, band min-max)" if n > 1 else label
+            (line,) = ax.plot(epochs, [scale * v for v in mean], "o-", label=name)
+            if n > 1:
+                ax.fill_between(
+                    epochs,
+                    [scale * v for v in low],
+                    [scale * v for v in high],
+                    color=line.get_color(),
+                    alpha=0.2,
+                )
     ax_acc.set(xlabel="epoch", ylabel="top-1 %", title="evaluated top-1 (heads averaged)")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss (epoch mean)")
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -164,7 +209,8 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--label",
         action="append",
-        help="legend entry of each run, in order (repeat; default the directories' names)",
+        help="legend entry of each run, in order (repeat; default the directories' names); "
+        "runs with the same label are averaged, with a min-max band",
     )
 
 
