@@ -1,0 +1,46 @@
+"""scripts/seed_table.py: the seed summary of the results page, on made-up `deit eval` files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "seed_table.py"
+
+
+def _eval_json(path: Path, top1: float) -> str:
+    path.write_text(
+        json.dumps({"top1": top1, "cls_top1": top1, "dist_top1": top1 - 0.01, "agreement": 0.9})
+    )
+    return str(path)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_mean_std_and_paired_differences(tmp_path: Path) -> None:
+    none = [_eval_json(tmp_path / f"n{i}.json", v) for i, v in enumerate((0.80, 0.82, 0.84))]
+    hard = [_eval_json(tmp_path / f"h{i}.json", v) for i, v in enumerate((0.81, 0.81, 0.86))]
+    result = _run("none=" + ",".join(none), "hard=" + ",".join(hard))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[2] == "| none | 3 | 82.00 ± 2.00 | 82.00 ± 2.00 | 81.00 ± 2.00 | 90.00 ± 0.00 |"
+    assert lines[3].startswith("| hard | 3 | 82.67 ± 2.89 |")
+    assert lines[-1] == (
+        "- hard − none (avg of heads, per seed): +1.00, -1.00, +2.00; mean +0.67, ahead in 2 of 3"
+    )
+
+
+def test_bad_input_is_one_readable_line(tmp_path: Path) -> None:
+    one = _eval_json(tmp_path / "a.json", 0.5)
+    result = _run("none=" + one, "hard=" + one + "," + one)
+    assert result.returncode == 1
+    assert "hard has 2 seeds, none 1" in result.stderr
+    result = _run("none=" + str(tmp_path / "missing.json"))
+    assert result.returncode == 1 and "not a readable `deit eval --json` file" in result.stderr
+    assert "expected LABEL=FILE" in _run("none").stderr
