@@ -32,7 +32,8 @@ def test_mean_std_and_paired_differences(tmp_path: Path) -> None:
     assert lines[2] == "| none | 3 | 82.00 ± 2.00 | 82.00 ± 2.00 | 81.00 ± 2.00 | 90.00 ± 0.00 |"
     assert lines[3].startswith("| hard | 3 | 82.67 ± 2.89 |")
     assert lines[-1] == (
-        "- hard − none (avg of heads, per seed): +1.00, -1.00, +2.00; mean +0.67, ahead in 2 of 3"
+        "- hard − none (avg of heads, per seed): +1.00, -1.00, +2.00; "
+        "mean +0.67 (95% CI -3.13 to +4.46), ahead in 2 of 3"
     )
 
 
