@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -416,10 +417,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deit.evaluate``: the same as ``deit eval``."""
-    parser = argparse.ArgumentParser(prog="deit eval", description="evaluate a classifier")
-    add_eval_arguments(parser)
-    return run_eval_command(parser.parse_args(argv))
+    """``python -m deit.evaluate``: ``deit eval``, with the CLI's error handling."""
+    from deit.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

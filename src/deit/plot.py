@@ -231,10 +231,10 @@ def run_plot_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deit.plot``: the same as ``deit plot``."""
-    parser = argparse.ArgumentParser(prog="deit plot", description="plot a run's curves")
-    add_plot_arguments(parser)
-    return run_plot_command(parser.parse_args(argv))
+    """``python -m deit.plot``: ``deit plot``, with the CLI's error handling."""
+    from deit.cli import main as cli_main
+
+    return cli_main(["plot", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ full. The server binds 127.0.0.1 unless told otherwise.
 import argparse
 import asyncio
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -417,10 +418,10 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deit.serve``: the same as ``deit serve``."""
-    parser = argparse.ArgumentParser(prog="deit serve", description=__doc__.splitlines()[0])
-    add_serve_arguments(parser)
-    return run_serve_command(parser.parse_args(argv))
+    """``python -m deit.serve``: ``deit serve``, with the CLI's error handling."""
+    from deit.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

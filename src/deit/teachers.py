@@ -107,7 +107,10 @@ def build_classifier(
         if in_chans != 3:
             raise ValueError(f"{name}: torchvision models take 3 channels, not {in_chans}")
         return model
-    raise ValueError(f"unknown classifier {name!r}: use fmnist_cnn, timm:NAME or torchvision:NAME")
+    raise ValueError(
+        f"unknown classifier {name!r}: use fmnist_cnn, fmnist_cnn_small, timm:NAME "
+        "or torchvision:NAME"
+    )
 
 
 def save_classifier(

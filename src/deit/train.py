@@ -705,10 +705,10 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deit.train``: the same as ``deit train``."""
-    parser = argparse.ArgumentParser(prog="deit train", description="train or distill a model")
-    add_train_arguments(parser)
-    return run_train_command(parser.parse_args(argv))
+    """``python -m deit.train``: ``deit train``, with the CLI's error handling."""
+    from deit.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
