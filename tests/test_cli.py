@@ -113,6 +113,32 @@ def test_predict_usage_errors(
     assert code == 2 and "--top-k" in err
     code, _, err = _run(["predict", "-m", str(model_dir), str(tmp_path)], capsys)
     assert code == 2 and "no input images" in err
+    code, _, err = _run(["predict", "-m", str(model_dir), "--workers", "-1", "x.png"], capsys)
+    assert code == 2 and "--workers must be at least 1" in err
+    code, _, err = _run(["predict", "-m", str(model_dir), "--device", "gpu0", "x.png"], capsys)
+    assert code == 2 and "unknown device 'gpu0'" in err
+
+
+def test_files_that_are_not_models_get_one_line_errors(
+    model_dir: Path, tmp_path: Path, sample_images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = str(sample_images[0])
+    code, _, err = _run(["predict", "-m", image, image], capsys)
+    assert code == 2 and "is not a checkpoint: expected a .safetensors" in err
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    for text, message in [
+        ('{"format": "deit"}', "(format deit) has no 'model'"),
+        ('{"format": "deit", "model": 3, "preprocess": {}, "labels": []}', "malformed"),
+        ('{"format": ', "cannot read"),
+        ("[1]", "holds a JSON list, not an object"),
+        ('{"model_type": "deit", "id2label": 7}', "not a valid transformers config"),
+    ]:
+        (folder / "config.json").write_text(text)
+        code, _, err = _run(["predict", "-m", str(folder), image], capsys)
+        assert code == 2 and message in err and str(folder / "config.json") in err, (text, err)
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_python_api_batches_and_orders(model_dir: Path, sample_images: list[Path]) -> None:

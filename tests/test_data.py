@@ -104,6 +104,22 @@ def test_image_folder_sorted_classes_and_bad_files(tmp_path: Path) -> None:
     assert len(x) == 0 and len(skipped) == 1
 
 
+def test_image_folder_without_images_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "shirt").mkdir()
+    (tmp_path / "shirt" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"no image files .* named shirt"):
+        ImageFolder(tmp_path)
+
+
+def test_imagefolder_recipe_needs_a_path() -> None:
+    from deit.data import build_data
+    from deit.runconfig import load_config
+
+    cfg = load_config(None, ["data.dataset=imagefolder"])
+    with pytest.raises(ValueError, match=r"needs data\.path"):
+        build_data(cfg, torch.device("cpu"), 0, 1)
+
+
 def test_batch_augmentations() -> None:
     torch.manual_seed(0)
     x = torch.rand(6, 1, 8, 8)

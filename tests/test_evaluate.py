@@ -137,3 +137,23 @@ def test_image_folder_reports_bad_files(
     )
     out = capsys.readouterr().out
     assert code == 1 and "bad.jpg" in out and "(2 images)" in out
+
+
+def test_bad_batch_size_and_empty_folder_are_errors(model_dir: Path, tmp_path: Path) -> None:
+    from deit.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        evaluate(str(model_dir), str(tmp_path), batch_size=0)
+    (tmp_path / "c1").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        evaluate(str(model_dir), str(tmp_path))
+
+
+def test_module_entry_point_has_the_cli_error_handling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deit.evaluate import main
+
+    assert main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deit eval: error:") and "Traceback" not in err

@@ -153,6 +153,15 @@ def test_quantize_reports_agreement_and_accuracy(
     assert read_metadata(out)["deit.head"] == "avg"
 
 
+def test_quantize_bad_data_fails_before_writing(
+    gray_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.int8.onnx"
+    argv = ["quantize", "--model", str(gray_dir), str(out), "--data", str(tmp_path / "none")]
+    assert run_subcommand(register_quantize, argv) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+
+
 def test_labelled_image_folder(rgb_dir: Path, tmp_path: Path, sample_images: list[Path]) -> None:
     from deit.quantize import load_labelled
 

@@ -81,7 +81,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         == 0
     )
     assert _is_png(tmp_path / "c.png")
-    assert main([str(a), str(b)]) == 1
+    assert main([str(a), str(b)]) == 2
     assert "--out is required" in capsys.readouterr().err
-    assert main([str(tmp_path / "missing")]) == 1
+    assert main([str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err

@@ -80,6 +80,27 @@ def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
         load_config(recipe)
 
 
+def test_broken_or_misshapen_recipe_names_the_file(tmp_path: Path) -> None:
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"list\.json must hold \[section\] tables, not a list"):
+        load_config(listed)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[optim\nlr = 1\n")
+    with pytest.raises(ValueError, match=r"cannot parse .*broken\.toml"):
+        load_config(broken)
+    flat = tmp_path / "flat.toml"
+    flat.write_text("lr = 1e-3\n")
+    with pytest.raises(KeyError, match=r"flat\.toml.*'lr' must be a \[section\] table"):
+        load_config(flat)
+
+
+def test_wrong_type_override_reports_the_value_as_given() -> None:
+    with pytest.raises(TypeError, match=r"schedule\.epochs") as info:
+        load_config(None, ["schedule.epochs=1.5"])
+    assert "'1.5'" not in str(info.value) and "1.5" in str(info.value)
+
+
 def test_saved_json_round_trips(tmp_path: Path) -> None:
     cfg = load_config(None, ["optim.lr=3e-4", "distill.kind=soft", "distill.teacher=t.pt"])
     path = save_config(cfg, tmp_path / "config.json")
@@ -91,3 +112,16 @@ def test_saved_json_round_trips(tmp_path: Path) -> None:
 def test_shipped_recipes_load(path: Path) -> None:
     cfg = load_config(path, ["distill.teacher=some/teacher"])
     assert cfg.schedule.epochs >= 1
+
+
+def test_train_command_prints_config_errors_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deit.train import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[optim]\nmomentum = 0.9\n")
+    assert main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"deit train: error: {recipe}: unknown config key 'optim.momentum'")
+    assert len(err.splitlines()) == 1

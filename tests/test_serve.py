@@ -185,6 +185,15 @@ def test_binds_loopback_by_default() -> None:
     assert ServeSettings().host == "127.0.0.1"
 
 
+def test_out_of_range_port_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deit.serve import main
+
+    assert main(["-m", str(save_tiny_model(tmp_path)), "--port", "99999"]) == 2
+    assert "--port must be 0..65535, not 99999" in capsys.readouterr().err
+
+
 def test_app_from_a_bare_model(tmp_path: Path, photo: bytes) -> None:
     model = load_model(save_tiny_model(tmp_path)).model  # numbered labels, default preprocessing
     with ServerThread(create_app(model, SETTINGS)) as running:

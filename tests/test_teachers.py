@@ -88,6 +88,12 @@ def test_load_teacher_from_each_kind_of_file(tmp_path: Path) -> None:
         load_teacher(str(tmp_path / "cnn"), student=GRAY, num_classes=5)
     with pytest.raises(FileNotFoundError):
         load_teacher(str(tmp_path / "nothing"), student=GRAY, num_classes=10)
+    (tmp_path / "weights.pt").write_bytes(b"not torchscript")
+    with pytest.raises(ValueError, match=r"weights\.pt is not a TorchScript file"):
+        load_teacher(str(tmp_path / "weights.pt"), student=GRAY, num_classes=10)
+    (tmp_path / "cnn" / "config.json").write_text('{"format": "deit-classifier"}')
+    with pytest.raises(ValueError, match="not a classifier config"):
+        load_teacher(str(tmp_path / "cnn"), student=GRAY, num_classes=10)
 
 
 def test_timm_and_torchvision_classifiers_by_name() -> None:

@@ -46,6 +46,7 @@ PreprocessChoice = Literal["auto", "model-card", "official", "timm"]
 DEFAULT_MODEL = "facebook/deit-tiny-distilled-patch16-224"
 EMBEDDED_DIR = Path(__file__).parent / "data" / "models"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 class CheckpointError(ValueError):
@@ -68,6 +69,18 @@ class LoadedModel:
 # --------------------------------------------------------------------------- reading files
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing, broken or non-object file names itself."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def read_state_dict(path: str | Path) -> tuple[StateDict, Format]:
     """Read the tensors of a weights file; report ``official`` if they sit under ``"model"``."""
     path = Path(path)
@@ -84,7 +97,15 @@ def read_state_dict(path: str | Path) -> tuple[StateDict, Format]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or unsafe file: say which, never run it
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise CheckpointError(
+                f"{path} is not a checkpoint: expected a {', '.join(WEIGHT_SUFFIXES)} "
+                "weights file or a model directory"
+            ) from e
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch or safetensors weights file "
+            f"({type(e).__name__}: {e})"
+        ) from e
     fmt: Format = "timm"
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj, fmt = obj["model"], "official"
@@ -342,19 +363,26 @@ def _load_dir(path: Path) -> LoadedModel:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config.json")
-    meta = json.loads(config_path.read_text())
+    meta = read_json(config_path)
     weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path} has neither {' nor '.join(WEIGHT_FILES)}")
     state, _ = read_state_dict(weights)
     source = str(path)
     if meta.get("format") == "deit":  # our own format
-        config = DeiTConfig.from_dict(meta["model"])
+        try:
+            config = DeiTConfig.from_dict(meta["model"])
+            pre = PreprocessConfig.from_dict(meta["preprocess"])
+            labels = list(meta["labels"])
+        except KeyError as e:
+            raise CheckpointError(f"{config_path} (format deit) has no {e.args[0]!r}") from e
+        except (TypeError, AttributeError) as e:
+            raise CheckpointError(f"{config_path} (format deit) is malformed: {e}") from e
         return LoadedModel(
             build_model(config, state, source),
             config,
-            PreprocessConfig.from_dict(meta["preprocess"]),
-            list(meta["labels"]),
+            pre,
+            labels,
             source,
             "deit",
             meta.get("metadata", {}),
@@ -366,14 +394,17 @@ def _load_dir(path: Path) -> LoadedModel:
         return LoadedModel(
             build_model(config, state, source), config, pre, list(labels), source, "timm"
         )
-    config = config_from_hf(meta)
+    try:
+        config = config_from_hf(meta)
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{config_path} is not a valid transformers config: {e!r}") from e
     id2label = meta.get("id2label") or {}
     labels = [
         id2label.get(str(i), id2label.get(i, f"class_{i}")) for i in range(config.num_classes)
     ]
     pre_path = path / "preprocessor_config.json"
     pre = (
-        PreprocessConfig.from_hf(json.loads(pre_path.read_text()))
+        PreprocessConfig.from_hf(read_json(pre_path))
         if pre_path.is_file()
         else PreprocessConfig.model_card()
     )

@@ -69,6 +69,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError("--top-k and --batch-size must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, not {args.workers}")
     clf = classifier_from_args(args)
     paths = expand_paths(args.paths)
     if not paths:

@@ -19,6 +19,7 @@ transform) and ``labels=`` to ``deit.train.train``.
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from deit.augment import (
 )
 from deit.teachers import InputSpec
 from deit.transforms import IMAGE_EXTENSIONS
+
+log = logging.getLogger("deit.data")
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -239,6 +242,11 @@ class ImageFolder(torch.utils.data.Dataset):
             for f in sorted((self.root / c).rglob("*"))
             if f.suffix.lower() in IMAGE_EXTENSIONS
         ]
+        if not self.samples:
+            where = ", ".join(self.classes[:3]) + (", ..." if len(self.classes) > 3 else "")
+            raise ValueError(
+                f"{self.root} has no image files (.jpg, .png, ...) in class folders named {where}"
+            )
         self.transform, self.channels = transform, channels
 
     def __len__(self) -> int:
@@ -488,6 +496,13 @@ def build_data(
     train_tf = image_train_transform(size, cfg.augment, mean, std)
     eval_tf = image_eval_transform(size, mean, std)
     if train_data is None:
+        if not cfg.data.path:
+            raise ValueError("data.dataset=imagefolder needs data.path (a folder of class folders)")
+        if not cfg.data.val_path:
+            log.warning(
+                "no data.val_path: validating on the training images %s (optimistic accuracy)",
+                cfg.data.path,
+            )
         train_data = ImageFolder(cfg.data.path, channels=chans)
         classes = train_data.classes
         val_data = ImageFolder(cfg.data.val_path or cfg.data.path, classes=classes, channels=chans)

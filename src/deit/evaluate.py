@@ -278,6 +278,10 @@ def evaluate(
         data_root: folder of the Fashion-MNIST IDX files (default: the Debian package's).
         confusion_matrix: write a PNG of the confusion matrix here.
     """
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"batch size must be >= 1 and workers >= 0, not {batch_size} and {num_workers}"
+        )
     dev = resolve_device(device)
     subject = _load_subject(model_or_source, dev)
     batches, data_name = _batches(data, subject, batch_size, dev, num_workers, data_root)

@@ -220,12 +220,12 @@ def run_plot_command(args: argparse.Namespace) -> int:
         if len(args.run_dirs) == 1 and not args.label:
             path = plot_run(args.run_dirs[0], args.out)
         elif not args.out:
-            raise ValueError("--out is required when plotting several runs")
+            raise ValueError("--out is required with several runs or with --label")
         else:
             path = plot_compare(args.run_dirs, args.out, args.label)
     except (FileNotFoundError, ImportError, ValueError) as e:
         print(f"deit plot: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(path)
     return 0
 

@@ -235,16 +235,17 @@ def quantize_model(
         keep_fp32: Also keep the fp32 ONNX model at this path.
     """
     loaded = as_loaded(model_or_loaded)
+    # Read the comparison data first: a bad --data fails before any file is written.
+    if data:
+        pixels, labels, name = load_labelled(data, loaded, limit, data_root)
+    else:
+        pixels, _ = load_inputs(loaded)
+        labels, name = None, "package sample images"
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(keep_fp32) if keep_fp32 else Path(tmp) / "fp32.onnx"
         export_onnx(loaded, fp32, head=head, dynamic_batch=True)
         verify_export(fp32, loaded)
         int8 = quantize_onnx(fp32, out, per_channel=per_channel)
-        if data:
-            pixels, labels, name = load_labelled(data, loaded, limit, data_root)
-        else:
-            pixels, _ = load_inputs(loaded)
-            labels, name = None, "package sample images"
         ref, got = onnx_logits(fp32, pixels), onnx_logits(int8, pixels)
         diff, agree = compare_logits(ref, got)
         eager = HeadLogits(cpu_eval(loaded.model), head)

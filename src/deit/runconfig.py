@@ -311,17 +311,28 @@ def load_config(
     if path is not None:
         p = Path(path)
         text = p.read_text()
-        data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-        apply_dict(cfg, data)
+        try:
+            data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        except ValueError as e:  # JSONDecodeError and TOMLDecodeError
+            raise ValueError(f"cannot parse {p}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{p} must hold [section] tables, not a {type(data).__name__}")
+        try:
+            apply_dict(cfg, data)
+        except (KeyError, TypeError) as e:
+            raise type(e)(f"{p}: {e.args[0]}") from None
     for item in overrides:
         key, value = parse_override(item)
         try:
             set_value(cfg, key, value)
-        except TypeError:  # e.g. distill.kind=none or run.name=123: the text itself
+        except TypeError as first:  # e.g. distill.kind=none or run.name=123: the text itself
             raw = item.split("=", 1)[1].strip()
             if isinstance(value, str) and value == raw:
                 raise
-            set_value(cfg, key, raw)
+            try:
+                set_value(cfg, key, raw)
+            except TypeError:
+                raise first from None
     cfg.validate()
     return cfg
 

@@ -369,8 +369,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_serve_command(args: argparse.Namespace) -> int:
     """``deit serve``: load the model, then serve until Ctrl-C."""
-    import sys
-
     from deit.cli import classifier_from_args
 
     for flag in ("max_batch", "workers", "max_files", "max_upload_mb"):
@@ -379,6 +377,9 @@ def run_serve_command(args: argparse.Namespace) -> int:
             name = "--" + flag.replace("_", "-")
             print(f"deit serve: error: {name} must be positive, not {value}", file=sys.stderr)
             return 2
+    if not 0 <= args.port <= 65535:
+        print(f"deit serve: error: --port must be 0..65535, not {args.port}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deit.checkpoints import CheckpointError, read_json
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLASSIFIER_FORMAT = "deit-classifier"
@@ -147,7 +149,7 @@ def save_classifier(
 def is_classifier_dir(path: str | Path) -> bool:
     """Whether ``path`` is a directory written by :func:`save_classifier`."""
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("format") == CLASSIFIER_FORMAT
+    return cfg.is_file() and read_json(cfg).get("format") == CLASSIFIER_FORMAT
 
 
 def load_classifier(
@@ -157,9 +159,12 @@ def load_classifier(
     from safetensors.torch import load_file
 
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    spec = config["input"]
-    model = build_classifier(config["arch"], config["num_classes"], spec["in_chans"])
+    config = read_json(path / "config.json")
+    try:
+        spec = config["input"]
+        model = build_classifier(config["arch"], config["num_classes"], spec["in_chans"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'} is not a classifier config: {e!r}") from e
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model.to(device).eval(), config
 
@@ -268,7 +273,14 @@ def _load_network(source: str, student: InputSpec, num_classes: int) -> tuple[nn
     if path.suffix == ".pt2":
         return torch.export.load(str(path)).module(), student
     if path.is_file():
-        return torch.jit.load(str(path), map_location="cpu"), student
+        try:
+            return torch.jit.load(str(path), map_location="cpu"), student
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"teacher {path} is not a TorchScript file (torch.jit.save); a teacher is a "
+                "timm:/torchvision: name, a TorchScript or .pt2 file, or a deit train model "
+                "directory"
+            ) from e
     raise FileNotFoundError(
         f"teacher {source!r} is not a timm:/torchvision: name, file or directory"
     )

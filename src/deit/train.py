@@ -413,6 +413,8 @@ def train(
     if resume and last.is_file():
         st.load(torch.load(last, map_location=dev, weights_only=True))
         log.info("resumed from %s at epoch %d, step %d", last, st.epoch, st.step)
+    elif resume:
+        log.warning("--resume: no %s yet, so this run starts from the beginning", last)
     _run_epochs(loop, st, run_dir)
     if rank == 0:
         export_student(cfg, st, run_dir, data, arch)
@@ -686,7 +688,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="config overrides, e.g. optim.lr=1e-3 distill.kind=hard",
     )
     parser.add_argument("--out", help="run directory (default: run.out_dir/run.name)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt (start afresh, with a warning, when there is none)",
+    )
 
 
 def run_train_command(args: argparse.Namespace) -> int:
@@ -695,7 +701,8 @@ def run_train_command(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except (KeyError, TypeError, ValueError, OSError) as e:
-        print(f"deit train: error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"deit train: error: {message}", file=sys.stderr)
         return 2
     run_dir = train(cfg, out_dir=args.out, resume=args.resume)
     if torch.distributed.is_initialized():
