@@ -111,6 +111,28 @@ def test_image_folder_without_images_is_an_error(tmp_path: Path) -> None:
         ImageFolder(tmp_path)
 
 
+def test_class_folders_match_labels_loosely_or_by_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from deit.data import match_class_folders
+
+    labels = ["T-shirt/top", "Trouser", "Ankle boot"]
+    for name in ("ankle-boot", "t-shirt-top"):
+        (tmp_path / "named" / name).mkdir(parents=True)
+    classes = match_class_folders(tmp_path / "named", labels)
+    assert classes[0] == "t-shirt-top" and classes[2] == "ankle-boot" and classes[1] == "/1"
+    for name in ("a", "b", "c"):
+        (tmp_path / "ordered" / name).mkdir(parents=True)
+    assert match_class_folders(tmp_path / "ordered", labels) == ["a", "b", "c"]
+    assert "sorted order" in caplog.text
+    with pytest.raises(ValueError, match="3 class folders, 3 of them not named"):
+        match_class_folders(tmp_path / "ordered", labels[:2] + labels + labels)
+    (tmp_path / "twice" / "Trouser").mkdir(parents=True)
+    (tmp_path / "twice" / "trouser").mkdir(parents=True)
+    with pytest.raises(ValueError, match="both match"):
+        match_class_folders(tmp_path / "twice", labels)
+
+
 def test_imagefolder_recipe_needs_a_path() -> None:
     from deit.data import build_data
     from deit.runconfig import load_config

@@ -57,6 +57,19 @@ def test_bundled_samples_match_their_labels() -> None:
     assert predicted == [_label_of(p) for p in paths]
 
 
+def test_eval_of_a_folder_named_like_the_samples(tmp_path: Path) -> None:
+    """Folders named `ankle-boot`, `t-shirt-top`, ... are the labels `Ankle boot`, ...: the
+    scores of `deit eval` on a class folder agree with `deit predict` on the same files."""
+    from deit.evaluate import evaluate
+
+    for path in SAMPLES.glob("*.png"):
+        folder = tmp_path / _label_of(path)
+        folder.mkdir(exist_ok=True)
+        (folder / path.name).write_bytes(path.read_bytes())
+    report = evaluate("fashion-mnist", str(tmp_path))
+    assert report.num_samples == 10 and report.top1 == 1.0
+
+
 def test_readme_main_job_runs_offline() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(

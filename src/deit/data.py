@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,54 @@ def _open_image(path: Path, channels: int) -> Any:
     return to_mode(load_image(path), channels)
 
 
+def _label_key(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "", name.lower())
+
+
+def match_class_folders(root: str | Path, labels: Sequence[str]) -> list[str]:
+    """The class folders of ``root`` in a model's class order (``ImageFolder``'s ``classes``).
+
+    A folder matches a label by name, ignoring case, spaces and punctuation (``t-shirt-top``
+    is ``T-shirt/top``); when every folder matches one, labels without a folder are simply
+    absent from the data. Otherwise there must be exactly one folder per class, and their
+    sorted order is taken as the class order (with a warning: the names say nothing).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+    by_key: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        by_key.setdefault(_label_key(label), i)
+    matched = {f: by_key.get(_label_key(f)) for f in folders}
+    if folders and all(i is not None for i in matched.values()):
+        classes = [f"/{i}" for i in range(len(labels))]  # "/" is never in a folder name
+        for folder, i in matched.items():
+            if not classes[i].startswith("/"):
+                raise ValueError(
+                    f"{root}: folders {classes[i]!r} and {folder!r} both match "
+                    f"the label {labels[i]!r}"
+                )
+            classes[i] = folder
+        return classes
+    if len(folders) != len(labels):
+        unmatched = [f for f, i in matched.items() if i is None]
+        raise ValueError(
+            f"{root} has {len(folders)} class folders, {len(unmatched)} of them not named "
+            f"after the model's labels (e.g. {unmatched[:1] or folders[:1]}), and the model "
+            f"has {len(labels)} classes: name the folders after the labels, or give exactly "
+            "one folder per class (sorted = class order)"
+        )
+    log.warning(
+        "%s: the folder names are not the model's labels; taking their sorted order as the "
+        "class order (%s = %s, ...)",
+        root,
+        folders[0],
+        labels[0],
+    )
+    return folders
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """``root/<class>/<image>`` with classes in sorted folder-name order.
 
@@ -243,7 +292,8 @@ class ImageFolder(torch.utils.data.Dataset):
             if f.suffix.lower() in IMAGE_EXTENSIONS
         ]
         if not self.samples:
-            where = ", ".join(self.classes[:3]) + (", ..." if len(self.classes) > 3 else "")
+            names = found or self.classes
+            where = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise ValueError(
                 f"{self.root} has no image files (.jpg, .png, ...) in class folders named {where}"
             )

@@ -27,6 +27,7 @@ from deit.data import (
     collate_skip_bad,
     image_eval_transform,
     load_fashion_mnist,
+    match_class_folders,
 )
 from deit.inference import resolve_device
 from deit.losses import split_heads
@@ -232,14 +233,7 @@ def _batches(
         )
         return batches, f"fashion-mnist:{split}"
     if isinstance(data, str | Path):
-        folders = sorted(d.name for d in Path(data).iterdir() if d.is_dir())
-        classes = subject.labels if set(folders) <= set(subject.labels) else None
-        if classes is None and len(folders) != len(subject.labels):
-            raise ValueError(
-                f"{data} has {len(folders)} class folders that are not the model's labels, "
-                f"and the model has {len(subject.labels)} classes: name the folders after "
-                "the labels, or give exactly one folder per class (sorted = class order)"
-            )
+        classes = match_class_folders(data, subject.labels)
         data_name, data = (
             str(data),
             ImageFolder(data, _image_transform(subject), classes, channels=s.in_chans),

@@ -129,13 +129,16 @@ def load_labelled(
 
     Images go through the model's own preprocessing, as ``deit predict`` would apply it. An
     image folder's sub-folders are matched to the model's labels by name when they all are
-    label names; otherwise their sorted order is taken as class indices. Unreadable files are
-    skipped.
+    label names (``deit.data.match_class_folders``); otherwise their sorted order is taken as
+    class indices. ``limit`` takes a seeded random sample of a folder's images (the first
+    ``limit`` of Fashion-MNIST's, which are in no class order). Unreadable files are skipped.
     """
     from PIL import Image
 
-    from deit.data import ImageFolder, load_fashion_mnist
+    from deit.data import ImageFolder, load_fashion_mnist, match_class_folders
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (or None for all), not {limit}")
     cfg = loaded.preprocess
     if spec.split(":")[0] == "fashion-mnist":
         split = spec.partition(":")[2] or "test"
@@ -143,14 +146,14 @@ def load_labelled(
         images, labels = images[:limit], labels[:limit]
         pixels = [preprocess_image(Image.fromarray(im[0].numpy(), "L"), cfg) for im in images]
         return torch.stack(pixels), labels, f"fashion-mnist:{split}"
-    folders = (
-        sorted(d.name for d in Path(spec).iterdir() if d.is_dir()) if Path(spec).is_dir() else []
-    )
-    classes = loaded.labels if folders and set(folders) <= set(loaded.labels) else None
+    classes = match_class_folders(spec, loaded.labels)
     dataset = ImageFolder(spec, transform=lambda im: preprocess_image(im, cfg), classes=classes)
+    order = range(len(dataset))
+    if limit is not None and limit < len(dataset):  # a seeded sample of every class
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
     xs, ys = [], []
-    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
-        item = dataset[i]
+    for i in order:
+        item = dataset[int(i)]
         if isinstance(item, tuple):
             xs.append(item[0])
             ys.append(item[1])
