@@ -124,7 +124,14 @@ def test_files_that_are_not_models_get_one_line_errors(
 ) -> None:
     image = str(sample_images[0])
     code, _, err = _run(["predict", "-m", image, image], capsys)
-    assert code == 2 and "is not a checkpoint: expected a .safetensors" in err
+    assert code == 2 and "is not a checkpoint: expected weights (.safetensors" in err
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    code, _, err = _run(["predict", "-m", str(tmp_path / "module.pth"), image], capsys)
+    assert code == 2 and "pickled Python objects (torch.nn.modules.linear.Linear)" in err
+    (tmp_path / "garbage.pth").write_bytes(b"garbage" * 10)
+    code, _, err = _run(["info", "-m", str(tmp_path / "garbage.pth")], capsys)
+    assert code == 2 and "not a PyTorch or safetensors weights file" in err
+    assert len(err.strip().splitlines()) == 1
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
@@ -134,6 +141,7 @@ def test_files_that_are_not_models_get_one_line_errors(
         ('{"format": ', "cannot read"),
         ("[1]", "holds a JSON list, not an object"),
         ('{"model_type": "deit", "id2label": 7}', "not a valid transformers config"),
+        ('{"format": "other"}', "is not a deit, timm or transformers DeiT config"),
     ]:
         (folder / "config.json").write_text(text)
         code, _, err = _run(["predict", "-m", str(folder), image], capsys)

@@ -144,6 +144,10 @@ def test_bad_batch_size_and_empty_folder_are_errors(model_dir: Path, tmp_path: P
 
     with pytest.raises(ValueError, match="batch size must be >= 1"):
         evaluate(str(model_dir), str(tmp_path), batch_size=0)
+    with pytest.raises(FileNotFoundError, match=r"folder .*nodir does not exist"):
+        evaluate(str(model_dir), str(tmp_path), confusion_matrix=tmp_path / "nodir" / "cm.png")
+    with pytest.raises(ValueError, match=r"use a \.png"):
+        evaluate(str(model_dir), str(tmp_path), confusion_matrix=tmp_path / "cm.txt")
     (tmp_path / "c1").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         evaluate(str(model_dir), str(tmp_path))

@@ -119,6 +119,20 @@ def test_export_cli_prints_report(
     assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["head"] == "avg"
 
 
+def test_export_checks_images_and_preprocessing_before_writing(
+    gray_dir: Path, tmp_path: Path, sample_images: list[Path]
+) -> None:
+    from deit.cli import main
+
+    out = tmp_path / "m.onnx"
+    (tmp_path / "notes.png").write_text("not an image")
+    argv = ["export", "--model", str(gray_dir), str(out), "--images", str(sample_images[0])]
+    with pytest.raises(ValueError, match=r"notes\.png: "):
+        run_subcommand(register_export, [*argv, str(tmp_path / "notes.png")])
+    assert main([*argv, "--preprocess", "official"]) == 2  # RGB ImageNet transform, gray model
+    assert not out.exists()
+
+
 def _fashion_mnist_available() -> bool:
     try:
         from deit.data import FASHION_MNIST_DIR
@@ -216,3 +230,12 @@ def test_onnx_without_our_metadata_is_refused(rgb_dir: Path, tmp_path: Path) -> 
         load_onnx(tmp_path / "bare.onnx")
     with pytest.raises(ExportError, match="not found"):
         load_onnx(tmp_path / "missing.onnx")
+    (tmp_path / "text.onnx").write_text("not a model")
+    with pytest.raises(ExportError, match="not an ONNX model"):
+        load_onnx(tmp_path / "text.onnx")
+    (tmp_path / "text.pt2").write_text("not a model")
+    with pytest.raises(ExportError, match=r"not a torch\.export file"):
+        read_metadata(tmp_path / "text.pt2")
+    with pytest.raises(ExportError, match="needs opset 17 or later"):
+        export_onnx(load_model(rgb_dir), tmp_path / "old.onnx", opset=7)
+    assert not (tmp_path / "old.onnx").exists()

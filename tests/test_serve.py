@@ -190,8 +190,11 @@ def test_out_of_range_port_is_a_usage_error(
 ) -> None:
     from deit.serve import main
 
-    assert main(["-m", str(save_tiny_model(tmp_path)), "--port", "99999"]) == 2
-    assert "--port must be 0..65535, not 99999" in capsys.readouterr().err
+    model = str(save_tiny_model(tmp_path))
+    assert main(["-m", model, "--port", "99999"]) == 2
+    assert "--port must be 0..65535 and --max-wait-ms >= 0, not 99999" in capsys.readouterr().err
+    assert main(["-m", model, "--max-wait-ms", "-1"]) == 2
+    assert "not 8000 and -1" in capsys.readouterr().err
 
 
 def test_app_from_a_bare_model(tmp_path: Path, photo: bytes) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deit.checkpoints import load_model
 from deit.config import DeiTConfig
 from deit.model import DeiT, resize_pos_embed
 from deit.teachers import (
@@ -84,6 +85,8 @@ def test_load_teacher_from_each_kind_of_file(tmp_path: Path) -> None:
         torch.testing.assert_close(teacher(x), ref, rtol=1e-4, atol=1e-4)
     model, config = load_classifier(tmp_path / "cnn")
     assert config["arch"] == "fmnist_cnn" and not model.training
+    with pytest.raises(ValueError, match="fmnist_cnn classifier written by deit train"):
+        load_model(tmp_path / "cnn")  # predict / export / serve take DeiTs only
     with pytest.raises(ValueError, match="predicts 10 classes but the student has 5"):
         load_teacher(str(tmp_path / "cnn"), student=GRAY, num_classes=5)
     with pytest.raises(FileNotFoundError):

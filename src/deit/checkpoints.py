@@ -46,6 +46,8 @@ PreprocessChoice = Literal["auto", "model-card", "official", "timm"]
 DEFAULT_MODEL = "facebook/deit-tiny-distilled-patch16-224"
 EMBEDDED_DIR = Path(__file__).parent / "data" / "models"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# config.json "format" of the CNN classifiers (teachers) that deit.teachers saves
+CLASSIFIER_FORMAT = "deit-classifier"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -99,12 +101,18 @@ def read_state_dict(path: str | Path) -> tuple[StateDict, Format]:
     except Exception as e:  # a corrupt or unsafe file: say which, never run it
         if path.suffix.lower() not in WEIGHT_SUFFIXES:
             raise CheckpointError(
-                f"{path} is not a checkpoint: expected a {', '.join(WEIGHT_SUFFIXES)} "
-                "weights file or a model directory"
+                f"{path} is not a checkpoint: expected weights ({', '.join(WEIGHT_SUFFIXES)}), "
+                "a model directory or (deit predict) an exported .onnx / .pt2 file"
+            ) from e
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects ({found.group(1)}), which are never "
+                "unpickled here: save the model's state_dict() instead"
             ) from e
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a PyTorch or safetensors weights file "
-            f"({type(e).__name__}: {e})"
+            f"(corrupt, or another format: {type(e).__name__})"
         ) from e
     fmt: Format = "timm"
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
@@ -394,6 +402,16 @@ def _load_dir(path: Path) -> LoadedModel:
         return LoadedModel(
             build_model(config, state, source), config, pre, list(labels), source, "timm"
         )
+    if meta.get("format") == CLASSIFIER_FORMAT:
+        raise CheckpointError(
+            f"{path} is a {meta.get('arch', 'CNN')} classifier written by deit train, not a "
+            "DeiT: deit eval and distill.teacher take it; predict, export and serve take DeiTs"
+        )
+    if meta.get("model_type") not in ("deit", "vit"):
+        raise CheckpointError(
+            f"{config_path} is not a deit, timm or transformers DeiT config "
+            f"(format {meta.get('format')!r}, model_type {meta.get('model_type')!r})"
+        )
     try:
         config = config_from_hf(meta)
     except (KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
@@ -550,6 +568,15 @@ def load_model(
     else:
         loaded = _load_file(resolved)
     size = loaded.config.image_hw[0]
+    if preprocess != "auto" and (
+        loaded.config.in_chans != 3 or (preprocess == "model-card" and size != 224)
+    ):
+        raise ValueError(
+            f"preprocess {preprocess!r} is an RGB ImageNet transform"
+            f"{' for 224 px' if preprocess == 'model-card' else ''}; {source} takes "
+            f"{loaded.config.in_chans}-channel {size} px images: use preprocess 'auto' "
+            "(what the checkpoint says)"
+        )
     if preprocess == "model-card":
         loaded.preprocess = PreprocessConfig.model_card()
     elif preprocess == "official":

@@ -276,6 +276,12 @@ def evaluate(
         raise ValueError(
             f"batch size must be >= 1 and workers >= 0, not {batch_size} and {num_workers}"
         )
+    if confusion_matrix:  # fail before the evaluation, not after it
+        cm = Path(confusion_matrix)
+        if cm.suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise ValueError(f"confusion matrix {cm}: use a .png, .pdf or .svg file name")
+        if not cm.parent.is_dir():
+            raise FileNotFoundError(f"confusion matrix {cm}: folder {cm.parent} does not exist")
     dev = resolve_device(device)
     subject = _load_subject(model_or_source, dev)
     batches, data_name = _batches(data, subject, batch_size, dev, num_workers, data_root)

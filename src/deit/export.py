@@ -42,13 +42,15 @@ from torch import Tensor, nn
 
 from deit.checkpoints import LoadedModel, load_model
 from deit.config import DeiTConfig
+from deit.inference import expand_paths
 from deit.model import DeiT, DeiTOutput
-from deit.transforms import ImageLike, PreprocessConfig, preprocess
+from deit.transforms import ImageLike, ImageLoadError, PreprocessConfig, preprocess
 
 Head = Literal["avg", "cls", "dist"]
 HEADS: tuple[Head, ...] = ("avg", "cls", "dist")
 ExportFormat = Literal["onnx", "torch-export"]
 DEFAULT_OPSET = 18
+MIN_OPSET = 17  # LayerNormalization
 SAMPLES_DIR = Path(__file__).parent / "web" / "samples"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -166,10 +168,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if path.suffix == ".pt2":
         extra = {"deit.json": ""}
-        torch.export.load(str(path), extra_files=extra)
+        try:
+            torch.export.load(str(path), extra_files=extra)
+        except Exception as e:  # a zip that isn't one, or another program's archive
+            raise ExportError(f"cannot read {path}: not a torch.export file ({e})") from e
         return json.loads(extra["deit.json"] or "{}")
     onnx = require("onnx", "onnx", "export")
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ExportError(f"cannot read {path}: not an ONNX model ({type(e).__name__})") from e
     return {p.key: p.value for p in proto.metadata_props if p.key.startswith("deit.")}
 
 
@@ -211,8 +219,12 @@ def export_onnx(
         ExportError: The exporter failed.
         ImportError: ``onnx`` or ``onnxscript`` is missing.
     """
-    require("onnx", "onnx", "export")
+    onnx = require("onnx", "onnx", "export")
     require("onnxscript", "onnxscript", "export")
+    if opset < MIN_OPSET:
+        raise ExportError(
+            f"DeiT's ONNX graph needs opset {MIN_OPSET} or later (LayerNormalization), not {opset}"
+        )
     loaded, wrapper, out, example, dynamic = _prepare(model_or_loaded, out, head, dynamic_batch)
     try:
         with torch.no_grad():
@@ -230,6 +242,11 @@ def export_onnx(
             program.save(str(out), external_data=False)  # type: ignore[union-attr]
     except Exception as e:  # the exporter raises many error types
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    # The exporter falls back to its own opset when a down-conversion fails: never pass that off.
+    written = {o.domain: o.version for o in onnx.load(str(out)).opset_import}.get("", opset)
+    if written != opset:
+        out.unlink()
+        raise ExportError(f"the exporter could not convert to opset {opset} (it wrote {written})")
     add_onnx_metadata(out, export_metadata(loaded, head, dynamic_batch))
     return out
 
@@ -285,7 +302,13 @@ def load_inputs(
     """Preprocessed batch of ``images`` (default: the package's samples) and their names."""
     items: Sequence[ImageLike] = images if images else sample_images()
     names = [str(x) if isinstance(x, (str, Path)) else f"<{type(x).__name__}>" for x in items]
-    return preprocess(list(items), loaded.preprocess), names
+    pixels = []
+    for item, name in zip(items, names, strict=True):
+        try:
+            pixels.append(preprocess(item, loaded.preprocess))
+        except ImageLoadError as e:
+            raise ImageLoadError(f"{name}: {e}") from e
+    return torch.cat(pixels), names
 
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
@@ -448,10 +471,13 @@ def run_export_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    images = expand_paths(args.images) if args.images else None
     try:
         loaded = load_model(
             args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
         )
+        if images is not None:
+            load_inputs(loaded, images)  # a bad image fails now, before anything is written
         if args.format == "onnx":
             path = export_onnx(
                 loaded,
@@ -463,7 +489,7 @@ def run_export_command(args: argparse.Namespace) -> int:
         else:
             path = export_torch(loaded, args.out, head=args.head, dynamic_batch=args.dynamic_batch)
         report = verify_export(
-            path, loaded, args.images, tolerance=args.tolerance, raise_on_failure=False
+            path, loaded, images, tolerance=args.tolerance, raise_on_failure=False
         )
     except (ImportError, ExportError) as e:
         print(f"deit export: error: {e}", file=sys.stderr)
@@ -492,7 +518,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default 18)")
     parser.add_argument(
-        "--images", nargs="+", help="images to verify on (default: package samples)"
+        "--images", nargs="+", help="images, folders or globs to verify on (default: samples)"
     )
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -371,14 +371,18 @@ def run_serve_command(args: argparse.Namespace) -> int:
     """``deit serve``: load the model, then serve until Ctrl-C."""
     from deit.cli import classifier_from_args
 
-    for flag in ("max_batch", "workers", "max_files", "max_upload_mb"):
+    for flag in ("max_batch", "workers", "max_files", "max_upload_mb", "max_pixels", "threads"):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             name = "--" + flag.replace("_", "-")
             print(f"deit serve: error: {name} must be positive, not {value}", file=sys.stderr)
             return 2
-    if not 0 <= args.port <= 65535:
-        print(f"deit serve: error: --port must be 0..65535, not {args.port}", file=sys.stderr)
+    if not 0 <= args.port <= 65535 or args.max_wait_ms < 0:
+        print(
+            "deit serve: error: --port must be 0..65535 and --max-wait-ms >= 0, "
+            f"not {args.port} and {args.max_wait_ms}",
+            file=sys.stderr,
+        )
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

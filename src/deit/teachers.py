@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deit.checkpoints import CheckpointError, read_json
+from deit.checkpoints import CLASSIFIER_FORMAT, CheckpointError, read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLASSIFIER_FORMAT = "deit-classifier"
 
 
 @dataclass(frozen=True)
