@@ -206,12 +206,25 @@ def test_timm_hub_folder_layout(tmp_path: Path) -> None:
 def test_preprocess_and_label_overrides(tmp_path: Path) -> None:
     write_tiny_hf(tmp_path / "m")
     (tmp_path / "labels.txt").write_text("one\ntwo\nthree\n")
-    loaded = load_model(tmp_path / "m", preprocess="model-card", labels=tmp_path / "labels.txt")
-    assert loaded.preprocess == PreprocessConfig.model_card()
+    loaded = load_model(tmp_path / "m", preprocess="official", labels=tmp_path / "labels.txt")
+    assert loaded.preprocess == PreprocessConfig.official(loaded.config.image_hw[0])
     assert loaded.labels == ["one", "two", "three"]
+    with pytest.raises(ValueError, match="RGB ImageNet transform for 224 px"):
+        load_model(tmp_path / "m", preprocess="model-card")  # a 224 px crop, a smaller model
     (tmp_path / "short.txt").write_text("one\n")
     with pytest.raises(ValueError, match="has 1 names; the model has 3"):
         load_model(tmp_path / "m", labels=tmp_path / "short.txt")
+    for name, text in [
+        ("id2label.json", '{"0": "one", "1": "two", "2": "three"}'),
+        ("class_index.json", '{"1": ["n2", "two"], "0": ["n1", "one"], "2": ["n3", "three"]}'),
+        ("list.json", '["one", "two", "three"]'),
+    ]:
+        (tmp_path / name).write_text(text)
+        assert load_model(tmp_path / "m", labels=tmp_path / name).labels == ["one", "two", "three"]
+    for name, data in [("broken.json", b'["one",\n'), ("image.png", b"\x89PNG\r\n\x1a\n\xff")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"label file .*{name} is not text"):
+            load_model(tmp_path / "m", labels=tmp_path / name)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")

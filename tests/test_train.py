@@ -135,6 +135,8 @@ def test_resume_continues_exactly(fake_fmnist: Path, tmp_path: Path) -> None:
     steps_per_epoch = 256 // 32
     train(_cfg(fake_fmnist, *extra, f"run.max_steps={steps_per_epoch}"), out_dir=tmp_path / "b")
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(FileExistsError, match="--resume continues it"):
+        train(_cfg(fake_fmnist, *extra), out_dir=tmp_path / "b")  # never overwrites a run
     resumed = train(_cfg(fake_fmnist, *extra), out_dir=tmp_path / "b", resume=True)
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(resumed / "last.pt", weights_only=True)

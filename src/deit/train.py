@@ -401,15 +401,22 @@ def train(
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = _run_dir(cfg, out_dir)
+    last = run_dir / "last.pt"
+    if last.is_file() and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({last.name}): --resume continues it; "
+            "another --out starts afresh"
+        )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not last.is_file():  # a fresh start: no curves of an earlier, unsaved attempt
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.json")
         _setup_logging(run_dir, rank)
     data = build_data(cfg, dev, rank, world, train_data, val_data, labels)
     model, arch = build_student(cfg, data.num_classes, data.spec, log)
     model.to(dev)
     loop, st = _prepare(cfg, data, model, dev, rank, world, run_dir)
-    last = run_dir / "last.pt"
     if resume and last.is_file():
         st.load(torch.load(last, map_location=dev, weights_only=True))
         log.info("resumed from %s at epoch %d, step %d", last, st.epoch, st.step)
