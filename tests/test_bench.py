@@ -55,6 +55,17 @@ def test_bad_arguments() -> None:
             list(run_bench(device="cuda"))
     with pytest.raises(ValueError, match="unknown dtype"):
         list(run_bench(dtype="int3"))
+    with pytest.raises(ValueError, match="unknown device 'foo'"):
+        list(run_bench(device="foo"))
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--iters", "-1"], ["--threads", "x"]])
+def test_bad_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from deit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *argv])
+    assert info.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
 
 
 def test_onnx_runtime_modes() -> None:

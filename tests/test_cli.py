@@ -220,6 +220,8 @@ def test_convert_and_info(
     code, out, _ = _run(["info", "-m", str(tmp_path / "ours"), "--json"], capsys)
     info = json.loads(out)
     assert code == 0 and info["format"] == "deit" and info["config"]["embed_dim"] == 64
+    code, _, err = _run(["convert", str(model_dir), str(tmp_path / "ours"), "--to", "hf"], capsys)
+    assert code == 2 and "exists and is not an empty folder" in err  # nothing overwritten
 
 
 def test_convert_to_fp16_halves_the_file_and_keeps_the_answers(

@@ -174,6 +174,12 @@ def test_quantize_bad_data_fails_before_writing(
     argv = ["quantize", "--model", str(gray_dir), str(out), "--data", str(tmp_path / "none")]
     assert run_subcommand(register_quantize, argv) == 2
     assert "does not exist" in capsys.readouterr().err and not out.exists()
+    for argv in (
+        ["quantize", "-m", str(gray_dir), str(tmp_path / "m.txt")],
+        ["quantize", "-m", str(gray_dir), str(out), "--keep-fp32", str(out)],
+    ):
+        assert run_subcommand(register_quantize, argv) == 2
+        assert "must be a .onnx file other than --keep-fp32" in capsys.readouterr().err
 
 
 def test_labelled_image_folder(rgb_dir: Path, tmp_path: Path, sample_images: list[Path]) -> None:

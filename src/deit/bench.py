@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from deit.checkpoints import save_model
+from deit.cli import at_least
 from deit.config import VARIANTS, DeiTConfig
-from deit.inference import DTYPES, autocast, quantize_int8
+from deit.inference import DTYPES, autocast, quantize_int8, resolve_device
 from deit.model import DeiT
 from deit.transforms import PreprocessConfig
 
@@ -253,9 +254,7 @@ def run_bench(
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if dtype != "fp32" and any(m.startswith("onnx") or m == "int8" for m in modes):
         raise ValueError("the onnx and int8 modes measure fp32 and int8 models: use --dtype fp32")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
+    dev = resolve_device(device)
     contenders, reference = build_contenders(variant, dev, impls, modes)
     for batch in batches:
         for contender in contenders:
@@ -274,12 +273,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="deit_tiny_distilled_patch16_224", choices=sorted(VARIANTS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--batch", type=int, action="append", help="batch size (repeatable)")
+    p.add_argument("--batch", type=at_least(1), action="append", help="batch size (repeatable)")
     p.add_argument("--impl", action="append", choices=IMPLS, help="default: all")
     p.add_argument("--mode", action="append", choices=MODES, help="default: eager")
-    p.add_argument("--iters", type=int, default=10, help="timed batches (at least)")
+    p.add_argument("--iters", type=at_least(1), default=10, help="timed batches (at least)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds (at least)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--threads", type=at_least(1), help="CPU threads for torch")
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
 
 

@@ -639,11 +639,11 @@ def save_model(
     if len(labels) != config.num_classes:
         raise ValueError(f"{len(labels)} labels for a model with {config.num_classes} classes")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {
         k: v.detach().to("cpu", dtype or v.dtype).contiguous()
         for k, v in model.state_dict().items()
     }
+    processor = None
     if format == "deit":
         meta = {
             "format": "deit",
@@ -656,9 +656,12 @@ def save_model(
     elif format == "hf":
         state = timm_to_hf(state, config)
         meta = config_to_hf(config, labels)
-        (out / "preprocessor_config.json").write_text(json.dumps(preprocess.to_hf(), indent=2))
+        processor = preprocess.to_hf()
     else:
         raise ValueError(f"unknown format {format!r}: use 'deit' or 'hf'")
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed conversion leaves nothing
+    if processor is not None:
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     weights = out / "model.safetensors"
     save_file(state, str(weights), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(meta, indent=2))
@@ -684,6 +687,9 @@ def convert(
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(dtypes)}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder: convert writes a new one")
     loaded = load_model(source, revision=revision)
     metadata = {**loaded.metadata, "converted_from": str(loaded.source)}
     if dtype is not None:

@@ -19,6 +19,19 @@ EXIT_INPUT_FAILED = 1  # ran, but some inputs could not be processed
 EXIT_USAGE = 2  # nothing ran: bad arguments, model or data
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum`` (anything else is a usage error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # argparse reports a ValueError as "invalid <name> value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model`` and the loading options every model-taking subcommand shares."""
     p.add_argument(
@@ -35,7 +48,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "model-card", "official", "timm"],
         help="preprocessing: the checkpoint's own (auto) or a named one",
     )
-    p.add_argument("--labels", help="label file (one name per line, or a JSON list)")
+    p.add_argument("--labels", help="label file (one name per line, a JSON list or index map)")
 
 
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
@@ -247,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `deit ... | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command ended by SIGPIPE
     except _EXPECTED_ERRORS as e:  # CheckpointError and ImageLoadError are ValueErrors
         if os.environ.get("DEIT_DEBUG"):
             raise

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from deit.checkpoints import LoadedModel, load_model
-from deit.cli import add_model_arguments
+from deit.cli import add_model_arguments, at_least
 from deit.export import (
     HEADS,
     ExportError,
@@ -319,6 +319,16 @@ def format_quant_report(r: QuantReport) -> str:
 
 def run_quantize_command(args: argparse.Namespace) -> int:
     """``deit quantize``: exit 0 on success, 2 on bad input or a failed export."""
+    out = Path(args.out)
+    if out.suffix != ".onnx" or (
+        args.keep_fp32 and Path(args.keep_fp32).resolve() == out.resolve()
+    ):
+        print(
+            f"deit quantize: error: the output must be a .onnx file other than --keep-fp32, "
+            f"not {args.out!r}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         loaded = load_model(
             args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
@@ -351,11 +361,17 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output .onnx file")
     parser.add_argument("--data", help="fashion-mnist[:test|train] or an image folder (labelled)")
     parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
-    parser.add_argument("--limit", type=int, default=1000, help="images of --data to use (0: all)")
+    parser.add_argument(
+        "--limit", type=at_least(0), default=1000, help="images of --data to use (0: all)"
+    )
     parser.add_argument("--head", choices=HEADS, default="avg")
     parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
-    parser.add_argument("--bench-runs", type=int, default=100, help="timing runs (0: no timing)")
-    parser.add_argument("--threads", type=int, help="intra-op threads for timing (default: all)")
+    parser.add_argument(
+        "--bench-runs", type=at_least(0), default=100, help="timing runs (0: no timing)"
+    )
+    parser.add_argument(
+        "--threads", type=at_least(1), help="intra-op threads for timing (default: all)"
+    )
     parser.add_argument("--keep-fp32", metavar="PATH", help="also keep the fp32 ONNX model here")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
