@@ -291,7 +291,11 @@ def infer_config(state: StateDict, *, distilled_head: bool = True) -> DeiTConfig
         raise CheckpointError(f"not a DeiT state dict: key {e} is missing") from None
     dim, chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     if dim % 64:
-        raise CheckpointError(f"embed_dim {dim} is not a multiple of 64; give the head count")
+        raise CheckpointError(
+            f"embed_dim {dim} is not a multiple of 64, so a bare weights file can't say its "
+            "head count: load a model folder whose config.json gives it (deit train and deit "
+            "convert write one), or build_model(DeiTConfig(..., num_heads=N), state, source)"
+        )
     distilled = "dist_token" in state
     prefix = 2 if distilled else 1
     side = math.isqrt(pos.shape[1] - prefix)
