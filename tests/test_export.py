@@ -219,6 +219,10 @@ def test_predict_runs_exported_onnx_files(
     assert main(["predict", "--model", str(path), "--json", "-k", "1", *paths]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(paths) and all(json.loads(x)["predictions"] for x in lines)
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    params = sum(p.numel() for p in load_model(rgb_dir).model.parameters())
+    assert info["format"] == "onnx" and info["parameters"] == params
     with pytest.raises(ValueError, match="runs as exported"):
         Classifier.from_pretrained(path, precision="int8")
 

@@ -117,14 +117,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from deit.checkpoints import load_model
 
-    loaded = load_model(
-        args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
-    )
+    if str(args.model).endswith(".onnx"):  # a deit export / quantize file: its metadata
+        from deit.export import load_onnx
+
+        loaded = load_onnx(args.model)
+    else:
+        loaded = load_model(
+            args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
+        )
+    model = loaded.model
+    if loaded.format == "onnx":  # count the exported DeiT's parameters, not ONNX initializers
+        from deit.model import DeiT
+
+        model = DeiT(loaded.config)
     info = {
         "source": loaded.source,
         "format": loaded.format,
         "config": loaded.config.to_dict(),
-        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "preprocess": loaded.preprocess.to_dict(),
         "num_labels": len(loaded.labels),
         "labels_sample": loaded.labels[:5],
