@@ -115,16 +115,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from deit.checkpoints import load_model
+    from deit.inference import load_any
 
-    if str(args.model).endswith(".onnx"):  # a deit export / quantize file: its metadata
-        from deit.export import load_onnx
-
-        loaded = load_onnx(args.model)
-    else:
-        loaded = load_model(
-            args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
-        )
+    loaded = load_any(
+        args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
+    )
     model = loaded.model
     if loaded.format == "onnx":  # count the exported DeiT's parameters, not ONNX initializers
         from deit.model import DeiT

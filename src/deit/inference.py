@@ -60,6 +60,19 @@ class FileResult:
         }
 
 
+def load_any(source: str | Path = DEFAULT_MODEL, **load_kwargs: Any) -> LoadedModel:
+    """:func:`deit.checkpoints.load_model`, or for an ``.onnx`` file of ``deit export`` /
+    ``deit quantize`` :func:`deit.export.load_onnx` (the file carries its own settings)."""
+    if str(source).endswith(".onnx"):
+        from deit.export import load_onnx
+
+        unused = {k: v for k, v in load_kwargs.items() if v not in (None, "auto")}
+        if unused:
+            raise ValueError(f"an ONNX file carries its own settings; drop {sorted(unused)}")
+        return load_onnx(source)
+    return load_model(source, **load_kwargs)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA, then Apple's MPS, then the CPU; others must be available."""
     if str(device) == "auto":
@@ -194,16 +207,10 @@ class Classifier:
         """Load any checkpoint :func:`deit.checkpoints.load_model` reads, or an ``.onnx`` file
         of ``deit export``/``deit quantize`` (run by ONNX Runtime on the CPU, with the labels
         and preprocessing stored in the file)."""
-        if str(source).endswith(".onnx"):
-            from deit.export import load_onnx
-
-            unused = {k: v for k, v in load_kwargs.items() if v not in (None, "auto")}
-            if unused:
-                raise ValueError(f"an ONNX file carries its own settings; drop {sorted(unused)}")
-            if str(device) == "auto":
-                device = "cpu"
-            return cls(load_onnx(source), device, precision=precision, compile=compile)
-        return cls(load_model(source, **load_kwargs), device, precision=precision, compile=compile)
+        loaded = load_any(source, **load_kwargs)
+        if loaded.format == "onnx" and str(device) == "auto":
+            device = "cpu"
+        return cls(loaded, device, precision=precision, compile=compile)
 
     @property
     def labels(self) -> list[str]:
