@@ -17,17 +17,22 @@ import pytest
 import torch
 from PIL import Image, ImageFile, features
 
+from deit import transforms
 from deit.transforms import (
     DEFAULT_MAX_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageLoadError,
     PreprocessConfig,
+    _box_resize,
     center_crop_array,
+    crop_offset,
     has_light_background,
     load_image,
     preprocess,
     preprocess_image,
+    resize_and_crop,
+    resized_size,
     to_mode,
 )
 
@@ -535,3 +540,55 @@ def test_longer_side_resize_letterboxes() -> None:
     )
     with pytest.raises(ValueError, match="letterbox"):
         cfg.to_hf()
+
+
+SQUASH_64_CROP_56 = PreprocessConfig(resize_mode="squash", resize_size=(64, 64), crop_size=(56, 56))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_resize_and_crop_computes_the_crop_alone_bit_for_bit(mode):
+    """The crop-only resize (source box, row bands on threads) equals resize-all-then-crop."""
+    rng = np.random.default_rng(1)
+    fast = 0
+    cases = 0
+    for _ in range(60):
+        width, height = (int(v) for v in rng.integers(20, 700, 2))
+        resample = [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS][
+            cases % 3
+        ]
+        cfg = dataclasses.replace(
+            PreprocessConfig.official(56) if cases % 2 else SQUASH_64_CROP_56,
+            interpolation={3: "bicubic", 2: "bilinear", 1: "lanczos"}[int(resample)],
+            channels=3 if mode == "RGB" else 1,
+            mean=IMAGENET_MEAN[: 3 if mode == "RGB" else 1],
+            std=IMAGENET_STD[: 3 if mode == "RGB" else 1],
+        )
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(
+            mode
+        )
+        new_w, new_h = resized_size(width, height, cfg)
+        (ch, cw), rounding = cfg.crop_size, cfg.crop_rounding
+        whole = np.asarray(img.resize((new_w, new_h), resample))
+        want = center_crop_array(whole, (ch, cw), rounding)
+        np.testing.assert_array_equal(resize_and_crop(img, cfg), want)
+        top, left = crop_offset(new_h, ch, rounding), crop_offset(new_w, cw, rounding)
+        if top < 0 or left < 0:
+            continue
+        for bands in (1, 2, 3):
+            cases += 1
+            got = _box_resize(img, (new_w, new_h), (left, top, cw, ch), resample, bands)
+            if got is not None:
+                fast += 1
+                np.testing.assert_array_equal(got, want)
+    assert cases > 100 and fast > cases // 2, (fast, cases)  # the fast path is the common one
+
+
+def test_large_images_resize_in_bands(monkeypatch):
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 450, 3), np.uint8))
+    monkeypatch.setattr(transforms, "BAND_MIN_PIXELS", 0)
+    monkeypatch.setattr(transforms.os, "cpu_count", lambda: 3)
+    assert transforms._bands(img) == 3
+    cfg = PreprocessConfig(resize_mode="squash", resize_size=(256, 256))  # crop 224
+    want = np.asarray(img.resize((256, 256), Image.Resampling.BICUBIC))[16:240, 16:240]
+    np.testing.assert_array_equal(resize_and_crop(img, cfg), want)
+    assert transforms._box_resize_is_exact()

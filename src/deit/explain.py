@@ -42,10 +42,9 @@ from deit.transforms import (
     ImageLike,
     ImageLoadError,
     PreprocessConfig,
-    center_crop_array,
     load_image,
     preprocess_image,
-    resize_image,
+    resize_and_crop,
     to_mode,
 )
 
@@ -164,9 +163,7 @@ def model_view(image: ImageLike | Image.Image, cfg: PreprocessConfig) -> Image.I
     """
     img = image if isinstance(image, Image.Image) else load_image(image)
     img = to_mode(to_mode(img, cfg.channels), 3)  # gray models: show the gray picture
-    arr = np.asarray(resize_image(img, cfg))
-    if cfg.crop_size is not None:
-        arr = center_crop_array(arr, cfg.crop_size, cfg.crop_rounding)
+    arr = resize_and_crop(img, cfg)
     return Image.fromarray(np.ascontiguousarray(arr), "RGB")
 
 

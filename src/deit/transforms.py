@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 import os
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -516,23 +518,163 @@ def has_light_background(img: Image.Image) -> bool:
     return total / max(1, sum(p.size for p in band)) > 127
 
 
-def resize_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """Resize per ``cfg.resize_mode`` with the configured PIL filter."""
-    width, height = img.size
+def resized_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(width, height) of a ``width`` x ``height`` image after ``cfg``'s resize step."""
     if cfg.resize_mode == "none":
-        return img
+        return width, height
     if cfg.resize_mode == "squash":
         new_h, new_w = cfg.resize_size  # type: ignore[misc]
-    elif cfg.resize_mode == "longer":
+        return new_w, new_h
+    if cfg.resize_mode == "longer":
         scale = cfg.resize_size / max(width, height)  # type: ignore[operator]
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    elif width <= height:  # torchvision Resize(int): long = int(size * long / short)
-        new_w, new_h = cfg.resize_size, int(cfg.resize_size * height / width)  # type: ignore[operator]
-    else:
-        new_h, new_w = cfg.resize_size, int(cfg.resize_size * width / height)  # type: ignore[operator]
-    if (new_w, new_h) == (width, height):
+        return max(1, round(width * scale)), max(1, round(height * scale))
+    if width <= height:  # torchvision Resize(int): long = int(size * long / short)
+        return cfg.resize_size, int(cfg.resize_size * height / width)  # type: ignore[return-value,operator]
+    return int(cfg.resize_size * width / height), cfg.resize_size  # type: ignore[return-value,operator]
+
+
+def resize_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Resize per ``cfg.resize_mode`` with the configured PIL filter."""
+    size = resized_size(*img.size, cfg)
+    if size == img.size:
         return img
-    return img.resize((new_w, new_h), INTERPOLATIONS[cfg.interpolation])
+    return img.resize(size, INTERPOLATIONS[cfg.interpolation])
+
+
+def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """``cfg``'s resize, then its center crop: an (H, W[, C]) uint8 array.
+
+    Where the crop lies inside the resized image, only the kept pixels are computed (PIL's
+    resize of a source box), in row bands on several threads for large images. That path is
+    taken only where it gives the same pixels as resizing everything and cropping (see
+    :func:`_box_resize`); elsewhere everything is resized, then cropped.
+    """
+    if cfg.crop_size is None:
+        return np.asarray(resize_image(img, cfg))
+    size = resized_size(*img.size, cfg)
+    (ch, cw), (new_w, new_h) = cfg.crop_size, size
+    top = crop_offset(new_h, ch, cfg.crop_rounding)
+    left = crop_offset(new_w, cw, cfg.crop_rounding)
+    resample = INTERPOLATIONS[cfg.interpolation]
+    if (
+        top >= 0
+        and left >= 0
+        and new_w != img.width
+        and new_h != img.height
+        and resample != Image.Resampling.NEAREST
+        and _box_resize_is_exact()
+    ):
+        out = _box_resize(img, size, (left, top, cw, ch), resample, _bands(img))
+        if out is not None:
+            return out
+    return center_crop_array(np.asarray(resize_image(img, cfg)), cfg.crop_size, cfg.crop_rounding)
+
+
+# Images of at least this many pixels are resized in row bands on several threads.
+BAND_MIN_PIXELS = 1 << 20
+_band_pool: tuple[int, ThreadPoolExecutor] | None = None
+_band_pool_lock = threading.Lock()
+
+
+def _bands(img: Image.Image) -> int:
+    if img.width * img.height < BAND_MIN_PIXELS:
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _pool() -> ThreadPoolExecutor:
+    """This process's band threads (a forked child gets its own)."""
+    global _band_pool
+    with _band_pool_lock:
+        if _band_pool is None or _band_pool[0] != os.getpid():
+            _band_pool = (os.getpid(), ThreadPoolExecutor(4, thread_name_prefix="deit-resize"))
+        return _band_pool[1]
+
+
+def _source_interval(
+    insize: int, outsize: int, start: int, length: int
+) -> tuple[float, float] | None:
+    """The source interval (one side of a PIL resize box) whose ``length`` outputs are outputs
+    ``start ..`` of resizing ``insize`` pixels to ``outsize``, bit for bit; None if none is.
+
+    Pillow's resampler (``precompute_coeffs`` in ``Resample.c``) takes the box as C floats,
+    sets ``scale = (double)(in1 - in0) / length`` (the difference taken in float), centers
+    output ``i`` on ``in0 + (i + 0.5) * scale`` and derives each output's taps and fixed-point
+    weights from the scale and its center; a whole resize has ``in0 = 0``. Equal scales and
+    centers give equal pixels for every filter, and both are checked here in the same
+    arithmetic. A scale that is no float (``4032 / 341``) can't be matched this way.
+    """
+    scale = insize / outsize
+    in0, in1 = np.float32(start * scale), np.float32((start + length) * scale)
+    i = np.arange(length, dtype=np.float64) + 0.5
+    if float(np.float32(in1 - in0)) / length != scale:
+        return None
+    if not np.array_equal(float(in0) + i * scale, (i + start) * scale):
+        return None
+    return float(in0), float(in1)
+
+
+def _horizontal_first(width: int, height: int, out_w: int, out_h: int) -> bool:
+    """Pillow's (13) choice of pass order: vertical first if the height shrinks by more than
+    twice what the width does. Bands must make the same choice as the whole image, since the
+    intermediate image is rounded to 8 bits between the passes."""
+    return not (height - out_h > 0 and height - out_h > (width - out_w) * 2)
+
+
+def _box_resize(
+    img: Image.Image,
+    size: tuple[int, int],
+    crop: tuple[int, int, int, int],
+    resample: Image.Resampling,
+    bands: int,
+) -> np.ndarray | None:
+    """Pixels ``crop`` = (left, top, width, height) of ``img.resize(size, resample)``, computing
+    only the rows kept (and the columns, where the scale allows), in ``bands`` row bands on
+    threads; None where that would not be bit-identical."""
+    (width, height), (new_w, new_h), (left, top, cw, ch) = img.size, size, crop
+    xs = _source_interval(width, new_w, left, cw)
+    if xs is None:  # resize all columns, crop them afterwards
+        xs, out_w, x0 = (0.0, float(width)), new_w, left
+    else:
+        out_w, x0 = cw, 0
+    order = _horizontal_first(width, height, new_w, new_h)
+    cuts = [round(i * ch / bands) for i in range(bands + 1)]
+    jobs = []
+    for y0, y1 in itertools.pairwise(cuts):
+        ys = _source_interval(height, new_h, top + y0, y1 - y0)
+        if ys is None or _horizontal_first(width, height, out_w, y1 - y0) != order:
+            return None
+        jobs.append(((out_w, y1 - y0), (xs[0], ys[0], xs[1], ys[1])))
+    # PIL releases the GIL while resampling: the bands run in parallel.
+    futures = [_pool().submit(img.resize, s, resample, b) for s, b in jobs[1:]]
+    parts = [img.resize(jobs[0][0], resample, box=jobs[0][1])] + [f.result() for f in futures]
+    rows = np.concatenate([np.asarray(p) for p in parts])
+    return rows[:, x0 : x0 + cw]
+
+
+@lru_cache(maxsize=1)
+def _box_resize_is_exact() -> bool:
+    """Check :func:`_box_resize` against a whole resize on small probes, both pass orders
+    included, once per process: a Pillow whose resampler differs turns the fast path off."""
+    rng = np.random.default_rng(0)
+    probes = [  # (width, height, resized w, h, crop w, h)
+        (97, 61, 32, 32, 28, 28),  # horizontal pass first
+        (23, 160, 16, 16, 14, 14),  # vertical pass first
+        (150, 90, 40, 24, 20, 20),  # shorter side resized
+        (130, 90, 34, 24, 20, 20),  # a scale that is no float: all columns resized
+        (80, 100, 48, 40, 40, 32),  # near the order threshold (2 bands: not exact, None)
+    ]
+    for width, height, new_w, new_h, cw, ch in probes:
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        left, top = (new_w - cw) // 2, (new_h - ch) // 2
+        for resample in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR):
+            whole = np.asarray(img.resize((new_w, new_h), resample))
+            want = whole[top : top + ch, left : left + cw]
+            for bands in (1, 2):
+                got = _box_resize(img, (new_w, new_h), (left, top, cw, ch), resample, bands)
+                if got is not None and not np.array_equal(got, want):
+                    return False
+    return True
 
 
 def crop_offset(size: int, crop: int, rounding: Literal["round", "floor"]) -> int:
@@ -584,10 +726,7 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     img = to_mode(img, cfg.channels)
     if cfg.invert_light_background and has_light_background(img):
         img = ImageOps.invert(img)
-    arr = np.asarray(resize_image(img, cfg))
-    if cfg.crop_size is not None:
-        arr = center_crop_array(arr, cfg.crop_size, cfg.crop_rounding)
-    return torch.from_numpy(normalize_array(arr, cfg))
+    return torch.from_numpy(normalize_array(resize_and_crop(img, cfg), cfg))
 
 
 def preprocess(
