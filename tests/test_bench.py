@@ -76,13 +76,17 @@ def test_onnx_runtime_modes() -> None:
             "deit_tiny_patch16_224",
             batches=(2,),
             impls=("deit", "timm"),
-            modes=("onnx", "onnx-int8"),
+            modes=("onnx", "onnx-fused", "onnx-int8"),
             iters=1,
             min_seconds=0,
         )
     )
-    assert [(m.impl, m.mode) for m in results] == [("deit", "onnx"), ("deit", "onnx-int8")]
-    assert results[0].max_abs_logit_diff < 1e-4  # fp32 export is exact
+    assert [(m.impl, m.mode) for m in results] == [
+        ("deit", "onnx"),
+        ("deit", "onnx-fused"),
+        ("deit", "onnx-int8"),
+    ]
+    assert results[0].max_abs_logit_diff < 1e-4 and results[1].max_abs_logit_diff < 1e-4  # fp32
     with pytest.raises(ValueError, match="use --dtype fp32"):
         list(run_bench(dtype="bf16", modes=("onnx",)))
 

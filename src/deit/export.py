@@ -44,6 +44,8 @@ from deit.checkpoints import LoadedModel, load_model
 from deit.config import DeiTConfig
 from deit.inference import expand_paths
 from deit.model import DeiT, DeiTOutput
+from deit.ort_graph import OPSET as ORT_OPSET
+from deit.ort_graph import build_ort_graph
 from deit.transforms import ImageLike, ImageLoadError, PreprocessConfig, preprocess
 
 Head = Literal["avg", "cls", "dist"]
@@ -201,7 +203,8 @@ def export_onnx(
     *,
     head: Head = "avg",
     dynamic_batch: bool = False,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
+    fused: bool = False,
 ) -> Path:
     """Write an ONNX model (one file, weights inside) with input ``pixel_values``.
 
@@ -210,16 +213,29 @@ def export_onnx(
         out: The ``.onnx`` file to write.
         head: Which logits the graph returns: ``avg``, ``cls`` or ``dist``.
         dynamic_batch: A symbolic batch dimension; otherwise the batch size is fixed to 1.
-        opset: ONNX opset (18 is the exporter's own; lower ones go through a converter).
+        opset: ONNX opset (default 18, the exporter's own; lower ones go through a converter;
+            the fused graph is opset 20).
+        fused: Write the graph for ONNX Runtime with its fused ``Attention`` operator
+            (:mod:`deit.ort_graph`): faster there, but it runs in ONNX Runtime only.
 
     Returns:
         The written path.
 
     Raises:
-        ExportError: The exporter failed.
+        ExportError: The exporter failed, or the opset is not possible.
         ImportError: ``onnx`` or ``onnxscript`` is missing.
     """
     onnx = require("onnx", "onnx", "export")
+    if fused:
+        if opset not in (None, ORT_OPSET):
+            raise ExportError(f"the fused ONNX Runtime graph is opset {ORT_OPSET}, not {opset}")
+        loaded, wrapper, out, _, _ = _prepare(model_or_loaded, out, head, dynamic_batch)
+        onnx.save(build_ort_graph(wrapper.model, head, dynamic_batch), str(out))
+        add_onnx_metadata(
+            out, {**export_metadata(loaded, head, dynamic_batch), "deit.graph": "onnxruntime"}
+        )
+        return out
+    opset = DEFAULT_OPSET if opset is None else opset
     require("onnxscript", "onnxscript", "export")
     if opset < MIN_OPSET:
         raise ExportError(
@@ -485,6 +501,7 @@ def run_export_command(args: argparse.Namespace) -> int:
                 head=args.head,
                 dynamic_batch=args.dynamic_batch,
                 opset=args.opset,
+                fused=args.ort_fused,
             )
         else:
             path = export_torch(loaded, args.out, head=args.head, dynamic_batch=args.dynamic_batch)
@@ -516,7 +533,17 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--head", choices=HEADS, default="avg", help="logits to export (default avg)"
     )
     parser.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default 18)")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        help=f"ONNX opset (default {DEFAULT_OPSET}; {ORT_OPSET} with --ort-fused)",
+    )
+    parser.add_argument(
+        "--ort-fused",
+        action="store_true",
+        help="ONNX Runtime's fused Attention operator: faster on its CPU provider, "
+        "runs in ONNX Runtime only",
+    )
     parser.add_argument(
         "--images", nargs="+", help="images, folders or globs to verify on (default: samples)"
     )

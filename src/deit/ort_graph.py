@@ -1,0 +1,169 @@
+"""DeiT written directly as an ONNX graph for ONNX Runtime, with its fused attention operator.
+
+The exporter in :mod:`deit.export` traces the model into portable ONNX: attention becomes a
+dozen ``Reshape``/``Transpose``/``Split``/``MatMul``/``Softmax`` nodes per block, which ONNX
+Runtime's CPU provider runs one by one, and which its quantizer leaves in fp32. This module
+writes the same computation node by node instead, using
+
+* ``com.microsoft.Attention`` for each block's q/k/v projection and multi-head attention (one
+  kernel; ``deit quantize`` turns it into ``QAttention``, whose projection is int8),
+* ``LayerNormalization`` (opset 17) and ``Gelu`` (opset 20, exact erf form),
+* the prefix tokens with their position embedding folded into one constant, and the average
+  of the two heads as one ``MatMul`` over the concatenated tokens.
+
+The graph runs in ONNX Runtime only (the ``com.microsoft`` domain), computes the logits of
+:class:`~deit.export.HeadLogits` to float32 rounding, and is checked against eager PyTorch
+by ``tests/test_ort_graph.py`` and, on every export, by :func:`deit.export.verify_export`.
+Speed: see docs/performance.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from deit.model import DeiT
+
+ORT_DOMAIN = "com.microsoft"
+OPSET = 20  # Gelu
+
+
+class _GraphBuilder:
+    """Nodes and initializers of one graph, with unique tensor names."""
+
+    def __init__(self) -> None:
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+
+    def const(self, name: str, value: np.ndarray | torch.Tensor) -> str:
+        """Add an initializer (float tensors as float32, contiguous) and return its name."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().float().numpy()
+        array = np.ascontiguousarray(value)
+        self.initializers.append(self.numpy_helper.from_array(array, name))
+        return name
+
+    def ints(self, name: str, values: list[int]) -> str:
+        return self.const(name, np.asarray(values, dtype=np.int64))
+
+    def op(self, op_type: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        """Add a node with one output; ``domain`` in ``attrs`` selects a contrib op."""
+        domain = attrs.pop("domain", None)
+        self.nodes.append(
+            self.helper.make_node(op_type, inputs, [output], name=output, domain=domain, **attrs)
+        )
+        return output
+
+
+def build_ort_graph(
+    model: DeiT, head: Literal["avg", "cls", "dist"] = "avg", dynamic_batch: bool = False
+) -> Any:
+    """The ``onnx.ModelProto`` of ``model`` (eval mode) returning ``head``'s logits.
+
+    Input ``pixel_values`` (batch, C, H, W) at the model's image size; output ``logits``
+    (batch, classes). ``dynamic_batch`` makes the batch dimension symbolic, else it is 1.
+    """
+    from onnx import TensorProto, helper
+
+    cfg = model.config
+    if head == "dist" and model.head_dist is None:
+        raise ValueError("head 'dist' needs a distilled model with a distillation head")
+    sd = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    d, p, n_prefix = cfg.embed_dim, cfg.patch_size, cfg.num_prefix_tokens
+    g = _GraphBuilder()
+
+    # Patches: conv (B, D, h, w) -> (B, h*w, D), plus their position embeddings.
+    conv_w = g.const("patch.w", sd["patch_embed.proj.weight"])
+    conv_b = g.const("patch.b", sd["patch_embed.proj.bias"])
+    x = g.op(
+        "Conv", ["pixel_values", conv_w, conv_b], "patch.conv", kernel_shape=[p, p], strides=[p, p]
+    )
+    x = g.op("Reshape", [x, g.ints("patch.shape", [0, d, -1])], "patch.flat")
+    x = g.op("Transpose", [x], "patch.tokens", perm=[0, 2, 1])
+    pos = sd["pos_embed"]
+    x = g.op("Add", [x, g.const("patch.pos", pos[:, n_prefix:])], "patch.embedded")
+
+    # Prefix tokens ([CLS] or [CLS, DIST]) with their position embeddings: one constant,
+    # repeated over the batch.
+    tokens = [sd["cls_token"]] + ([sd["dist_token"]] if cfg.distilled else [])
+    prefix = g.const("prefix", torch.cat(tokens, dim=1) + pos[:, :n_prefix])
+    batch = g.op("Shape", [x], "batch", start=0, end=1)
+    shape = g.op("Concat", [batch, g.ints("prefix.dims", [n_prefix, d])], "prefix.shape", axis=0)
+    prefix = g.op("Expand", [prefix, shape], "prefix.batch")
+    x = g.op("Concat", [prefix, x], "tokens", axis=1)
+
+    def layer_norm(name: str, key: str, inp: str) -> str:
+        weight = g.const(f"{name}.w", sd[f"{key}.weight"])
+        bias = g.const(f"{name}.b", sd[f"{key}.bias"])
+        return g.op(
+            "LayerNormalization", [inp, weight, bias], name, axis=-1, epsilon=cfg.layer_norm_eps
+        )
+
+    def linear(name: str, key: str, inp: str) -> str:
+        y = g.op("MatMul", [inp, g.const(f"{name}.w", sd[f"{key}.weight"].T)], f"{name}.mm")
+        return g.op("Add", [y, g.const(f"{name}.b", sd[f"{key}.bias"])], name)
+
+    for i in range(cfg.depth):
+        key, name = f"blocks.{i}", f"b{i}"
+        y = layer_norm(f"{name}.norm1", f"{key}.norm1", x)
+        # Attention's weights are (D, 3D) with columns [q | k | v], heads contiguous: the
+        # transpose of our fused qkv linear. Its default scale is 1/sqrt(head_dim).
+        qkv_w = g.const(f"{name}.qkv.w", sd[f"{key}.attn.qkv.weight"].T)
+        qkv_b = g.const(f"{name}.qkv.b", sd.get(f"{key}.attn.qkv.bias", torch.zeros(3 * d)))
+        y = g.op(
+            "Attention",
+            [y, qkv_w, qkv_b],
+            f"{name}.attn",
+            domain=ORT_DOMAIN,
+            num_heads=cfg.num_heads,
+        )
+        y = linear(f"{name}.proj", f"{key}.attn.proj", y)
+        x = g.op("Add", [x, y], f"{name}.residual1")
+        y = layer_norm(f"{name}.norm2", f"{key}.norm2", x)
+        y = linear(f"{name}.fc1", f"{key}.mlp.fc1", y)
+        y = g.op("Gelu", [y], f"{name}.gelu")
+        y = linear(f"{name}.fc2", f"{key}.mlp.fc2", y)
+        x = g.op("Add", [x, y], f"{name}.residual2")
+    x = layer_norm("norm", "norm", x)
+
+    # Heads. avg = (cls @ Wc + bc + dist @ Wd + bd) / 2 = [cls, dist] @ [Wc; Wd] / 2 + ...
+    if head == "avg" and model.head_dist is not None:
+        x = g.op(
+            "Slice",
+            [x, g.ints("head.start", [0]), g.ints("head.end", [2]), g.ints("axis1", [1])],
+            "head.tokens",
+        )
+        x = g.op("Reshape", [x, g.ints("head.shape", [0, 2 * d])], "head.flat")
+        weight = torch.cat([sd["head.weight"].T, sd["head_dist.weight"].T]) / 2
+        x = g.op("MatMul", [x, g.const("head.w", weight)], "head.mm")
+        g.op("Add", [x, g.const("head.b", (sd["head.bias"] + sd["head_dist.bias"]) / 2)], "logits")
+    else:
+        index, key = (1, "head_dist") if head == "dist" else (0, "head")
+        x = g.op("Gather", [x, g.ints("head.index", [index])], "head.token", axis=1)
+        x = g.op("Reshape", [x, g.ints("head.shape", [0, d])], "head.flat")
+        x = g.op("MatMul", [x, g.const("head.w", sd[f"{key}.weight"].T)], "head.mm")
+        g.op("Add", [x, g.const("head.b", sd[f"{key}.bias"])], "logits")
+
+    h, w = cfg.image_hw
+    batch_dim: str | int = "batch" if dynamic_batch else 1
+    graph = helper.make_graph(
+        g.nodes,
+        "deit",
+        [
+            helper.make_tensor_value_info(
+                "pixel_values", TensorProto.FLOAT, [batch_dim, cfg.in_chans, h, w]
+            )
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_dim, cfg.num_classes])],
+        g.initializers,
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ORT_DOMAIN, 1)],
+        producer_name="deit",
+    )
