@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -106,3 +107,28 @@ def test_pytorch_int8_mode() -> None:
     assert 0 < results[0].max_abs_logit_diff < 0.5  # quantized, but the same function
     with pytest.raises(ValueError, match="use --dtype fp32"):
         list(run_bench(dtype="bf16", modes=("int8",)))
+
+
+def test_rounds_report_the_median_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rounds measures every contender once per round and keeps its median round."""
+    from deit import bench
+
+    latencies = iter([5.0, 1.0, 3.0, 9.0, 2.0, 4.0])  # rounds x (deit, timm)
+    real = bench.measure
+
+    def fake(contender, *args, **kwargs):  # type: ignore[no-untyped-def]
+        m = real(contender, *args, **kwargs)
+        return dataclasses.replace(m, latency_ms=next(latencies))
+
+    monkeypatch.setattr(bench, "measure", fake)
+    results = list(
+        run_bench(
+            "deit_tiny_patch16_224",
+            batches=(1,),
+            impls=("deit", "timm"),
+            iters=1,
+            min_seconds=0,
+            rounds=3,
+        )
+    )
+    assert [(m.impl, m.latency_ms) for m in results] == [("deit", 3.0), ("timm", 4.0)]

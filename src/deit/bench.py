@@ -248,8 +248,14 @@ def run_bench(
     modes: tuple[str, ...] = ("eager",),
     iters: int = 10,
     min_seconds: float = 1.0,
+    rounds: int = 1,
 ) -> Iterator[Measurement]:
-    """Measure every contender at every batch size, yielding as results come."""
+    """Measure every contender at every batch size, yielding as results come.
+
+    With ``rounds`` > 1 every contender is measured once per round, the rounds in turn, and
+    the round with the median latency is reported: on a machine whose speed drifts (a shared
+    CPU), all contenders then see the same conditions.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if dtype not in DTYPES:
@@ -259,16 +265,36 @@ def run_bench(
     dev = resolve_device(device)
     contenders, reference = build_contenders(variant, dev, impls, modes)
     for batch in batches:
-        for contender in contenders:
-            yield measure(
-                contender,
-                reference,
-                batch=batch,
-                device=dev,
-                dtype=dtype,
-                iters=iters,
-                min_seconds=min_seconds,
-            )
+        if rounds == 1:
+            for contender in contenders:
+                yield measure(
+                    contender,
+                    reference,
+                    batch=batch,
+                    device=dev,
+                    dtype=dtype,
+                    iters=iters,
+                    min_seconds=min_seconds,
+                )
+            continue
+        results = [
+            [
+                measure(
+                    c,
+                    reference,
+                    batch=batch,
+                    device=dev,
+                    dtype=dtype,
+                    iters=iters,
+                    min_seconds=min_seconds,
+                )
+                for c in contenders
+            ]
+            for _ in range(rounds)
+        ]
+        for i in range(len(contenders)):
+            by_latency = sorted((r[i] for r in results), key=lambda m: m.latency_ms)
+            yield by_latency[len(by_latency) // 2]
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -280,6 +306,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", action="append", choices=MODES, help="default: eager")
     p.add_argument("--iters", type=at_least(1), default=10, help="timed batches (at least)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds (at least)")
+    p.add_argument(
+        "--rounds",
+        type=at_least(1),
+        default=1,
+        help="measure all contenders this many times in turn, report the median round",
+    )
     p.add_argument("--threads", type=at_least(1), help="CPU threads for torch")
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
 
@@ -296,6 +328,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         modes=tuple(args.mode or ("eager",)),
         iters=args.iters,
         min_seconds=args.min_seconds,
+        rounds=args.rounds,
     )
     if not args.json:
         print(
