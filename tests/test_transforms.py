@@ -588,6 +588,7 @@ def test_large_images_resize_in_bands(monkeypatch):
     monkeypatch.setattr(transforms, "BAND_MIN_PIXELS", 0)
     monkeypatch.setattr(transforms.os, "cpu_count", lambda: 3)
     assert transforms._bands(img) == 3
+    assert transforms._bands(img, alone=False) == 1  # another resize is using the cores
     cfg = PreprocessConfig(resize_mode="squash", resize_size=(256, 256))  # crop 224
     want = np.asarray(img.resize((256, 256), Image.Resampling.BICUBIC))[16:240, 16:240]
     np.testing.assert_array_equal(resize_and_crop(img, cfg), want)

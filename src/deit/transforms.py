@@ -564,20 +564,40 @@ def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         and resample != Image.Resampling.NEAREST
         and _box_resize_is_exact()
     ):
-        out = _box_resize(img, size, (left, top, cw, ch), resample, _bands(img))
+        with _resize_slot() as alone:
+            out = _box_resize(img, size, (left, top, cw, ch), resample, _bands(img, alone))
         if out is not None:
             return out
     return center_crop_array(np.asarray(resize_image(img, cfg)), cfg.crop_size, cfg.crop_rounding)
 
 
-# Images of at least this many pixels are resized in row bands on several threads.
+# Images of at least this many pixels are resized in row bands on several threads, when no
+# other resize is running in the process (else the cores are busy already: parallel decoding
+# in `deit predict`, the server's pool) and not in a DataLoader worker (one of several).
 BAND_MIN_PIXELS = 1 << 20
 _band_pool: tuple[int, ThreadPoolExecutor] | None = None
 _band_pool_lock = threading.Lock()
+_resizing = 0
 
 
-def _bands(img: Image.Image) -> int:
-    if img.width * img.height < BAND_MIN_PIXELS:
+@contextlib.contextmanager
+def _resize_slot() -> Iterator[bool]:
+    """Count running resizes; yields whether this one is the only one."""
+    global _resizing
+    with _band_pool_lock:
+        _resizing += 1
+        alone = _resizing == 1
+    try:
+        yield alone
+    finally:
+        with _band_pool_lock:
+            _resizing -= 1
+
+
+def _bands(img: Image.Image, alone: bool = True) -> int:
+    if not alone or img.width * img.height < BAND_MIN_PIXELS:
+        return 1
+    if torch.utils.data.get_worker_info() is not None:
         return 1
     return max(1, min(4, os.cpu_count() or 1))
 
