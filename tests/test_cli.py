@@ -264,3 +264,22 @@ def test_console_script_runs_as_module(model_dir: Path, sample_images: list[Path
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["error"] is None
+
+
+def test_predict_fast_decode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--fast-decode: large JPEGs decode at reduced size; the trained model's answers hold."""
+    samples = sorted((Path(__file__).parents[1] / "samples" / "fashion-mnist").glob("*.png"))[:4]
+    paths = []
+    for src in samples:  # 28 px items as 1120 px photos: decoded at 1/2 scale with the flag
+        paths.append(str(tmp_path / f"{src.stem}.jpg"))
+        Image.open(src).convert("RGB").resize((1120, 1120), Image.Resampling.BICUBIC).save(
+            paths[-1], quality=92
+        )
+    argv = ["predict", "-m", "fashion-mnist", "--json", "-k", "1", *paths]
+    code, exact, _ = _run(argv, capsys)
+    code_fast, fast, _ = _run([*argv, "--fast-decode"], capsys)
+    assert code == code_fast == 0
+    rows = lambda out: [json.loads(line)["predictions"][0] for line in out.splitlines()]  # noqa: E731
+    for a, b in zip(rows(exact), rows(fast), strict=True):
+        assert a["label"] == b["label"] and abs(a["score"] - b["score"]) < 0.05
+    assert Classifier.from_pretrained("fashion-mnist", fast_decode=True).fast_decode

@@ -62,6 +62,11 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the model (slow first batch)"
     )
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="decode large JPEGs at reduced size: faster, approximate (docs/performance.md)",
+    )
 
 
 def classifier_from_args(args: argparse.Namespace) -> Classifier:
@@ -71,6 +76,7 @@ def classifier_from_args(args: argparse.Namespace) -> Classifier:
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        fast_decode=args.fast_decode,
         revision=args.revision,
         preprocess=args.preprocess,
         labels=args.labels,

@@ -172,6 +172,8 @@ class Classifier:
 
     ``precision`` (``fp32``, ``bf16``, ``fp16`` or CPU-only ``int8``) and ``compile`` pick a
     faster path (see :func:`prepare_model`); the fp32 eager model is the reference.
+    ``fast_decode`` lets large JPEGs decode at reduced size (faster, approximate; see
+    :func:`deit.transforms.load_image`).
     """
 
     def __init__(
@@ -181,10 +183,12 @@ class Classifier:
         *,
         precision: str = "fp32",
         compile: bool = False,
+        fast_decode: bool = False,
     ) -> None:
         self.loaded = loaded
         self.device = resolve_device(device)
         self.precision = precision
+        self.fast_decode = fast_decode
         as_exported = self.device.type == "cpu" and precision == "fp32" and not compile
         if loaded.format == "onnx" and not as_exported:
             raise ValueError(
@@ -202,6 +206,7 @@ class Classifier:
         device: str | torch.device = "auto",
         precision: str = "fp32",
         compile: bool = False,
+        fast_decode: bool = False,
         **load_kwargs: Any,
     ) -> Classifier:
         """Load any checkpoint :func:`deit.checkpoints.load_model` reads, or an ``.onnx`` file
@@ -210,7 +215,7 @@ class Classifier:
         loaded = load_any(source, **load_kwargs)
         if loaded.format == "onnx" and str(device) == "auto":
             device = "cpu"
-        return cls(loaded, device, precision=precision, compile=compile)
+        return cls(loaded, device, precision=precision, compile=compile, fast_decode=fast_decode)
 
     @property
     def labels(self) -> list[str]:
@@ -243,14 +248,19 @@ class Classifier:
             images = [images]
         results: list[list[Prediction]] = []
         for start in range(0, len(images), batch_size):
-            batch = preprocess(list(images[start : start + batch_size]), self.loaded.preprocess)
+            batch = preprocess(
+                list(images[start : start + batch_size]),
+                self.loaded.preprocess,
+                fast_decode=self.fast_decode,
+            )
             results.extend(self.topk(self.logits(batch), top_k))
         return results
 
     def _load(self, path: str) -> Tensor | str:
         """Preprocessed tensor of one file, or the reason it can't be read."""
         try:
-            return preprocess_image(load_image(path), self.loaded.preprocess)
+            img = load_image(path, fast_decode=self.fast_decode)
+            return preprocess_image(img, self.loaded.preprocess)
         except ImageLoadError as e:
             return str(e)
         except OSError as e:  # e.g. permission denied, a directory passed as a file

@@ -78,6 +78,8 @@ def _model_info(clf: Any, settings: ServeSettings, stats: dict[str, Any]) -> dic
         "labels": loaded.labels,
         "preprocess": loaded.preprocess.to_dict(),
         "device": str(clf.device),
+        "precision": clf.precision,
+        "fast_decode": clf.fast_decode,
         "limits": {
             "max_upload_mb": settings.max_upload_mb,
             "max_pixels": settings.max_pixels,
@@ -114,7 +116,7 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
 
     def decode(data: bytes) -> tuple[Any, Tensor]:
         try:
-            img = load_image(data, max_pixels=settings.max_pixels)
+            img = load_image(data, max_pixels=settings.max_pixels, fast_decode=clf.fast_decode)
             return img, preprocess_image(img, cfg)
         except ImageLoadError as e:
             raise image_error(e) from None
