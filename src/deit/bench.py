@@ -14,6 +14,7 @@ Peers that aren't installed are skipped with a note on stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -265,33 +266,19 @@ def run_bench(
     dev = resolve_device(device)
     contenders, reference = build_contenders(variant, dev, impls, modes)
     for batch in batches:
-        if rounds == 1:
-            for contender in contenders:
-                yield measure(
-                    contender,
-                    reference,
-                    batch=batch,
-                    device=dev,
-                    dtype=dtype,
-                    iters=iters,
-                    min_seconds=min_seconds,
-                )
+        run = functools.partial(
+            measure,
+            reference=reference,
+            batch=batch,
+            device=dev,
+            dtype=dtype,
+            iters=iters,
+            min_seconds=min_seconds,
+        )
+        if rounds == 1:  # yield as results come
+            yield from (run(c) for c in contenders)
             continue
-        results = [
-            [
-                measure(
-                    c,
-                    reference,
-                    batch=batch,
-                    device=dev,
-                    dtype=dtype,
-                    iters=iters,
-                    min_seconds=min_seconds,
-                )
-                for c in contenders
-            ]
-            for _ in range(rounds)
-        ]
+        results = [[run(c) for c in contenders] for _ in range(rounds)]
         for i in range(len(contenders)):
             by_latency = sorted((r[i] for r in results), key=lambda m: m.latency_ms)
             yield by_latency[len(by_latency) // 2]
