@@ -652,6 +652,7 @@ def _box_resize(
     only the rows kept (and the columns, where the scale allows), in ``bands`` row bands on
     threads; None where that would not be bit-identical."""
     (width, height), (new_w, new_h), (left, top, cw, ch) = img.size, size, crop
+    img.load()  # decode now, not in two threads at once
     xs = _source_interval(width, new_w, left, cw)
     if xs is None:  # resize all columns, crop them afterwards
         xs, out_w, x0 = (0.0, float(width)), new_w, left
