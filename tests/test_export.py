@@ -159,12 +159,21 @@ def test_quantize_reports_agreement_and_accuracy(
         assert 0.0 <= report["torch_int8_top1"] <= 1.0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     ops = {node.op_type for node in __import__("onnx").load(str(out)).graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
+    assert {"QAttention", "MatMulInteger"} <= ops  # the fused graph, attention included
     assert session.run(None, {"pixel_values": np.zeros((2, 1, 32, 32), np.float32)})[0].shape == (
         2,
         10,
     )
     assert read_metadata(out)["deit.head"] == "avg"
+
+
+def test_quantize_portable_graph(gray_dir: Path, tmp_path: Path) -> None:
+    from deit.quantize import quantize_model
+
+    report = quantize_model(gray_dir, tmp_path / "p.int8.onnx", fused=False, bench_runs=0)
+    ops = {node.op_type for node in __import__("onnx").load(report.path).graph.node}
+    assert "MatMulInteger" in ops and "Softmax" in ops and "QAttention" not in ops
+    assert report.agreement >= 0.9
 
 
 def test_quantize_bad_data_fails_before_writing(

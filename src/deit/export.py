@@ -11,7 +11,9 @@ dynamo=True)``, which needs ``onnxscript``): it is the default since PyTorch 2.9
 TorchScript-based exporter warns that it is deprecated and will be removed. The fused
 ``scaled_dot_product_attention`` exports as plain ``MatMul``/``Softmax`` nodes, so the model
 needs no special export path. The exporter's native opset is 18; lower opsets are reached by
-ONNX's version converter.
+ONNX's version converter. ``fused=True`` (``deit export --ort-fused``) writes instead the
+graph of :mod:`deit.ort_graph`, built node by node around ONNX Runtime's fused ``Attention``:
+faster there, and runnable in ONNX Runtime only.
 
 :func:`verify_export` runs the exported file (ONNX Runtime, or ``torch.export.load``) on real
 images preprocessed with the model's own :class:`~deit.transforms.PreprocessConfig` and compares

@@ -1,12 +1,14 @@
 """Int8 ONNX models for the CPU, with an accuracy and speed report.
 
 :func:`quantize_model` exports the fp32 ONNX graph (:func:`deit.export.export_onnx`, dynamic
-batch), checks it against eager PyTorch, then applies ONNX Runtime's dynamic quantization to
-the ``MatMul``/``Gemm`` weights (int8 weights; activations quantized per batch at run time,
-so no calibration data is needed). The report compares the int8 model with the fp32 one on
-real images: top-1 agreement, and with labelled data (Fashion-MNIST, or an image folder whose
-sub-folders are class names) the top-1 accuracy of both; plus batch-1 latency of both under
-ONNX Runtime (and eager PyTorch for reference) on this machine's CPU.
+batch; ONNX Runtime's fused graph of :mod:`deit.ort_graph` unless ``fused=False``), checks
+it against eager PyTorch, then applies ONNX Runtime's dynamic quantization to the
+``MatMul``/``Gemm`` weights and the fused ``Attention`` (int8 weights; activations quantized
+per batch at run time, so no calibration data is needed). The report compares the int8
+model with the fp32 one on real images: top-1 agreement, and with labelled data
+(Fashion-MNIST, or an image folder whose sub-folders are class names) the top-1 accuracy of
+both; plus batch-1 latency of both under ONNX Runtime (and eager PyTorch for reference) on
+this machine's CPU.
 
 Example:
     >>> report = quantize_model("fashion-mnist", "fmnist.int8.onnx", data="fashion-mnist:test")
