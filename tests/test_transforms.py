@@ -551,13 +551,12 @@ def test_resize_and_crop_computes_the_crop_alone_bit_for_bit(mode):
     rng = np.random.default_rng(1)
     fast = 0
     cases = 0
-    for _ in range(60):
+    filters = [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS]
+    for i in range(60):
         width, height = (int(v) for v in rng.integers(20, 700, 2))
-        resample = [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS][
-            cases % 3
-        ]
+        resample = filters[i % 3]
         cfg = dataclasses.replace(
-            PreprocessConfig.official(56) if cases % 2 else SQUASH_64_CROP_56,
+            PreprocessConfig.official(56) if i % 2 else SQUASH_64_CROP_56,
             interpolation={3: "bicubic", 2: "bilinear", 1: "lanczos"}[int(resample)],
             channels=3 if mode == "RGB" else 1,
             mean=IMAGENET_MEAN[: 3 if mode == "RGB" else 1],
