@@ -56,6 +56,7 @@ def test_health_and_model_info(client: httpx.Client) -> None:
     assert info["config"]["img_size"] == 32 and info["distilled"] is True
     assert info["preprocess"]["resize_mode"] == "squash"
     assert info["limits"]["max_files"] == 4 and info["batching"]["max_batch"] == 32
+    assert info["precision"] == "fp32" and info["fast_decode"] is False
 
 
 def test_classify_one(client: httpx.Client, photo: bytes) -> None:
@@ -223,7 +224,7 @@ def test_the_serve_command_end_to_end(tmp_path: Path, photo: bytes) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = ["serve", "-m", str(model), "--port", str(port), "--precision", "bf16"]
+    argv = ["serve", "-m", str(model), "--port", str(port), "--precision", "bf16", "--fast-decode"]
     cmd = [sys.executable, "-m", "deit", *argv]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
@@ -238,6 +239,8 @@ def test_the_serve_command_end_to_end(tmp_path: Path, photo: bytes) -> None:
                 time.sleep(0.5)
         r = httpx.post(f"{url}/v1/classify", files={"file": ("a.jpg", photo)}, timeout=30)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"].startswith("class-")
+        info = httpx.get(f"{url}/v1/model", timeout=30).json()
+        assert info["precision"] == "bf16" and info["fast_decode"] is True
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
