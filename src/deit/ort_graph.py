@@ -11,10 +11,10 @@ writes the same computation node by node instead, using
 * the prefix tokens with their position embedding folded into one constant, and the average
   of the two heads as one ``MatMul`` over the concatenated tokens.
 
-The graph runs in ONNX Runtime only (the ``com.microsoft`` domain), computes the logits of
-:class:`~deit.export.HeadLogits` to float32 rounding, and is checked against eager PyTorch
-by ``tests/test_ort_graph.py`` and, on every export, by :func:`deit.export.verify_export`.
-Speed: see docs/performance.md.
+The graph runs in ONNX Runtime only (the ``com.microsoft`` domain) and computes the logits
+of :class:`~deit.export.HeadLogits` to float32 rounding: ``tests/test_ort_graph.py`` checks
+it against eager PyTorch, and ``deit export``/``deit quantize`` verify every file they write
+(:func:`deit.export.verify_export`). Speed: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ OPSET = 20  # Gelu
 
 
 class _GraphBuilder:
-    """Nodes and initializers of one graph, with unique tensor names."""
+    """Nodes and initializers of one graph; every tensor and node is named by the caller."""
 
     def __init__(self) -> None:
         from onnx import helper, numpy_helper
@@ -41,7 +41,7 @@ class _GraphBuilder:
         self.initializers: list[Any] = []
 
     def const(self, name: str, value: np.ndarray | torch.Tensor) -> str:
-        """Add an initializer (float tensors as float32, contiguous) and return its name."""
+        """Add an initializer (torch tensors as float32) and return its name."""
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().float().numpy()
         array = np.ascontiguousarray(value)
