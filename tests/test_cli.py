@@ -26,6 +26,7 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)  # module-scoped: created before the per-test seeding, whatever ran first
     write_tiny_hf(folder)
     return folder
 
