@@ -31,7 +31,7 @@ from deit.data import load_fashion_mnist
 from deit.inference import Classifier
 from deit.labels import imagenet_labels
 from deit.model import DeiT
-from deit.transforms import PreprocessConfig
+from deit.transforms import PreprocessConfig, preprocess
 
 
 def _compare(clf: Classifier, paths: list[str], labels: list[int] | None) -> dict[str, float]:
@@ -39,15 +39,12 @@ def _compare(clf: Classifier, paths: list[str], labels: list[int] | None) -> dic
     top1: dict[bool, list[int]] = {}
     logits: dict[bool, torch.Tensor] = {}
     for fast in (False, True):
-        clf.fast_decode = fast
         start = time.perf_counter()
-        pixels = [clf._load(p) for p in paths]
+        pixels = preprocess(paths, clf.loaded.preprocess, fast_decode=fast)
         out[f"decode_ms_{'fast' if fast else 'exact'}"] = (
             1e3 * (time.perf_counter() - start) / len(paths)
         )
-        logits[fast] = torch.cat(
-            [clf.logits(torch.stack(pixels[i : i + 64])) for i in range(0, len(pixels), 64)]
-        )  # type: ignore[arg-type]
+        logits[fast] = torch.cat([clf.logits(batch) for batch in pixels.split(64)])
         top1[fast] = logits[fast].argmax(-1).tolist()
     out["top1_agreement"] = sum(a == b for a, b in zip(top1[False], top1[True])) / len(paths)
     out["max_abs_logit_diff"] = float((logits[False] - logits[True]).abs().max())
