@@ -27,10 +27,10 @@ from PIL import Image
 
 from deit.checkpoints import load_model, save_model
 from deit.config import VARIANTS
-from deit.data import load_fashion_mnist
 from deit.inference import Classifier
 from deit.labels import imagenet_labels
 from deit.model import DeiT
+from deit.train.data import load_fashion_mnist
 from deit.transforms import PreprocessConfig, preprocess
 
 

@@ -41,9 +41,9 @@ def main() -> None:
     from PIL import Image
 
     from deit.checkpoints import hf_to_timm, read_state_dict
-    from deit.export import export_onnx
+    from deit.deploy.export import export_onnx
+    from deit.deploy.quantize import quantize_onnx
     from deit.inference import Classifier, expand_paths
-    from deit.quantize import quantize_onnx
 
     paths = expand_paths([args.images]) * args.copies
     tmp = Path(tempfile.mkdtemp())

@@ -4,7 +4,7 @@
 resized crop, flip, RandAugment m9, random erasing 0.25, normalise) on one real photo at
 224 px and on Fashion-MNIST images at 28 px, single process.
 
-``steps``: training images/s of ``deit.train``'s step (our DeiT, our loss on both heads,
+``steps``: training images/s of ``deit.train.loop``'s step (our DeiT, our loss on both heads,
 AdamW) against the same-shaped timm model with timm's loss, interleaved in one process on the
 same batch; optionally both compiled, in bf16/fp16, on a GPU.
 
@@ -43,8 +43,8 @@ def _pipelines(size: int) -> dict[str, Any]:
     from torchvision.transforms import v2
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    from deit.augment import image_train_transform
-    from deit.runconfig import AugmentSection
+    from deit.train.augment import image_train_transform
+    from deit.train.runconfig import AugmentSection
 
     timm_tf = image_train_transform(size, AugmentSection(), mean, std)
     tv = v2.Compose(
@@ -68,8 +68,8 @@ def _pipelines(size: int) -> dict[str, Any]:
 def bench_augment(seconds: float) -> None:
     from PIL import Image
 
-    from deit.augment import random_crop_flip, random_erasing
-    from deit.data import load_fashion_mnist
+    from deit.train.augment import random_crop_flip, random_erasing
+    from deit.train.data import load_fashion_mnist
 
     torch.set_num_threads(1)
     photo = Image.open(PHOTO).convert("RGB")
@@ -89,7 +89,9 @@ def bench_augment(seconds: float) -> None:
 
     torch.set_num_threads(2)
     rate = _rate(device_batch, seconds) * len(batch)
-    print(f"  28 px  {'deit.data batch (crop+flip+erase)':<32} {rate:>9.0f} img/s (2 threads)")
+    print(
+        f"  28 px  {'deit.train.data batch (crop+flip+erase)':<32} {rate:>9.0f} img/s (2 threads)"
+    )
 
 
 def bench_steps(args: argparse.Namespace) -> None:
@@ -99,9 +101,9 @@ def bench_steps(args: argparse.Namespace) -> None:
     from timm.loss import SoftTargetCrossEntropy
 
     from deit.config import VARIANTS
-    from deit.inference import autocast
-    from deit.losses import DistillationLoss
+    from deit.runtime import autocast
     from deit.model import DeiT
+    from deit.train.losses import DistillationLoss
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -70,7 +70,7 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
     cmd = [
         sys.executable,
         "-m",
-        "deit.serve",
+        "deit.deploy.serve.app",
         "--model",
         model,
         "--host",
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests > 100_000 or args.concurrency > 256:
         p.error("keep it bounded: at most 100000 requests and 256 clients")
 
-    from deit.export import sample_images
+    from deit.deploy.export import sample_images
 
     paths = [Path(x) for x in args.images] if args.images else sample_images()
     images = [(x.name, x.read_bytes()) for x in paths]

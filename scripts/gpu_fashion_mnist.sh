@@ -55,7 +55,7 @@ eval_run() {  # name model_dir [teacher]: eval JSON into eval/NAME.json
     local name=$1 model=$2 t0=$SECONDS
     local teacher_args=()
     [[ $# -ge 3 ]] && teacher_args=(--teacher "$3")
-    "$PY" -m deit.evaluate --model "$model" --data fashion-mnist:test --data-root "$DATA" \
+    "$PY" -m deit eval --model "$model" --data fashion-mnist:test --data-root "$DATA" \
         --device "$DEVICE" --batch-size 1000 --json "${teacher_args[@]}" \
         > "$OUT/eval/$name.json" 2> "$OUT/logs/eval_$name.log"
     log "eval $name: $("$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,13 @@ def idx_bytes(arr: np.ndarray, *, gz: bool = False) -> bytes:
     header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
     data = header + arr.astype(np.uint8).tobytes()
     return gzip.compress(data) if gz else data
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def shared_dir() -> Path:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import struct
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,11 +61,3 @@ def png_claiming(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
-
-
-def run_subcommand(register: Callable[[argparse._SubParsersAction], None], argv: list[str]) -> int:
-    """Parse ``argv`` with a parser holding only the subcommand ``register`` adds, and run it."""
-    parser = argparse.ArgumentParser(prog="deit")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from deit.cli import main
-from deit.inference import Classifier, expand_paths, prepare_model, quantize_int8
+from deit.inference import Classifier, expand_paths, prepare_model
+from deit.runtime import quantize_int8
 from deit.transforms import preprocess
 
 from .deploy_helpers import png_claiming

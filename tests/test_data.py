@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deit.augment import random_crop_flip, random_erasing
-from deit.data import (
+from deit.train.augment import random_crop_flip, random_erasing
+from deit.train.data import (
     FASHION_MNIST_DIR,
     BadSample,
     DeviceBatches,
@@ -114,7 +114,7 @@ def test_image_folder_without_images_is_an_error(tmp_path: Path) -> None:
 def test_class_folders_match_labels_loosely_or_by_order(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from deit.data import match_class_folders
+    from deit.train.data import match_class_folders
 
     labels = ["T-shirt/top", "Trouser", "Ankle boot"]
     for name in ("ankle-boot", "t-shirt-top"):
@@ -134,8 +134,8 @@ def test_class_folders_match_labels_loosely_or_by_order(
 
 
 def test_imagefolder_recipe_needs_a_path() -> None:
-    from deit.data import build_data
-    from deit.runconfig import load_config
+    from deit.train.data import build_data
+    from deit.train.runconfig import load_config
 
     cfg = load_config(None, ["data.dataset=imagefolder"])
     with pytest.raises(ValueError, match=r"needs data\.path"):

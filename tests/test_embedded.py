@@ -42,7 +42,7 @@ def test_accuracy_on_the_real_test_split() -> None:
     fmnist = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
     if not fmnist.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from deit.evaluate import evaluate
+    from deit.train.evaluate import evaluate
 
     report = evaluate("fashion-mnist", "fashion-mnist:test", data_root=str(fmnist), batch_size=500)
     assert report.num_samples == 10_000
@@ -60,7 +60,7 @@ def test_bundled_samples_match_their_labels() -> None:
 def test_eval_of_a_folder_named_like_the_samples(tmp_path: Path) -> None:
     """Folders named `ankle-boot`, `t-shirt-top`, ... are the labels `Ankle boot`, ...: the
     scores of `deit eval` on a class folder agree with `deit predict` on the same files."""
-    from deit.evaluate import evaluate
+    from deit.train.evaluate import evaluate
 
     for path in SAMPLES.glob("*.png"):
         folder = tmp_path / _label_of(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -11,14 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from deit.cli import main
 from deit.config import DeiTConfig
-from deit.evaluate import (
-    add_eval_arguments,
-    evaluate,
-    evaluate_batches,
-    run_eval_command,
-)
 from deit.model import DeiT, DeiTOutput
+from deit.train.evaluate import evaluate, evaluate_batches
 from deit.transforms import PreprocessConfig
 
 from .conftest import idx_bytes
@@ -98,17 +93,12 @@ def test_evaluate_fashion_mnist_with_teacher(
     json.dumps(report.to_dict())
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 def test_cli_json_is_one_object(
     fmnist_root: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = run_eval_command(
-        _args(
+    code = main(
+        [
+            "eval",
             "--model",
             str(model_dir),
             "--data",
@@ -118,7 +108,7 @@ def test_cli_json_is_one_object(
             "--json",
             "--device",
             "cpu",
-        )
+        ]
     )
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(out) == 1
@@ -132,15 +122,13 @@ def test_image_folder_reports_bad_files(
         (tmp_path / name).mkdir()
         Image.fromarray(np.full((40, 30), 200, np.uint8)).save(tmp_path / name / "x.png")
     (tmp_path / "c1" / "bad.jpg").write_bytes(b"")
-    code = run_eval_command(
-        _args("--model", str(model_dir), "--data", str(tmp_path), "--device", "cpu")
-    )
+    code = main(["eval", "--model", str(model_dir), "--data", str(tmp_path), "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 1 and "bad.jpg" in out and "(2 images)" in out
 
 
 def test_bad_batch_size_and_empty_folder_are_errors(model_dir: Path, tmp_path: Path) -> None:
-    from deit.evaluate import evaluate
+    from deit.train.evaluate import evaluate
 
     with pytest.raises(ValueError, match="batch size must be >= 1"):
         evaluate(str(model_dir), str(tmp_path), batch_size=0)
@@ -156,8 +144,6 @@ def test_bad_batch_size_and_empty_folder_are_errors(model_dir: Path, tmp_path: P
 def test_module_entry_point_has_the_cli_error_handling(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from deit.evaluate import main
-
-    assert main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deit eval: error:") and "Traceback" not in err

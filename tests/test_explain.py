@@ -10,17 +10,17 @@ import torch
 from PIL import Image
 
 from deit.checkpoints import load_model
+from deit.cli import main
 from deit.explain import (
     attention_rollout,
     colormap,
     explain,
     model_view,
-    register_explain,
     render_overlay,
     rollout_maps,
 )
 
-from .deploy_helpers import run_subcommand, save_tiny_model
+from .deploy_helpers import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +95,10 @@ def test_overlay_and_colormap(rgb_dir: Path, sample_images: list[Path]) -> None:
 def test_explain_cli_writes_png(rgb_dir: Path, tmp_path: Path, sample_images: list[Path]) -> None:
     out = tmp_path / "map.png"
     argv = ["explain", str(sample_images[0]), "--model", str(rgb_dir), "--out", str(out)]
-    assert run_subcommand(register_explain, argv) == 0
+    assert main(argv) == 0
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > img.height  # cls and dist side by side
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     argv = ["explain", str(bad), "--model", str(rgb_dir), "--out", str(tmp_path / "x.png")]
-    assert run_subcommand(register_explain, argv) == 1
+    assert main(argv) == 1

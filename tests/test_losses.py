@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from deit.losses import (
+from deit.model import DeiTOutput
+from deit.train.losses import (
     DistillationLoss,
     classification_loss,
     hard_distillation_loss,
     soft_distillation_loss,
 )
-from deit.model import DeiTOutput
 
 
 def _softmax(row: list[float], tau: float) -> list[float]:

@@ -1,4 +1,4 @@
-"""Tests for deit.ort_graph: the hand-written ONNX Runtime graph computes eager PyTorch's logits."""
+"""deit.deploy.ort_graph: the hand-written ONNX Runtime graph computes eager PyTorch's logits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deit.config import DeiTConfig
-from deit.export import ExportError, HeadLogits, export_onnx, read_metadata, verify_export
+from deit.deploy.export import ExportError, HeadLogits, export_onnx, read_metadata, verify_export
 from deit.model import DeiT
 
 ort = pytest.importorskip("onnxruntime")

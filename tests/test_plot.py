@@ -1,4 +1,4 @@
-"""deit.plot: a run's curves and the comparison of several runs, from metrics.jsonl files."""
+"""deit.train.plot: a run's curves and the comparison of several runs, from metrics.jsonl files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deit.plot import group_curves, main, plot_compare, plot_run, read_metrics
+from deit.cli import main
+from deit.train.metrics import read_metrics
+from deit.train.plot import group_curves, plot_compare, plot_run
 
 pytest.importorskip("matplotlib")
 
@@ -77,11 +79,23 @@ def test_runs_sharing_a_label_are_averaged_over_their_common_epochs(tmp_path: Pa
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = _run(tmp_path, "a", [0.5]), _run(tmp_path, "b", [0.6])
     assert (
-        main([str(a), str(b), "--out", str(tmp_path / "c.png"), "--label", "A", "--label", "B"])
+        main(
+            [
+                "plot",
+                str(a),
+                str(b),
+                "--out",
+                str(tmp_path / "c.png"),
+                "--label",
+                "A",
+                "--label",
+                "B",
+            ]
+        )
         == 0
     )
     assert _is_png(tmp_path / "c.png")
-    assert main([str(a), str(b)]) == 2
+    assert main(["plot", str(a), str(b)]) == 2
     assert "--out is required" in capsys.readouterr().err
-    assert main([str(tmp_path / "missing")]) == 2
+    assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err

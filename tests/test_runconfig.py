@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deit.runconfig import TrainConfig, load_config, parse_override, save_config
+from deit.train.runconfig import TrainConfig, load_config, parse_override, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -117,11 +117,11 @@ def test_shipped_recipes_load(path: Path) -> None:
 def test_train_command_prints_config_errors_on_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from deit.train import main
+    from deit.cli import main
 
     recipe = tmp_path / "r.toml"
     recipe.write_text("[optim]\nmomentum = 0.9\n")
-    assert main(["--config", str(recipe)]) == 2
+    assert main(["train", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"deit train: error: {recipe}: unknown config key 'optim.momentum'")
     assert len(err.splitlines()) == 1

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from deit.batching import BatcherBusy, DynamicBatcher
 from deit.checkpoints import load_model
+from deit.deploy.serve.batching import DynamicBatcher
+from deit.errors import BusyError
 
 from .deploy_helpers import png_claiming, save_tiny_model
 
@@ -22,7 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("python_multipart")
 
-from deit.serve import ServerThread, ServeSettings, create_app  # noqa: E402
+from deit.deploy.serve.app import ServerThread, ServeSettings, create_app  # noqa: E402
 
 SETTINGS = ServeSettings(max_upload_mb=1, max_pixels=4_000_000, max_files=4, max_wait_ms=50)
 
@@ -43,7 +44,7 @@ def client(server: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def photo() -> bytes:
-    from deit.export import sample_images
+    from deit.deploy.export import sample_images
 
     return next(p for p in sample_images() if p.suffix == ".jpg").read_bytes()
 
@@ -162,7 +163,7 @@ def test_batcher_groups_resolves_and_survives_failures() -> None:
     async def scenario() -> None:
         with ThreadPoolExecutor(1) as pool:
             batcher = DynamicBatcher(infer, pool, max_batch=4, max_wait_ms=100, max_queue=8)
-            with pytest.raises(BatcherBusy):
+            with pytest.raises(BusyError):
                 await batcher.submit(torch.zeros(1))  # not started
             batcher.start()
             rows = await asyncio.gather(
@@ -176,7 +177,7 @@ def test_batcher_groups_resolves_and_survives_failures() -> None:
             # 12 submissions queued before the worker wakes: the queue holds 8, 4 are refused.
             many = [asyncio.ensure_future(batcher.submit(torch.zeros(1))) for _ in range(12)]
             results = await asyncio.gather(*many, return_exceptions=True)
-            assert sum(isinstance(r, BatcherBusy) for r in results) == 4
+            assert sum(isinstance(r, BusyError) for r in results) == 4
             await batcher.stop()
 
     asyncio.run(scenario())
@@ -189,12 +190,12 @@ def test_binds_loopback_by_default() -> None:
 def test_out_of_range_port_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from deit.serve import main
+    from deit.cli import main
 
     model = str(save_tiny_model(tmp_path))
-    assert main(["-m", model, "--port", "99999"]) == 2
+    assert main(["serve", "-m", model, "--port", "99999"]) == 2
     assert "--port must be 0..65535 and --max-wait-ms >= 0, not 99999" in capsys.readouterr().err
-    assert main(["-m", model, "--max-wait-ms", "-1"]) == 2
+    assert main(["serve", "-m", model, "--max-wait-ms", "-1"]) == 2
     assert "not 8000 and -1" in capsys.readouterr().err
 
 

@@ -11,16 +11,10 @@ import torch
 from deit.checkpoints import load_model
 from deit.config import DeiTConfig
 from deit.model import DeiT, resize_pos_embed
-from deit.teachers import (
-    FashionCNN,
-    InputSpec,
-    Teacher,
-    build_classifier,
-    finetune_state,
-    load_classifier,
-    load_teacher,
-    save_classifier,
-)
+from deit.train.classifiers import FashionCNN, build_classifier, load_classifier, save_classifier
+from deit.train.data import InputSpec
+from deit.train.student import finetune_state
+from deit.train.teachers import Teacher, load_teacher
 
 GRAY = InputSpec((0.3,), (0.4,), 28, 1)
 
@@ -139,8 +133,8 @@ def test_finetune_state_new_classes_size_channels_and_token() -> None:
 
 
 def test_build_student_from_preset_and_fields() -> None:
-    from deit.runconfig import load_config
-    from deit.teachers import build_student
+    from deit.train.runconfig import load_config
+    from deit.train.student import build_student
 
     cfg = load_config(
         None,

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from deit.data import FASHION_MNIST_DIR
 from deit.model import DeiT
-from deit.runconfig import TrainConfig, load_config
-from deit.train import State, _fit_to_time, lr_at, param_groups, train
+from deit.train.data import FASHION_MNIST_DIR
+from deit.train.loop import State, _fit_to_time, lr_at, param_groups, train
+from deit.train.runconfig import TrainConfig, load_config
 
-from .conftest import idx_bytes
+from .conftest import free_port, idx_bytes
 
 TINY = [
     "model.name=deit",
@@ -116,7 +116,7 @@ def test_run_directory_and_export(fake_fmnist: Path, tmp_path: Path) -> None:
     assert loaded.labels[0] == "T-shirt/top" and loaded.preprocess.channels == 1
     assert loaded.preprocess.invert_light_background
     assert loaded.metadata["train_config"]["model"]["embed_dim"] == 32
-    from deit.plot import plot_run
+    from deit.train.plot import plot_run
 
     assert plot_run(run).stat().st_size > 1000  # deit plot RUN_DIR -> RUN_DIR/curves.png
 
@@ -152,7 +152,7 @@ def test_nan_loss_stops_with_epoch_and_step(fake_fmnist: Path, tmp_path: Path) -
 
 
 def test_cnn_teacher_then_hard_distilled_student(fake_fmnist: Path, tmp_path: Path) -> None:
-    from deit.evaluate import evaluate
+    from deit.train.evaluate import evaluate
 
     teacher = train(
         _cfg(fake_fmnist, "model.name=fmnist_cnn", "schedule.epochs=1"),
@@ -234,7 +234,7 @@ def test_finetune_to_new_classes_and_larger_input(
             "schedule.epochs=1",
         ],
     )
-    with caplog.at_level(logging.INFO, logger="deit.train"):
+    with caplog.at_level(logging.INFO, logger="deit.train.loop"):
         run = train(cfg, out_dir=tmp_path / "ft")
     text = caplog.text
     assert "re-initialised head.weight" in text and "pos_embed resized (7, 7) -> (8, 8)" in text
@@ -251,7 +251,7 @@ def test_finetune_to_new_classes_and_larger_input(
 )
 def test_learns_real_fashion_mnist(tmp_path: Path) -> None:
     """About 30 s on 2 cores: a CNN on 6,000 real images, scored on the 10,000 test images."""
-    from deit.evaluate import evaluate
+    from deit.train.evaluate import evaluate
 
     cfg = load_config(
         None,
@@ -298,7 +298,7 @@ def test_two_processes_match_one(fake_fmnist: Path, tmp_path: Path) -> None:
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29517",
+        f"--master_port={free_port()}",
         "-m",
         "deit.train",
         "--out",

@@ -35,7 +35,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from deit.serve import ServerThread, ServeSettings, create_app  # noqa: E402
+from deit.deploy.serve.app import ServerThread, ServeSettings, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

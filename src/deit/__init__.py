@@ -7,11 +7,12 @@ Public API (everything else is reachable through its module):
     >>> clf.predict("shoe.png", top_k=3)
 """
 
-from deit.checkpoints import CheckpointError, LoadedModel, convert, load_model, save_model
+from deit.checkpoints import LoadedModel, convert, load_model, save_model
 from deit.config import VARIANTS, DeiTConfig
+from deit.errors import CheckpointError, DeiTError, ImageLoadError
 from deit.inference import Classifier, FileResult, Prediction
 from deit.model import DeiT, DeiTOutput
-from deit.transforms import ImageLoadError, PreprocessConfig, load_image, preprocess
+from deit.transforms import PreprocessConfig, load_image, preprocess
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "Classifier",
     "DeiT",
     "DeiTConfig",
+    "DeiTError",
     "DeiTOutput",
     "FileResult",
     "ImageLoadError",

@@ -13,31 +13,29 @@ Peers that aren't installed are skipped with a note on stderr.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from deit.checkpoints import save_model
-from deit.cli import at_least
 from deit.config import VARIANTS, DeiTConfig
-from deit.inference import DTYPES, autocast, quantize_int8, resolve_device
 from deit.model import DeiT
+from deit.onnx_model import OnnxRunner
+from deit.runtime import DTYPES, autocast, quantize_int8, resolve_device
 from deit.transforms import PreprocessConfig
 
 IMPLS = ("deit", "timm", "hf")
-# onnx: ours exported to portable ONNX; onnx-fused: ONNX Runtime's fused graph (deit.ort_graph);
-# onnx-int8: that graph quantized, as `deit quantize` writes it; int8: ours with int8 linear
-# layers in PyTorch (all four on the CPU).
+# onnx: ours exported to portable ONNX; onnx-fused: ONNX Runtime's fused graph
+# (deit.deploy.ort_graph); onnx-int8: that graph quantized, as `deit quantize` writes it;
+# int8: ours with int8 linear layers in PyTorch (all four on the CPU).
 # compile-max: torch.compile's max-autotune mode (autotuned kernels; CUDA graphs on a GPU)
 MODES = ("eager", "compile", "compile-max", "int8", "onnx", "onnx-fused", "onnx-int8")
 
@@ -144,18 +142,18 @@ def build_contenders(
 
 def _onnx_forward(model: DeiT, mode: str) -> Callable[[Tensor], Tensor]:
     """Our model exported to ONNX as ``mode`` says, run by ONNX Runtime."""
-    from deit.export import export_onnx, onnx_session
-    from deit.quantize import quantize_onnx
+    from deit.deploy.export import export_onnx
+    from deit.deploy.quantize import quantize_onnx
 
     tmp = tempfile.TemporaryDirectory(prefix="deit-bench-")  # removed with the contender
     folder = Path(tmp.name)
     path = export_onnx(model, folder / "model.onnx", dynamic_batch=True, fused=mode != "onnx")
     if mode == "onnx-int8":
         path = quantize_onnx(path, folder / "model.int8.onnx")
-    session = onnx_session(path, threads=torch.get_num_threads())
+    runner = OnnxRunner(path, threads=torch.get_num_threads())
 
     def forward(x: Tensor, _keep: object = tmp) -> Tensor:
-        return torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
+        return torch.from_numpy(runner(x))
 
     return forward
 
@@ -282,55 +280,3 @@ def run_bench(
         for i in range(len(contenders)):
             by_latency = sorted((r[i] for r in results), key=lambda m: m.latency_ms)
             yield by_latency[len(by_latency) // 2]
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="deit_tiny_distilled_patch16_224", choices=sorted(VARIANTS))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--batch", type=at_least(1), action="append", help="batch size (repeatable)")
-    p.add_argument("--impl", action="append", choices=IMPLS, help="default: all")
-    p.add_argument("--mode", action="append", choices=MODES, help="default: eager")
-    p.add_argument("--iters", type=at_least(1), default=10, help="timed batches (at least)")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds (at least)")
-    p.add_argument(
-        "--rounds",
-        type=at_least(1),
-        default=1,
-        help="measure all contenders this many times in turn, report the median round",
-    )
-    p.add_argument("--threads", type=at_least(1), help="CPU threads for torch")
-    p.add_argument("--json", action="store_true", help="one JSON object per measurement")
-
-
-def run_bench_command(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = run_bench(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        batches=tuple(args.batch or (1, 32)),
-        impls=tuple(args.impl or IMPLS),
-        modes=tuple(args.mode or ("eager",)),
-        iters=args.iters,
-        min_seconds=args.min_seconds,
-        rounds=args.rounds,
-    )
-    if not args.json:
-        print(
-            f"{'impl':>5} {'mode':>8} {'batch':>6} {'img/s':>10} {'median ms':>10} "
-            f"{'p99 ms':>9} {'peak MiB':>9} {'max |Δlogit|':>13}"
-        )
-    for m in results:
-        if args.json:
-            print(json.dumps(asdict(m)), flush=True)
-        else:
-            peak = f"{m.peak_mem_mb:9.0f}" if m.peak_mem_mb is not None else f"{'-':>9}"
-            print(
-                f"{m.impl:>5} {m.mode:>8} {m.batch:>6} {m.img_per_s:10.1f} "
-                f"{m.latency_ms:10.2f} {m.latency_p99_ms:9.2f} {peak} "
-                f"{m.max_abs_logit_diff:13.2e}",
-                flush=True,
-            )
-    return 0

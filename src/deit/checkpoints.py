@@ -35,24 +35,21 @@ import torch
 from torch import Tensor
 
 from deit.config import VARIANTS, DeiTConfig
+from deit.errors import CheckpointError
 from deit.labels import imagenet_labels, read_label_file
 from deit.model import DeiT, resize_pos_embed
 from deit.transforms import PreprocessConfig
 
 StateDict = dict[str, Tensor]
-Format = Literal["official", "timm", "hf", "deit", "onnx"]  # onnx: deit.export.load_onnx
+Format = Literal["official", "timm", "hf", "deit", "onnx"]  # onnx: deit.onnx_model.load_onnx
 PreprocessChoice = Literal["auto", "model-card", "official", "timm"]
 
 DEFAULT_MODEL = "facebook/deit-tiny-distilled-patch16-224"
 EMBEDDED_DIR = Path(__file__).parent / "data" / "models"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# config.json "format" of the CNN classifiers (teachers) that deit.teachers saves
+# config.json "format" of the CNN classifiers (teachers) that deit.train.teachers saves
 CLASSIFIER_FORMAT = "deit-classifier"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that can't be found, read, recognised or matched to the model."""
 
 
 @dataclass
@@ -593,6 +590,35 @@ def load_model(
         resize_input(loaded, img_size)
     loaded.model.to(device)
     return loaded
+
+
+def as_loaded(model: LoadedModel | DeiT | Any, device: str | torch.device = "cpu") -> LoadedModel:
+    """A :class:`LoadedModel` from a loaded model, a ``Classifier``, a bare ``DeiT`` or a source.
+
+    A bare ``DeiT`` gets numbered labels and a preprocessing that squashes images to the
+    model's input size (ImageNet mean/std for RGB, 0.5/0.5 for one channel).
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(getattr(model, "loaded", None), LoadedModel):  # deit.inference.Classifier
+        return model.loaded
+    if isinstance(model, DeiT):
+        cfg = model.config
+        one = cfg.in_chans == 1
+        pre = PreprocessConfig(
+            resize_mode="squash",
+            resize_size=cfg.image_hw,
+            crop_size=None,
+            channels=cfg.in_chans,
+            mean=(0.5,) if one else PreprocessConfig().mean,
+            std=(0.5,) if one else PreprocessConfig().std,
+            source="default for a bare model",
+        )
+        labels = [f"class {i}" for i in range(cfg.num_classes)]
+        return LoadedModel(model, cfg, pre, labels, "<in-memory model>", "deit")
+    if isinstance(model, (str, Path)):
+        return load_model(model, device=device)
+    raise TypeError(f"expected a LoadedModel, Classifier, DeiT or a source, not {type(model)}")
 
 
 def resize_input(loaded: LoadedModel, img_size: int | tuple[int, int]) -> None:

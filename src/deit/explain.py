@@ -21,10 +21,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,13 +32,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from deit.checkpoints import LoadedModel
-from deit.cli import add_model_arguments
-from deit.export import as_loaded
+from deit.checkpoints import LoadedModel, as_loaded
 from deit.model import DeiT
 from deit.transforms import (
     ImageLike,
-    ImageLoadError,
     PreprocessConfig,
     load_image,
     preprocess_image,
@@ -264,37 +259,3 @@ def explain_payload(
         "maps": {k: np.round(v, 6).tolist() for k, v in maps.items()},
         "view": "data:image/png;base64," + base64.b64encode(png_bytes(view)).decode("ascii"),
     }
-
-
-def run_explain_command(args: argparse.Namespace) -> int:
-    """``deit explain``: write the overlay PNG."""
-    from deit.checkpoints import load_model
-
-    loaded = load_model(
-        args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
-    )
-    try:
-        path = explain_to_file(loaded, args.image, args.out, args.token)
-    except ImageLoadError as e:
-        print(f"deit explain: error: {args.image}: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
-
-
-EXPLAIN_HELP = "attention rollout map of an image (cls / dist token)"
-
-
-def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``deit explain``."""
-    add_model_arguments(parser)
-    parser.add_argument("image", help="image file")
-    parser.add_argument("--token", choices=["cls", "dist", "both"], default="both")
-    parser.add_argument("--out", "-o", required=True, help="output PNG")
-
-
-def register_explain(sub: argparse._SubParsersAction) -> None:
-    """Add ``deit explain`` to the CLI's subparsers."""
-    parser = sub.add_parser("explain", help=EXPLAIN_HELP)
-    add_explain_arguments(parser)
-    parser.set_defaults(func=run_explain_command)

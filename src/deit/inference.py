@@ -12,11 +12,9 @@ from __future__ import annotations
 import copy
 import glob
 import os
-import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
+from deit.onnx_model import load_onnx
+from deit.runtime import DTYPES, PRECISIONS, quantize_int8, resolve_device
 from deit.transforms import (
     IMAGE_EXTENSIONS,
     ImageLike,
@@ -62,42 +62,13 @@ class FileResult:
 
 def load_any(source: str | Path = DEFAULT_MODEL, **load_kwargs: Any) -> LoadedModel:
     """:func:`deit.checkpoints.load_model`, or for an ``.onnx`` file of ``deit export`` /
-    ``deit quantize`` :func:`deit.export.load_onnx` (the file carries its own settings)."""
+    ``deit quantize`` :func:`deit.onnx_model.load_onnx` (the file carries its own settings)."""
     if str(source).endswith(".onnx"):
-        from deit.export import load_onnx
-
         unused = {k: v for k, v in load_kwargs.items() if v not in (None, "auto")}
         if unused:
             raise ValueError(f"an ONNX file carries its own settings; drop {sorted(unused)}")
         return load_onnx(source)
     return load_model(source, **load_kwargs)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU; others must be available."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    if dev.type == "mps" and not (torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' requested but MPS is not available")
-    return dev
-
-
-def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
-    """Mixed precision for ``bf16``/``fp16`` on ``device``; nothing for ``fp32``."""
-    if precision == "fp32":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[str]:
@@ -122,24 +93,6 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[str]:
         else:
             out.append(str(item))
     return out
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = (*DTYPES, "int8")
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """A CPU copy of ``model`` whose ``nn.Linear`` layers compute in int8.
-
-    PyTorch's dynamic quantization: weights are quantized once (per tensor), activations per
-    batch at run time, so no calibration data is needed. Everything else (patch embedding,
-    attention, norms) stays fp32. ``deit quantize`` measures its accuracy and speed.
-    """
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8
-        )
 
 
 def prepare_model(

@@ -35,6 +35,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from deit.errors import (
+    EmptyImageError,
+    ImageLoadError,
+    ImageTooLargeError,
+    NotAnImageError,
+)
+
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 HF_STANDARD_MEAN: tuple[float, ...] = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_*
@@ -60,10 +67,6 @@ ImageLike = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray | t
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jfif .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .ico".split()  # noqa: SIM905
 )
-
-
-class ImageLoadError(ValueError):
-    """An input could not be turned into an image; ``str(err)`` is a short reason."""
 
 
 # --------------------------------------------------------------------------- config
@@ -366,18 +369,18 @@ def _decode(img: Image.Image, max_pixels: int | None, draft_min_side: int | None
     """Check the header size, then decode all pixels (``draft_min_side``: allow JPEG draft)."""
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageLoadError(
+        raise ImageTooLargeError(
             f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}"
         )
     if width == 0 or height == 0:
-        raise ImageLoadError("empty image (zero width or height)")
+        raise EmptyImageError("empty image (zero width or height)")
     if draft_min_side is not None and min(width, height) > draft_min_side:
         scale = draft_min_side / min(width, height)
         img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
     try:
         img.load()
     except Image.DecompressionBombError as exc:  # e.g. an ICO/TIFF part larger than its header
-        raise ImageLoadError(f"image too large: {exc}") from exc
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
         raise ImageLoadError(f"truncated or corrupt image: {exc}") from exc
 
@@ -388,7 +391,7 @@ def _open(source: str | os.PathLike | bytes | IO[bytes], max_pixels: int | None)
         if not path.is_file():
             raise ImageLoadError(f"{'not a file' if path.exists() else 'file not found'}: {path}")
         if path.stat().st_size == 0:
-            raise ImageLoadError("empty file")
+            raise EmptyImageError("empty file")
         fp: Path | IO[bytes] = path
     elif isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
         try:
@@ -398,17 +401,17 @@ def _open(source: str | os.PathLike | bytes | IO[bytes], max_pixels: int | None)
         if not isinstance(data, bytes):
             raise ImageLoadError("file objects must be opened in binary mode")
         if not data:
-            raise ImageLoadError("empty file")
+            raise EmptyImageError("empty file")
         fp = io.BytesIO(data)
     else:
-        raise ImageLoadError(f"unsupported input type: {type(source).__name__}")
+        raise NotAnImageError(f"unsupported input type: {type(source).__name__}")
     try:
         with _bomb_warnings(max_pixels):
             return Image.open(fp)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"image too large: {exc}") from exc
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageLoadError("not an image file") from exc
+        raise NotAnImageError("not an image file") from exc
     except OSError as exc:
         if exc.errno is not None:  # the OS refused, e.g. permission denied
             raise ImageLoadError(f"cannot read file: {exc.strerror}") from exc
@@ -490,7 +493,7 @@ def to_mode(img: Image.Image, channels: int = 3) -> Image.Image:
             img = img.convert("RGB")
         return img if img.mode == target else img.convert(target)
     except ValueError as exc:
-        raise ImageLoadError(f"unsupported image mode {img.mode}: {exc}") from exc
+        raise NotAnImageError(f"unsupported image mode {img.mode}: {exc}") from exc
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -3,7 +3,7 @@
 Sections, top to bottom: setup (devices, processes, run directory) → data → student and
 teacher → optimizer and schedule → the epoch loop → checkpoints and export. The same loop
 trains a DeiT (outputs ``DeiTOutput``) and any CNN (outputs a tensor), so a teacher can be
-trained first with the same command. Recipe defaults: ``deit.runconfig``; formulas:
+trained first with the same command. Recipe defaults: ``deit.train.runconfig``; formulas:
 reference-spec §4; the how-to: ``docs/training.md``.
 
 Run directory layout: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per
@@ -14,15 +14,15 @@ checkpoints, ``torch.load(weights_only=True)``-safe), ``model/`` (the exported s
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import copy
 import logging
 import math
 import os
 import random
 import statistics
-import sys
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +31,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deit.data import Data, DeviceBatches, build_data
-from deit.inference import autocast, resolve_device
-from deit.losses import DistillationLoss
-from deit.plot import MetricsWriter
-from deit.runconfig import TrainConfig, load_config, save_config
-from deit.teachers import build_student
+from deit.checkpoints import save_model
+from deit.runtime import autocast, resolve_device
+from deit.train.classifiers import save_classifier
+from deit.train.data import Data, DeviceBatches, build_data
+from deit.train.evaluate import evaluate_batches
+from deit.train.losses import DistillationLoss
+from deit.train.metrics import MetricsWriter
+from deit.train.runconfig import TrainConfig, save_config
+from deit.train.student import build_student
+from deit.train.teachers import load_teacher
+from deit.transforms import PreprocessConfig
 
-__all__ = ["add_train_arguments", "lr_at", "param_groups", "run_train_command", "train"]
+__all__ = ["lr_at", "param_groups", "train"]
 
-log = logging.getLogger("deit.train")
+log = logging.getLogger("deit.train.loop")
 
 
 # --------------------------------------------------------------------------- setup
@@ -358,8 +363,6 @@ def _progress(steps: int, epoch: int, cfg: TrainConfig, rank: int) -> Any:
 
 
 def _evaluate(loop: Loop, model: nn.Module) -> dict[str, float]:
-    from deit.evaluate import evaluate_batches
-
     report = evaluate_batches(
         model,
         loop.data.val,
@@ -389,12 +392,13 @@ def train(
         out_dir: run directory (default ``cfg.run.out_dir / cfg.run.name``).
         resume: continue from ``out_dir/last.pt`` when it exists.
         train_data, val_data: any datasets yielding ``(PIL image or tensor, label)`` to use
-            instead of ``cfg.data`` (see ``deit.data``); ``labels`` names their classes.
+            instead of ``cfg.data`` (see ``deit.train.data``); ``labels`` names their classes.
 
     Returns:
         The run directory; the trained model is in ``run_dir/model``.
     """
     cfg.validate()
+    owns_group = not torch.distributed.is_initialized()
     rank, world, dev = setup_distributed(cfg.run.device)
     seed_everything(cfg.run.seed + rank)
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
@@ -422,13 +426,25 @@ def train(
         log.info("resumed from %s at epoch %d, step %d", last, st.epoch, st.step)
     elif resume:
         log.warning("--resume: no %s yet, so this run starts from the beginning", last)
-    _run_epochs(loop, st, run_dir)
+    with _compile_fallback(cfg.run.compile):
+        _run_epochs(loop, st, run_dir)
     if rank == 0:
         export_student(cfg, st, run_dir, data, arch)
     loop.metrics.close()
     if world > 1:
         torch.distributed.barrier()  # the export is on disk before any rank returns
+        if owns_group:
+            torch.distributed.destroy_process_group()
     return run_dir
+
+
+def _compile_fallback(compiled: bool) -> AbstractContextManager[Any]:
+    """While a compiled model trains, a compile failure falls back to eager (not process-wide)."""
+    if not compiled:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(suppress_errors=True)
 
 
 def _prepare(
@@ -468,9 +484,6 @@ def _prepare(
             model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
     if cfg.run.compile:
-        import torch._dynamo as dynamo
-
-        dynamo.config.suppress_errors = True  # a compile failure falls back to eager
         forward = torch.compile(forward, mode=cfg.run.compile_mode)
     log.info(
         "student %s: %.2fM parameters, base lr %.3g, %d process(es), device %s",
@@ -490,8 +503,6 @@ def _prepare(
 def _teacher(cfg: TrainConfig, data: Data, dev: torch.device) -> nn.Module | None:
     if cfg.distill.kind == "none":
         return None
-    from deit.teachers import load_teacher
-
     d = cfg.distill
     teacher = load_teacher(
         d.teacher,
@@ -654,9 +665,6 @@ def export_student(cfg: TrainConfig, st: State, run_dir: Path, data: Data, arch:
     }
     out = run_dir / "model"
     if arch == "deit":
-        from deit.checkpoints import save_model
-        from deit.transforms import PreprocessConfig
-
         save_model(
             model,
             out,
@@ -666,8 +674,6 @@ def export_student(cfg: TrainConfig, st: State, run_dir: Path, data: Data, arch:
             metadata=meta,
         )
     else:
-        from deit.teachers import save_classifier
-
         save_classifier(
             model,
             out,
@@ -683,47 +689,3 @@ def export_student(cfg: TrainConfig, st: State, run_dir: Path, data: Data, arch:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``deit train``."""
-    parser.add_argument("--config", help="recipe file (.toml, or a run's config.json)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="section.key=value",
-        help="config overrides, e.g. optim.lr=1e-3 distill.kind=hard",
-    )
-    parser.add_argument("--out", help="run directory (default: run.out_dir/run.name)")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from OUT/last.pt (start afresh, with a warning, when there is none)",
-    )
-
-
-def run_train_command(args: argparse.Namespace) -> int:
-    """``deit train``: resolve the config, train, print where the model went."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (KeyError, TypeError, ValueError, OSError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"deit train: error: {message}", file=sys.stderr)
-        return 2
-    run_dir = train(cfg, out_dir=args.out, resume=args.resume)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    print(f"run directory: {run_dir}\nmodel: {run_dir / 'model'}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m deit.train``: ``deit train``, with the CLI's error handling."""
-    from deit.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,9 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
-class BatcherBusy(RuntimeError):
-    """The queue is full (or the batcher stopped): the caller should retry later."""
+from deit.errors import BusyError
 
 
 @dataclass
@@ -60,7 +58,7 @@ class DynamicBatcher:
             concurrently.
         max_batch: Largest batch.
         max_wait_ms: How long the first image of a batch waits for company.
-        max_queue: Images queued beyond this are refused with :class:`BatcherBusy`.
+        max_queue: Images queued beyond this are refused with :class:`BusyError`.
     """
 
     def __init__(
@@ -85,7 +83,7 @@ class DynamicBatcher:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Stop the worker; images still queued fail with :class:`BatcherBusy`."""
+        """Stop the worker; images still queued fail with :class:`BusyError`."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -93,22 +91,22 @@ class DynamicBatcher:
         while not self.queue.empty():
             _, fut = self.queue.get_nowait()
             if not fut.done():
-                fut.set_exception(BatcherBusy("shutting down"))
+                fut.set_exception(BusyError("shutting down"))
 
     async def submit(self, pixels: Tensor) -> Tensor:
         """The logits row (classes,) of one preprocessed image (C, H, W).
 
         Raises:
-            BatcherBusy: The queue is full or the worker is not running.
+            BusyError: The queue is full or the worker is not running.
             Exception: Whatever the model raised for this image's batch.
         """
         if self._task is None or self._task.done():
-            raise BatcherBusy("the batching worker is not running")
+            raise BusyError("the batching worker is not running")
         fut: asyncio.Future[Tensor] = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait((pixels, fut))
         except asyncio.QueueFull:
-            raise BatcherBusy(f"{self.queue.maxsize} images already queued") from None
+            raise BusyError(f"{self.queue.maxsize} images already queued") from None
         return await fut
 
     async def _gather(self) -> list[tuple[Tensor, asyncio.Future[Tensor]]]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from deit.errors import ConfigError, ConfigKeyError, ConfigTypeError
+
 
 @dataclass
 class ModelSection:
@@ -211,7 +213,7 @@ class TrainConfig:
         if not 0.0 <= self.distill.alpha <= 1.0:
             problems.append(f"distill.alpha {self.distill.alpha} is not in [0, 1]")
         if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
+            raise ConfigError("invalid training config: " + "; ".join(problems))
 
 
 def _check_value(value: Any, annotation: Any, key: str) -> Any:
@@ -229,17 +231,19 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
                 return _check_value(value, option, key)
             except TypeError as e:
                 errors.append(str(e))
-        raise TypeError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigTypeError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise TypeError(f"{key}: expected a list, got {value!r}")
+            raise ConfigTypeError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(annotation)
         return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool) and type(value) is annotation:
         return value
-    raise TypeError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    raise ConfigTypeError(
+        f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
+    )
 
 
 def _section_types(section: Any) -> dict[str, Any]:
@@ -250,17 +254,17 @@ def set_value(cfg: TrainConfig, dotted: str, value: Any) -> None:
     """Set ``section.key`` on ``cfg`` after checking the section, the key and the type."""
     parts = dotted.split(".")
     if len(parts) != 2:
-        raise KeyError(f"config key {dotted!r} must look like section.key")
+        raise ConfigKeyError(f"config key {dotted!r} must look like section.key")
     section_name, key = parts
     sections = {f.name for f in dataclasses.fields(cfg)}
     if section_name not in sections:
-        raise KeyError(
+        raise ConfigKeyError(
             f"unknown config section {section_name!r} (known: {', '.join(sorted(sections))})"
         )
     section = getattr(cfg, section_name)
     hints = _section_types(section)
     if key not in hints:
-        raise KeyError(
+        raise ConfigKeyError(
             f"unknown config key {dotted!r} (known in [{section_name}]: {', '.join(hints)})"
         )
     setattr(section, key, _check_value(value, hints[key], dotted))
@@ -270,7 +274,7 @@ def apply_dict(cfg: TrainConfig, d: dict[str, Any]) -> None:
     """Apply a nested ``{section: {key: value}}`` dict onto ``cfg`` with full checking."""
     for section_name, values in d.items():
         if not isinstance(values, dict):
-            raise KeyError(f"config entry {section_name!r} must be a [section] table")
+            raise ConfigKeyError(f"config entry {section_name!r} must be a [section] table")
         for key, value in values.items():
             set_value(cfg, f"{section_name}.{key}", value)
 
@@ -278,7 +282,7 @@ def apply_dict(cfg: TrainConfig, d: dict[str, Any]) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``section.key=value``; the value is a TOML literal, else a plain string."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     raw = raw.strip()
     if raw.lower() in ("none", "null"):
@@ -314,9 +318,9 @@ def load_config(
         try:
             data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
         except ValueError as e:  # JSONDecodeError and TOMLDecodeError
-            raise ValueError(f"cannot parse {p}: {e}") from e
+            raise ConfigError(f"cannot parse {p}: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError(f"{p} must hold [section] tables, not a {type(data).__name__}")
+            raise ConfigError(f"{p} must hold [section] tables, not a {type(data).__name__}")
         try:
             apply_dict(cfg, data)
         except (KeyError, TypeError) as e:

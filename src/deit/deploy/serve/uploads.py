@@ -1,4 +1,4 @@
-"""Reading multipart image uploads with size limits, for :mod:`deit.serve`.
+"""Reading multipart image uploads with size limits, for :mod:`deit.deploy.serve.app`.
 
 The body is counted while it streams in, so an upload larger than the limit is refused with
 413 after at most ``limit`` bytes, whether or not the client sent a ``Content-Length``; one
@@ -11,33 +11,17 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deit.transforms import ImageLoadError
+from deit.errors import DeiTError
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and small fields
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": message}`` with an HTTP status."""
+class ApiError(DeiTError):
+    """An error answered as ``{"error": message}`` with the HTTP status given."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
-
-
-def image_error(e: ImageLoadError) -> ApiError:
-    """The HTTP answer to an image that can't be used.
-
-    413 over the pixel limit, 415 not an image (or a mode PIL can't convert), 400 empty,
-    422 truncated or corrupt.
-    """
-    msg = str(e)
-    if msg.startswith("image too large"):
-        return ApiError(413, msg)
-    if msg.startswith(("not an image", "unsupported")):
-        return ApiError(415, msg)
-    if msg.startswith("empty"):
-        return ApiError(400, msg)
-    return ApiError(422, msg)
+        self.http_status = status
 
 
 @dataclass

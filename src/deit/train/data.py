@@ -13,7 +13,7 @@ Two ways to feed a model:
 
 Plugging in another dataset: pass ``train_data=`` / ``val_data=`` (any Dataset yielding a PIL
 image or a float (C, H, W) tensor and an int label, PIL images are run through the train/eval
-transform) and ``labels=`` to ``deit.train.train``.
+transform) and ``labels=`` to ``deit.train.loop.train``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import gzip
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,16 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deit.augment import (
+from deit.checkpoints import LoadedModel
+from deit.train.augment import (
     image_eval_transform,
     image_train_transform,
     random_crop_flip,
     random_erasing,
 )
-from deit.teachers import InputSpec
 from deit.transforms import IMAGE_EXTENSIONS
 
-log = logging.getLogger("deit.data")
+log = logging.getLogger("deit.train.data")
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -57,6 +57,27 @@ FASHION_MNIST_CLASSES = [
     "Ankle boot",
 ]
 _IDX_DTYPES = {0x08: np.uint8}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects as input: normalisation, square side and channel count."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    img_size: int
+    in_chans: int
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> InputSpec:
+        """What a loaded DeiT expects: its preprocessing's mean/std, input side and channels."""
+        p, c = loaded.preprocess, loaded.config
+        return cls(tuple(p.mean), tuple(p.std), c.image_hw[0], c.in_chans)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InputSpec:
+        """The spec stored in a classifier's ``config.json`` (lists become tuples)."""
+        return cls(tuple(d["mean"]), tuple(d["std"]), int(d["img_size"]), int(d["in_chans"]))
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -409,7 +430,7 @@ class DeviceBatches:
 
 @dataclass
 class Data:
-    """What ``deit.train`` needs to know about its data.
+    """What ``deit.train.loop`` needs to know about its data.
 
     Attributes:
         train, val: a :class:`DeviceBatches` or a DataLoader yielding ``(x, y, bad_samples)``.
@@ -531,7 +552,7 @@ def build_data(
     """Training and validation batches as the run config says (or for the given datasets).
 
     Args:
-        cfg: a ``deit.runconfig.TrainConfig``.
+        cfg: a ``deit.train.runconfig.TrainConfig``.
         device: the training device (tensor data is moved there).
         rank, world: this process and the number of processes.
         train_data, val_data, labels: user datasets replacing ``cfg.data`` (both needed).

@@ -1,7 +1,7 @@
 """Int8 ONNX models for the CPU, with an accuracy and speed report.
 
-:func:`quantize_model` exports the fp32 ONNX graph (:func:`deit.export.export_onnx`, dynamic
-batch; ONNX Runtime's fused graph of :mod:`deit.ort_graph` unless ``fused=False``), checks
+:func:`quantize_model` exports the fp32 ONNX graph (:func:`deit.deploy.export.export_onnx`, dynamic
+batch; ONNX Runtime's fused graph of :mod:`deit.deploy.ort_graph` unless ``fused=False``), checks
 it against eager PyTorch, then applies ONNX Runtime's dynamic quantization to the
 ``MatMul``/``Gemm`` weights and the fused ``Attention`` (int8 weights; activations quantized
 per batch at run time, so no calibration data is needed). The report compares the int8
@@ -17,12 +17,9 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,25 +32,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deit.checkpoints import LoadedModel, load_model
-from deit.cli import add_model_arguments, at_least
-from deit.export import (
-    HEADS,
-    ExportError,
+from deit.checkpoints import LoadedModel, as_loaded
+from deit.deploy.export import (
     Head,
     HeadLogits,
     add_onnx_metadata,
-    as_loaded,
     compare_logits,
     cpu_eval,
     export_onnx,
     load_inputs,
-    onnx_session,
     read_metadata,
-    require,
     verify_export,
 )
-from deit.inference import quantize_int8
+from deit.errors import UsageError
+from deit.onnx_model import OnnxRunner
+from deit.runtime import quantize_int8, require
+from deit.train.data import ImageFolder, load_fashion_mnist, match_class_folders
 from deit.transforms import preprocess_image
 
 
@@ -135,16 +129,14 @@ def load_labelled(
 
     Images go through the model's own preprocessing, as ``deit predict`` would apply it. An
     image folder's sub-folders are matched to the model's labels by name when they all are
-    label names (``deit.data.match_class_folders``); otherwise their sorted order is taken as
+    label names (``deit.train.data.match_class_folders``); otherwise their sorted order is taken as
     class indices. ``limit`` takes a seeded random sample of a folder's images (the first
     ``limit`` of Fashion-MNIST's, which are in no class order). Unreadable files are skipped.
     """
     from PIL import Image
 
-    from deit.data import ImageFolder, load_fashion_mnist, match_class_folders
-
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 (or None for all), not {limit}")
+        raise UsageError(f"limit must be at least 1 (or None for all), not {limit}")
     cfg = loaded.preprocess
     if spec.split(":")[0] == "fashion-mnist":
         split = spec.partition(":")[2] or "test"
@@ -164,18 +156,15 @@ def load_labelled(
             xs.append(item[0])
             ys.append(item[1])
     if not xs:
-        raise ValueError(f"no readable images in {spec}")
+        raise UsageError(f"no readable images in {spec}")
     if max(ys) >= loaded.config.num_classes:
-        raise ValueError(f"{spec} has more classes than the model ({loaded.config.num_classes})")
+        raise UsageError(f"{spec} has more classes than the model ({loaded.config.num_classes})")
     return torch.stack(xs), torch.tensor(ys), str(spec)
 
 
 def onnx_logits(path: str | Path, pixels: Tensor, batch_size: int = 64) -> np.ndarray:
     """Logits of a dynamic-batch ONNX model on ``pixels`` (N, C, H, W)."""
-    session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    chunks = [session.run(None, {name: b.numpy()})[0] for b in pixels.split(batch_size)]
-    return np.concatenate(chunks)
+    return OnnxRunner(path)(pixels, batch_size)
 
 
 def time_batch1(
@@ -190,11 +179,11 @@ def time_batch1(
 
     Interleaving spreads any background load on a shared machine over all candidates alike.
     """
-    sessions = {k: onnx_session(p, threads) for k, p in paths.items()}
+    runners = {k: OnnxRunner(p, threads) for k, p in paths.items()}
     x = sample[:1].contiguous()
-    feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sessions.items()}
+    feeds = {k: r.feed(x) for k, r in runners.items()}
     calls: dict[str, Any] = {
-        k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()
+        k: (lambda s=r.session, f=feeds[k]: s.run(None, f)) for k, r in runners.items()
     }
     for k, m in (torch_models or {}).items():
         calls[k] = lambda m=m: m(x)
@@ -243,7 +232,7 @@ def quantize_model(
         bench_runs: Batch-1 timing runs per model (0 skips timing).
         threads: ONNX Runtime / PyTorch intra-op threads for timing (default: all cores).
         keep_fp32: Also keep the fp32 ONNX model at this path.
-        fused: Quantize ONNX Runtime's fused graph (:mod:`deit.ort_graph`; faster, runs in
+        fused: Quantize ONNX Runtime's fused graph (:mod:`deit.deploy.ort_graph`; faster, runs in
             ONNX Runtime only); ``False``: the portable export.
     """
     loaded = as_loaded(model_or_loaded)
@@ -324,75 +313,3 @@ def format_quant_report(r: QuantReport) -> str:
     if r.torch_ms and r.torch_int8_ms:
         lines[-1] += f" (speed-up over eager fp32 {r.torch_ms / r.torch_int8_ms:.2f}x)"
     return "\n".join(lines)
-
-
-def run_quantize_command(args: argparse.Namespace) -> int:
-    """``deit quantize``: exit 0 on success, 2 on bad input or a failed export."""
-    out = Path(args.out)
-    if out.suffix != ".onnx" or (
-        args.keep_fp32 and Path(args.keep_fp32).resolve() == out.resolve()
-    ):
-        print(
-            f"deit quantize: error: the output must be a .onnx file other than --keep-fp32, "
-            f"not {args.out!r}",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        loaded = load_model(
-            args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
-        )
-        report = quantize_model(
-            loaded,
-            args.out,
-            data=args.data,
-            data_root=args.data_root,
-            limit=args.limit or None,
-            head=args.head,
-            per_channel=args.per_channel,
-            bench_runs=args.bench_runs,
-            threads=args.threads,
-            keep_fp32=args.keep_fp32,
-            fused=not args.portable,
-        )
-    except (ImportError, ExportError, FileNotFoundError) as e:
-        print(f"deit quantize: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(report.to_dict()) if args.json else format_quant_report(report))
-    return 0
-
-
-QUANTIZE_HELP = "int8 ONNX model for the CPU, with an accuracy report"
-
-
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``deit quantize``."""
-    add_model_arguments(parser)
-    parser.add_argument("out", help="output .onnx file")
-    parser.add_argument("--data", help="fashion-mnist[:test|train] or an image folder (labelled)")
-    parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
-    parser.add_argument(
-        "--limit", type=at_least(0), default=1000, help="images of --data to use (0: all)"
-    )
-    parser.add_argument("--head", choices=HEADS, default="avg")
-    parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
-    parser.add_argument(
-        "--bench-runs", type=at_least(0), default=100, help="timing runs (0: no timing)"
-    )
-    parser.add_argument(
-        "--threads", type=at_least(1), help="intra-op threads for timing (default: all)"
-    )
-    parser.add_argument("--keep-fp32", metavar="PATH", help="also keep the fp32 ONNX model here")
-    parser.add_argument(
-        "--portable",
-        action="store_true",
-        help="quantize the portable ONNX export instead of ONNX Runtime's fused graph",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def register_quantize(sub: argparse._SubParsersAction) -> None:
-    """Add ``deit quantize`` to the CLI's subparsers."""
-    parser = sub.add_parser("quantize", help=QUANTIZE_HELP)
-    add_quantize_arguments(parser)
-    parser.set_defaults(func=run_quantize_command)

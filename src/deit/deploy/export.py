@@ -12,7 +12,7 @@ TorchScript-based exporter warns that it is deprecated and will be removed. The 
 ``scaled_dot_product_attention`` exports as plain ``MatMul``/``Softmax`` nodes, so the model
 needs no special export path. The exporter's native opset is 18; lower opsets are reached by
 ONNX's version converter. ``fused=True`` (``deit export --ort-fused``) writes instead the
-graph of :mod:`deit.ort_graph`, built node by node around ONNX Runtime's fused ``Attention``:
+graph of :mod:`deit.deploy.ort_graph`, built node by node around ONNX Runtime's fused ``Attention``:
 faster there, and runnable in ONNX Runtime only.
 
 :func:`verify_export` runs the exported file (ONNX Runtime, or ``torch.export.load``) on real
@@ -20,7 +20,7 @@ images preprocessed with the model's own :class:`~deit.transforms.PreprocessConf
 the logits with eager PyTorch.
 
 Example:
-    >>> from deit.export import export_onnx, verify_export
+    >>> from deit.deploy.export import export_onnx, verify_export
     >>> loaded = load_model("fashion-mnist")
     >>> path = export_onnx(loaded, "fmnist.onnx", dynamic_batch=True)
     >>> verify_export(path, loaded).max_abs_diff < 1e-4
@@ -29,10 +29,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,72 +40,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deit.checkpoints import LoadedModel, load_model
-from deit.config import DeiTConfig
-from deit.inference import expand_paths
-from deit.model import DeiT, DeiTOutput
-from deit.ort_graph import OPSET as ORT_OPSET
-from deit.ort_graph import build_ort_graph
-from deit.transforms import ImageLike, ImageLoadError, PreprocessConfig, preprocess
+from deit.checkpoints import LoadedModel, as_loaded
+from deit.deploy.ort_graph import OPSET as ORT_OPSET
+from deit.deploy.ort_graph import build_ort_graph
+from deit.errors import ExportError, ImageLoadError
+from deit.model import DeiT
+from deit.onnx_model import OnnxRunner, read_onnx_metadata
+from deit.runtime import require
+from deit.transforms import ImageLike, preprocess
 
 Head = Literal["avg", "cls", "dist"]
 HEADS: tuple[Head, ...] = ("avg", "cls", "dist")
 ExportFormat = Literal["onnx", "torch-export"]
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization
-SAMPLES_DIR = Path(__file__).parent / "web" / "samples"
+SAMPLES_DIR = Path(__file__).parent / "serve" / "web" / "samples"  # also the web page's
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-
-
-class ExportError(ValueError):
-    """An export that failed, or whose outputs differ from eager PyTorch."""
-
-
-def require(module: str, package: str, extra: str) -> Any:
-    """Import an optional dependency, or raise an ``ImportError`` saying what to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(
-            f"{module} is needed for this: pip install {package} (or pip install 'deit[{extra}]')"
-        ) from e
 
 
 def sample_images() -> list[Path]:
     """The small photos and Fashion-MNIST images shipped with the package (web page demo)."""
     return sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix in (".jpg", ".png"))
-
-
-def as_loaded(model: LoadedModel | DeiT | Any, device: str | torch.device = "cpu") -> LoadedModel:
-    """A :class:`LoadedModel` from a loaded model, a ``Classifier``, a bare ``DeiT`` or a source.
-
-    A bare ``DeiT`` gets numbered labels and a preprocessing that squashes images to the
-    model's input size (ImageNet mean/std for RGB, 0.5/0.5 for one channel).
-    """
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(getattr(model, "loaded", None), LoadedModel):  # deit.inference.Classifier
-        return model.loaded
-    if isinstance(model, DeiT):
-        cfg = model.config
-        one = cfg.in_chans == 1
-        pre = PreprocessConfig(
-            resize_mode="squash",
-            resize_size=cfg.image_hw,
-            crop_size=None,
-            channels=cfg.in_chans,
-            mean=(0.5,) if one else PreprocessConfig().mean,
-            std=(0.5,) if one else PreprocessConfig().std,
-            source="default for a bare model",
-        )
-        labels = [f"class {i}" for i in range(cfg.num_classes)]
-        return LoadedModel(model, cfg, pre, labels, "<in-memory model>", "deit")
-    if isinstance(model, (str, Path)):
-        return load_model(model, device=device)
-    raise TypeError(f"expected a LoadedModel, Classifier, DeiT or a source, not {type(model)}")
 
 
 class HeadLogits(nn.Module):
@@ -170,19 +124,14 @@ def add_onnx_metadata(path: str | Path, metadata: dict[str, str]) -> None:
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The ``deit.*`` metadata of an exported ``.onnx`` or ``.pt2`` file ({} if none)."""
     path = Path(path)
-    if path.suffix == ".pt2":
-        extra = {"deit.json": ""}
-        try:
-            torch.export.load(str(path), extra_files=extra)
-        except Exception as e:  # a zip that isn't one, or another program's archive
-            raise ExportError(f"cannot read {path}: not a torch.export file ({e})") from e
-        return json.loads(extra["deit.json"] or "{}")
-    onnx = require("onnx", "onnx", "export")
+    if path.suffix != ".pt2":
+        return read_onnx_metadata(path)
+    extra = {"deit.json": ""}
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise ExportError(f"cannot read {path}: not an ONNX model ({type(e).__name__})") from e
-    return {p.key: p.value for p in proto.metadata_props if p.key.startswith("deit.")}
+        torch.export.load(str(path), extra_files=extra)
+    except Exception as e:  # a zip that isn't one, or another program's archive
+        raise ExportError(f"cannot read {path}: not a torch.export file ({e})") from e
+    return json.loads(extra["deit.json"] or "{}")
 
 
 def _prepare(
@@ -218,7 +167,7 @@ def export_onnx(
         opset: ONNX opset (default 18, the exporter's own; lower ones go through a converter;
             the fused graph is opset 20).
         fused: Write the graph for ONNX Runtime with its fused ``Attention`` operator
-            (:mod:`deit.ort_graph`): faster there, but it runs in ONNX Runtime only.
+            (:mod:`deit.deploy.ort_graph`): faster there, but it runs in ONNX Runtime only.
 
     Returns:
         The written path.
@@ -329,84 +278,15 @@ def load_inputs(
     return torch.cat(pixels), names
 
 
-def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session (``threads``: intra-op threads, default ORT's)."""
-    ort = require("onnxruntime", "onnxruntime", "export")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-class OnnxModel(nn.Module):
-    """An ``.onnx`` file of ``deit export``/``deit quantize``, run by ONNX Runtime on the CPU.
-
-    Called like :class:`DeiT` for inference: it returns a :class:`DeiTOutput` whose
-    ``logits`` are the file's (the head chosen at export); the per-head logits are not in
-    the file, so ``cls_logits`` repeats ``logits`` and ``dist_logits`` is ``None``.
-    """
-
-    def __init__(
-        self, path: str | Path, config: DeiTConfig, dynamic_batch: bool, threads: int | None = None
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.path = str(path)
-        self.dynamic_batch = dynamic_batch
-        self.session = onnx_session(path, threads)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, pixel_values: Tensor) -> DeiTOutput:
-        x = pixel_values.detach().to("cpu", torch.float32)
-        batches = [x] if self.dynamic_batch else list(x.split(1))
-        logits = torch.from_numpy(
-            np.concatenate(
-                [self.session.run(None, {self.input_name: b.numpy()})[0] for b in batches]
-            )
-        )
-        return DeiTOutput(logits=logits, cls_logits=logits, dist_logits=None)
-
-
-def load_onnx(path: str | Path, threads: int | None = None) -> LoadedModel:
-    """An exported ``.onnx`` file with its labels and preprocessing, ready for a ``Classifier``.
-
-    Raises:
-        ExportError: The file is missing or carries no ``deit.*`` metadata (not ours).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX file not found: {path}")
-    meta = read_metadata(path)
-    if not {"deit.config", "deit.labels", "deit.preprocess"} <= set(meta):
-        raise ExportError(
-            f"{path} has no deit metadata: export it with `deit export` or "
-            "`deit quantize` to run it with labels and preprocessing"
-        )
-    config = DeiTConfig.from_dict(json.loads(meta["deit.config"]))
-    dynamic = json.loads(meta.get("deit.dynamic_batch", "false"))
-    return LoadedModel(
-        model=OnnxModel(path, config, dynamic, threads),  # type: ignore[arg-type]
-        config=config,
-        preprocess=PreprocessConfig.from_dict(json.loads(meta["deit.preprocess"])),
-        labels=json.loads(meta["deit.labels"]),
-        source=str(path),
-        format="onnx",
-        metadata={k: v for k, v in meta.items() if k not in ("deit.labels", "deit.config")},
-    )
-
-
 def run_exported(path: str | Path, pixel_values: Tensor, *, dynamic_batch: bool) -> np.ndarray:
     """Logits of an exported ``.onnx``/``.pt2`` file; a fixed-batch file runs image by image."""
     path = Path(path)
-    batches = [pixel_values] if dynamic_batch else list(pixel_values.split(1))
     if path.suffix == ".pt2":
         module = torch.export.load(str(path)).module()
+        batches = pixel_values.split(len(pixel_values) if dynamic_batch else 1)
         with torch.no_grad():
             return torch.cat([module(b) for b in batches]).numpy()
-    session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: b.numpy()})[0] for b in batches])
+    return OnnxRunner(path, fixed_batch=not dynamic_batch)(pixel_values)
 
 
 def compare_logits(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
@@ -478,83 +358,3 @@ def format_report(report: VerifyReport) -> str:
         f"{report.max_abs_diff:.3g} (tolerance {report.tolerance:g}), "
         f"top-1 agreement {report.top1_agreement:.1%}"
     )
-
-
-def run_export_command(args: argparse.Namespace) -> int:
-    """``deit export``: write the file, verify it, print the report (exit 1 if it differs)."""
-    suffix = {"onnx": ".onnx", "torch-export": ".pt2"}[args.format]
-    if Path(args.out).suffix != suffix:
-        print(
-            f"deit export: error: --format {args.format} writes a {suffix} file, not {args.out!r}",
-            file=sys.stderr,
-        )
-        return 2
-    images = expand_paths(args.images) if args.images else None
-    try:
-        loaded = load_model(
-            args.model, revision=args.revision, preprocess=args.preprocess, labels=args.labels
-        )
-        if images is not None:
-            load_inputs(loaded, images)  # a bad image fails now, before anything is written
-        if args.format == "onnx":
-            path = export_onnx(
-                loaded,
-                args.out,
-                head=args.head,
-                dynamic_batch=args.dynamic_batch,
-                opset=args.opset,
-                fused=args.ort_fused,
-            )
-        else:
-            path = export_torch(loaded, args.out, head=args.head, dynamic_batch=args.dynamic_batch)
-        report = verify_export(
-            path, loaded, images, tolerance=args.tolerance, raise_on_failure=False
-        )
-    except (ImportError, ExportError) as e:
-        print(f"deit export: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report.to_dict()))
-    else:
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-        print(format_report(report))
-    return 0 if report.passed else 1
-
-
-EXPORT_HELP = "export to ONNX or torch.export and verify on real images"
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``deit export``."""
-    from deit.cli import add_model_arguments
-
-    add_model_arguments(parser)
-    parser.add_argument("out", help="output file (.onnx or .pt2)")
-    parser.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
-    parser.add_argument(
-        "--head", choices=HEADS, default="avg", help="logits to export (default avg)"
-    )
-    parser.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension")
-    parser.add_argument(
-        "--opset",
-        type=int,
-        help=f"ONNX opset (default {DEFAULT_OPSET}; {ORT_OPSET} with --ort-fused)",
-    )
-    parser.add_argument(
-        "--ort-fused",
-        action="store_true",
-        help="ONNX Runtime's fused Attention operator: faster on its CPU provider, "
-        "runs in ONNX Runtime only",
-    )
-    parser.add_argument(
-        "--images", nargs="+", help="images, folders or globs to verify on (default: samples)"
-    )
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def register_export(sub: argparse._SubParsersAction) -> None:
-    """Add ``deit export`` to the CLI's subparsers."""
-    parser = sub.add_parser("export", help=EXPORT_HELP)
-    add_export_arguments(parser)
-    parser.set_defaults(func=run_export_command)

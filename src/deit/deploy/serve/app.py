@@ -24,10 +24,8 @@ full. The server binds 127.0.0.1 unless told otherwise.
 ``Request`` is imported inside :func:`create_app` to keep FastAPI an optional dependency.)
 """
 
-import argparse
 import asyncio
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,12 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from deit.batching import BatcherBusy, DynamicBatcher
-from deit.transforms import ImageLoadError, load_image, preprocess_image
-from deit.uploads import ApiError, image_error, parse_top_k, read_uploads
+from deit.checkpoints import as_loaded
+from deit.deploy.serve.batching import DynamicBatcher
+from deit.deploy.serve.uploads import ApiError, parse_top_k, read_uploads
+from deit.errors import BusyError, DeiTError
+from deit.explain import explain_payload, rollout_maps
+from deit.inference import Classifier
+from deit.runtime import require
+from deit.transforms import load_image, preprocess_image
 
 WEB_DIR = Path(__file__).parent / "web"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -94,10 +96,7 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
 
     ``app.state.batcher.stats`` holds the batching counters once the app has started.
     """
-    from deit.export import require
-
-    require("fastapi", "fastapi", "serve")
-    require("python_multipart", "python-multipart", "serve")
+    require_server()
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -106,20 +105,14 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
 
-    from deit.explain import explain_payload, rollout_maps
-    from deit.inference import Classifier
-
     settings = settings or ServeSettings()
     clf = model if isinstance(model, Classifier) else _classifier(model)
     loaded, cfg = clf.loaded, clf.loaded.preprocess
     pools: dict[str, ThreadPoolExecutor] = {}  # created per run of the app, in lifespan()
 
     def decode(data: bytes) -> tuple[Any, Tensor]:
-        try:
-            img = load_image(data, max_pixels=settings.max_pixels, fast_decode=clf.fast_decode)
-            return img, preprocess_image(img, cfg)
-        except ImageLoadError as e:
-            raise image_error(e) from None
+        img = load_image(data, max_pixels=settings.max_pixels, fast_decode=clf.fast_decode)
+        return img, preprocess_image(img, cfg)
 
     async def to_tensor(data: bytes) -> tuple[Any, Tensor]:
         return await asyncio.get_running_loop().run_in_executor(pools["decode"], decode, data)
@@ -150,9 +143,9 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return error(e.status, e.message)
+    @app.exception_handler(DeiTError)
+    async def _deit_error(_: Request, e: DeiTError) -> JSONResponse:
+        return error(e.http_status, str(e))
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
@@ -174,8 +167,8 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
         _, pixels = await to_tensor(data)
         try:
             return predictions(await batcher.submit(pixels), k)
-        except BatcherBusy as e:
-            raise ApiError(503, f"server busy ({e}), retry later") from None
+        except BusyError as e:
+            raise BusyError(f"server busy ({e}), retry later") from None
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
@@ -223,8 +216,8 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
         )
         results: list[dict[str, Any]] = []
         for (name, _), out in zip(form.files, outcomes):
-            if isinstance(out, ApiError):
-                results.append({"filename": name, "error": out.message, "status": out.status})
+            if isinstance(out, DeiTError):
+                results.append({"filename": name, "error": str(out), "status": out.http_status})
             elif isinstance(out, BaseException):
                 raise out
             else:
@@ -274,12 +267,8 @@ _PAGE_HEADERS = {
 }
 
 
-def _classifier(model: Any) -> Any:
-    from deit.checkpoints import LoadedModel
-    from deit.export import as_loaded
-    from deit.inference import Classifier
-
-    loaded = model if isinstance(model, LoadedModel) else as_loaded(model)
+def _classifier(model: Any) -> Classifier:
+    loaded = as_loaded(model)
     return Classifier(loaded, device=str(next(loaded.model.parameters()).device))
 
 
@@ -297,7 +286,7 @@ class ServerThread:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
         import threading
 
-        uvicorn = _require_uvicorn()
+        uvicorn = require_server()
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="deit-serve", daemon=True)
@@ -319,117 +308,18 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
-def _require_uvicorn() -> Any:
-    from deit.export import require
-
+def require_server() -> Any:
+    """Import the serving extra's packages (uvicorn returned), or say what to install."""
+    require("fastapi", "fastapi", "serve")
+    require("python_multipart", "python-multipart", "serve")
     return require("uvicorn", "uvicorn", "serve")
 
 
 def serve(model: Any, settings: ServeSettings | None = None, log_level: str = "info") -> None:
     """Serve ``model`` until interrupted (blocking)."""
     settings = settings or ServeSettings()
-    uvicorn = _require_uvicorn()
+    uvicorn = require_server()
     app = create_app(model, settings)
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=log_level, timeout_keep_alive=5
     )
-
-
-SERVE_HELP = "HTTP API and web page with dynamic batching"
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``deit serve``."""
-    from deit.cli import add_model_arguments, add_speed_arguments
-
-    add_model_arguments(p)
-    d = ServeSettings()
-    p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    add_speed_arguments(p)
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest model batch")
-    p.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=d.max_wait_ms,
-        help="how long a request waits for others to batch with",
-    )
-    p.add_argument(
-        "--max-upload-mb", type=float, default=d.max_upload_mb, help="largest upload per image, MiB"
-    )
-    p.add_argument(
-        "--max-pixels", type=int, default=d.max_pixels, help="largest decoded image, width x height"
-    )
-    p.add_argument("--max-files", type=int, default=d.max_files, help="files per batch request")
-    p.add_argument("--workers", type=int, default=d.decode_workers, help="decoding threads")
-    p.add_argument("--threads", type=int, help="PyTorch intra-op threads (default: all cores)")
-    p.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
-    )
-
-
-def run_serve_command(args: argparse.Namespace) -> int:
-    """``deit serve``: load the model, then serve until Ctrl-C."""
-    from deit.cli import classifier_from_args
-
-    for flag in ("max_batch", "workers", "max_files", "max_upload_mb", "max_pixels", "threads"):
-        value = getattr(args, flag, None)
-        if value is not None and value <= 0:
-            name = "--" + flag.replace("_", "-")
-            print(f"deit serve: error: {name} must be positive, not {value}", file=sys.stderr)
-            return 2
-    if not 0 <= args.port <= 65535 or args.max_wait_ms < 0:
-        print(
-            "deit serve: error: --port must be 0..65535 and --max-wait-ms >= 0, "
-            f"not {args.port} and {args.max_wait_ms}",
-            file=sys.stderr,
-        )
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        _require_uvicorn()
-        clf = classifier_from_args(args)
-    except ImportError as e:
-        print(f"deit serve: error: {e}", file=sys.stderr)
-        return 2
-    settings = ServeSettings(
-        host=args.host,
-        port=args.port,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_upload_mb=args.max_upload_mb,
-        max_pixels=args.max_pixels,
-        max_files=args.max_files,
-        decode_workers=args.workers,
-    )
-    if settings.host not in LOOPBACK:
-        print(
-            f"deit serve: warning: listening on {settings.host}, reachable from other machines",
-            file=sys.stderr,
-        )
-    print(
-        f"deit serve: {clf.loaded.source} on http://{settings.host}:{settings.port}/",
-        file=sys.stderr,
-    )
-    serve(clf, settings, log_level=args.log_level)
-    return 0
-
-
-def register_serve(sub: argparse._SubParsersAction) -> None:
-    """Add ``deit serve`` to the CLI's subparsers."""
-    parser = sub.add_parser("serve", help=SERVE_HELP)
-    add_serve_arguments(parser)
-    parser.set_defaults(func=run_serve_command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m deit.serve``: ``deit serve``, with the CLI's error handling."""
-    from deit.cli import main as cli_main
-
-    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """DeiT written directly as an ONNX graph for ONNX Runtime, with its fused attention operator.
 
-The exporter in :mod:`deit.export` traces the model into portable ONNX: attention becomes a
+The exporter in :mod:`deit.deploy.export` traces the model into portable ONNX: attention becomes a
 dozen ``Reshape``/``Transpose``/``Split``/``MatMul``/``Softmax`` nodes per block, which ONNX
 Runtime's CPU provider runs one by one, and which its quantizer leaves in fp32. This module
 writes the same computation node by node instead, using
@@ -12,9 +12,9 @@ writes the same computation node by node instead, using
   of the two heads as one ``MatMul`` over the concatenated tokens.
 
 The graph runs in ONNX Runtime only (the ``com.microsoft`` domain) and computes the logits
-of :class:`~deit.export.HeadLogits` to float32 rounding: ``tests/test_ort_graph.py`` checks
+of :class:`~deit.deploy.export.HeadLogits` to float32 rounding: ``tests/test_ort_graph.py`` checks
 it against eager PyTorch, and ``deit export``/``deit quantize`` verify every file they write
-(:func:`deit.export.verify_export`). Speed: docs/performance.md.
+(:func:`deit.deploy.export.verify_export`). Speed: docs/performance.md.
 """
 
 from __future__ import annotations

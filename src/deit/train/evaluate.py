@@ -10,9 +10,6 @@ accuracies are fractions in [0, 1].
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,17 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deit.data import (
+from deit.checkpoints import load_model
+from deit.runtime import resolve_device
+from deit.train.classifiers import is_classifier_dir, load_classifier, logits_of
+from deit.train.data import (
     DeviceBatches,
     ImageFolder,
+    InputSpec,
     collate_skip_bad,
     image_eval_transform,
     load_fashion_mnist,
     match_class_folders,
 )
-from deit.inference import resolve_device
-from deit.losses import split_heads
-from deit.teachers import InputSpec, is_classifier_dir, load_classifier, load_teacher, logits_of
+from deit.train.losses import split_heads
+from deit.train.plot import save_confusion_matrix
+from deit.train.teachers import load_teacher
+from deit.transforms import preprocess_image
 
 
 class _Counts:
@@ -177,24 +179,18 @@ def _load_subject(source: Any, device: torch.device) -> _Subject:
     if isinstance(source, _Subject):
         return source
     if hasattr(source, "model") and hasattr(source, "preprocess"):  # a LoadedModel
-        p, c = source.preprocess, source.config
-        spec = InputSpec(tuple(p.mean), tuple(p.std), c.image_hw[0], c.in_chans)
         return _Subject(
             source.model.to(device).eval(),
-            spec,
+            InputSpec.of(source),
             list(source.labels),
             str(getattr(source, "source", "model")),
-            p,
+            source.preprocess,
         )
     if isinstance(source, str | Path) and is_classifier_dir(source):
         model, config = load_classifier(source, device)
-        spec = InputSpec(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in config["input"].items()}
-        )
+        spec = InputSpec.from_dict(config["input"])
         return _Subject(model, spec, list(config["labels"]), str(source))
     if isinstance(source, str | Path):
-        from deit.checkpoints import load_model
-
         return _load_subject(load_model(source, device=device), device)
     raise TypeError("evaluate() takes a LoadedModel, a checkpoint path/id, or a model directory")
 
@@ -202,8 +198,6 @@ def _load_subject(source: Any, device: torch.device) -> _Subject:
 def _image_transform(subject: _Subject) -> Any:
     """The checkpoint's own eval preprocessing (``deit.transforms``), else the official one."""
     if subject.preprocess is not None:
-        from deit.transforms import preprocess_image
-
         pre = subject.preprocess
         return lambda img: preprocess_image(img, pre)
     s = subject.spec
@@ -266,7 +260,7 @@ def evaluate(
         data: ``"fashion-mnist[:test|train]"``, an image-folder directory (class folders
             matched to the model's labels by name when they all exist, else sorted order), or
             a Dataset yielding ``(normalised tensor, label)``.
-        teacher: also evaluate this teacher (any ``deit.teachers.load_teacher`` source) and
+        teacher: also evaluate this teacher (any ``deit.train.teachers.load_teacher`` source) and
             report its accuracy and the student–teacher agreement.
         batch_size, device, precision, num_workers: how to run.
         data_root: folder of the Fashion-MNIST IDX files (default: the Debian package's).
@@ -328,104 +322,3 @@ def evaluate(
     if confusion_matrix:
         save_confusion_matrix(report.confusion, report.labels, confusion_matrix)
     return report
-
-
-def save_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str | Path) -> Path:
-    """Row-normalised confusion matrix as a PNG (rows: true class, columns: prediction)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError(
-            "the confusion-matrix plot needs matplotlib: pip install matplotlib"
-        ) from e
-    m = torch.tensor(matrix, dtype=torch.float64)
-    m = m / m.sum(dim=1, keepdim=True).clamp(min=1)
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n), max(5, 0.45 * n)))
-    im = ax.imshow(m.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if n <= 50:
-        ax.set_xticks(range(n), labels, rotation=90)
-        ax.set_yticks(range(n), labels)
-        for i in range(n):
-            for j in range(n):
-                if m[i, j] >= 0.005:
-                    ax.text(
-                        j,
-                        i,
-                        f"{100 * m[i, j]:.0f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if m[i, j] > 0.5 else "black",
-                    )
-    ax.set(xlabel="predicted", ylabel="true")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``deit eval``."""
-    parser.add_argument("--model", required=True, help="checkpoint, model directory or Hub id")
-    parser.add_argument(
-        "--data",
-        default="fashion-mnist:test",
-        help="fashion-mnist[:test|train] or an image-folder directory",
-    )
-    parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
-    parser.add_argument("--teacher", help="also score this teacher and the agreement")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--confusion-matrix", metavar="PNG", help="write the confusion matrix")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run_eval_command(args: argparse.Namespace) -> int:
-    """``deit eval``: exit 0 on success, 1 when some images could not be read."""
-    report = evaluate(
-        args.model,
-        args.data,
-        teacher=args.teacher,
-        batch_size=args.batch_size,
-        device=args.device,
-        precision=args.precision,
-        num_workers=args.num_workers,
-        data_root=args.data_root,
-        confusion_matrix=args.confusion_matrix,
-    )
-    if args.json:
-        print(json.dumps(report.to_dict()))
-    else:
-        print(
-            f"{report.source} on {report.data} ({report.num_samples} images): "
-            f"top-1 {100 * report.top1:.2f}%  top-5 {100 * report.top5:.2f}%  "
-            f"cls head {100 * report.cls_top1:.2f}%"
-            + (f"  dist head {100 * report.dist_top1:.2f}%" if report.dist_top1 is not None else "")
-            + (
-                f"  teacher {100 * report.teacher_top1:.2f}%  agreement "
-                f"{100 * report.agreement:.2f}%"
-                if report.teacher_top1 is not None
-                else ""
-            )
-        )
-        for path in report.bad_samples:
-            print(f"unreadable: {path['path']}: {path['reason']}")
-    return 1 if report.bad_samples else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m deit.evaluate``: ``deit eval``, with the CLI's error handling."""
-    from deit.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,78 +1,26 @@
-"""Run metrics: writing ``metrics.jsonl`` (and TensorBoard) during training, plotting them after.
+"""Plots of training runs: one run's curves, or several runs compared (mean and min-max band).
 
-``metrics.jsonl`` holds one JSON object per line. ``kind`` is ``"train"`` (every
-``run.log_every`` steps: ``epoch``, ``step``, ``lr``, ``loss``, ``img_per_s``) or ``"epoch"``
-(end of each epoch: ``train_loss``, ``lr``, ``epoch_time``, ``img_per_s``, ``bad_samples`` and,
-when evaluated, ``val_top1``, ``val_top5``, ``val_cls_top1``, ``val_dist_top1``, ``val_loss``).
+Reads the ``metrics.jsonl`` files that :class:`deit.train.metrics.MetricsWriter` writes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 
-class MetricsWriter:
-    """Appends records to ``run_dir/metrics.jsonl``; mirrors numbers to TensorBoard if installed.
-
-    Args:
-        run_dir: the run directory.
-        enabled: False on non-zero ranks (nothing is written).
-    """
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.enabled, self.path, self.tb = enabled, Path(run_dir) / "metrics.jsonl", None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
-            except ImportError:
-                self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record (must hold ``kind``; ``step`` is the TensorBoard x axis)."""
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, int | float) and k not in ("epoch", "step"):
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record.get("step", 0))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+from deit.errors import MissingDependencyError
+from deit.train.metrics import read_metrics
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's ``metrics.jsonl`` (a truncated last line is ignored)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a `deit train` run directory?")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _pyplot() -> Any:
-    """pyplot on the file-only Agg backend, or an ImportError that says what to install."""
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` drawn without pyplot: no backend is chosen for the process."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("deit plot needs matplotlib: pip install matplotlib") from e
-    return plt
+        raise MissingDependencyError("plots need matplotlib: pip install matplotlib") from e
+    return Figure(figsize=(width, height))
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -85,11 +33,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Returns:
         The PNG path.
     """
-    plt = _pyplot()
     records = read_metrics(run_dir)
     steps = [r for r in records if r.get("kind") == "train"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    fig = _figure(15, 4)
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="step loss")
     ax_loss.plot(
         [r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label="epoch mean"
@@ -110,7 +58,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
@@ -166,10 +113,10 @@ def plot_compare(
     Returns:
         The PNG path.
     """
-    plt = _pyplot()
     labels = labels or [Path(d).name for d in run_dirs]
     counts = {label: labels.count(label) for label in labels}
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure(11, 4)
+    ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, key, scale in ((ax_acc, "val_top1", 100.0), (ax_loss, "train_loss", 1.0)):
         for label, (epochs, mean, low, high) in group_curves(run_dirs, labels, key).items():
             n = counts[label]
@@ -191,51 +138,34 @@ def plot_compare(
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return Path(out)
 
 
-def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``deit plot``."""
-    parser.add_argument(
-        "run_dirs",
-        nargs="+",
-        metavar="RUN_DIR",
-        help="a `deit train` run directory; several are overlaid in one comparison plot",
-    )
-    parser.add_argument(
-        "--out", help="PNG path (default RUN_DIR/curves.png; required for several runs)"
-    )
-    parser.add_argument(
-        "--label",
-        action="append",
-        help="legend entry of each run, in order (repeat; default the directories' names); "
-        "runs with the same label are averaged, with a min-max band",
-    )
-
-
-def run_plot_command(args: argparse.Namespace) -> int:
-    """``deit plot``: write the curves (or comparison) PNG and print its path."""
-    try:
-        if len(args.run_dirs) == 1 and not args.label:
-            path = plot_run(args.run_dirs[0], args.out)
-        elif not args.out:
-            raise ValueError("--out is required with several runs or with --label")
-        else:
-            path = plot_compare(args.run_dirs, args.out, args.label)
-    except (FileNotFoundError, ImportError, ValueError) as e:
-        print(f"deit plot: error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m deit.plot``: ``deit plot``, with the CLI's error handling."""
-    from deit.cli import main as cli_main
-
-    return cli_main(["plot", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def save_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str | Path) -> Path:
+    """Row-normalised confusion matrix as a PNG (rows: true class, columns: prediction)."""
+    m = torch.tensor(matrix, dtype=torch.float64)
+    m = m / m.sum(dim=1, keepdim=True).clamp(min=1)
+    n = len(labels)
+    fig = _figure(max(6, 0.5 * n), max(5, 0.45 * n))
+    ax = fig.subplots()
+    im = ax.imshow(m.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 50:
+        ax.set_xticks(range(n), labels, rotation=90)
+        ax.set_yticks(range(n), labels)
+        for i in range(n):
+            for j in range(n):
+                if m[i, j] >= 0.005:
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * m[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if m[i, j] > 0.5 else "black",
+                    )
+    ax.set(xlabel="predicted", ylabel="true")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)

@@ -1,0 +1,37 @@
+"""``deit info``: a checkpoint's architecture, preprocessing and labels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from deit.cli._args import add_model_arguments, load_kwargs
+from deit.inference import load_any
+from deit.model import DeiT
+
+NAME = "info"
+HELP = "show a checkpoint's architecture, preprocessing, labels"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load_any(args.model, **load_kwargs(args))
+    model = loaded.model
+    if loaded.format == "onnx":  # count the exported DeiT's parameters, not ONNX initializers
+        model = DeiT(loaded.config)
+    info = {
+        "source": loaded.source,
+        "format": loaded.format,
+        "config": loaded.config.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "preprocess": loaded.preprocess.to_dict(),
+        "num_labels": len(loaded.labels),
+        "labels_sample": loaded.labels[:5],
+        "metadata": loaded.metadata,
+    }
+    print(json.dumps(info, indent=None if args.json else 2, ensure_ascii=False))
+    return 0

@@ -1,0 +1,137 @@
+"""The student a run trains: a new DeiT (or classifier), or one adapted from a checkpoint.
+
+:func:`build_student` builds it from the run config; with ``model.init`` the weights come
+from a checkpoint and :func:`finetune_state` adapts them to the data (classes, resolution,
+channels, distillation token).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from deit.checkpoints import load_model
+from deit.config import VARIANTS, DeiTConfig
+from deit.model import DeiT, resize_pos_embed
+from deit.train.classifiers import build_classifier, is_classifier_dir, load_classifier
+from deit.train.data import InputSpec
+from deit.train.runconfig import TrainConfig
+
+
+def build_student(
+    cfg: TrainConfig, num_classes: int, spec: InputSpec, log: logging.Logger
+) -> tuple[nn.Module, str]:
+    """The model a run trains, and its architecture name (``"deit"`` or a classifier name).
+
+    With ``cfg.model.init`` the architecture comes from that checkpoint and is adapted to the
+    data (see :func:`finetune_state`); otherwise ``cfg.model.name`` plus its shape fields.
+    """
+    m = cfg.model
+    if m.init:
+        return _from_checkpoint(cfg, num_classes, spec, log)
+    if m.name not in VARIANTS and m.name != "deit":
+        return build_classifier(m.name, num_classes, spec.in_chans, m.pretrained), m.name
+    fields = {
+        k: getattr(m, k)
+        for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "distilled")
+    }
+    config = VARIANTS.get(m.name, DeiTConfig()).replace(
+        img_size=spec.img_size,
+        in_chans=spec.in_chans,
+        num_classes=num_classes,
+        drop_path_rate=m.drop_path_rate,
+        **{k: v for k, v in fields.items() if v is not None},
+    )
+    return DeiT(config), "deit"
+
+
+def _from_checkpoint(
+    cfg: TrainConfig, num_classes: int, spec: InputSpec, log: logging.Logger
+) -> tuple[nn.Module, str]:
+    init = cfg.model.init
+    if Path(init).is_dir() and is_classifier_dir(init):
+        old, config = load_classifier(init)
+        model = build_classifier(config["arch"], num_classes, spec.in_chans)
+        state = {
+            k: v for k, v in old.state_dict().items() if v.shape == model.state_dict()[k].shape
+        }
+        skipped = sorted(set(model.state_dict()) - set(state))
+        model.load_state_dict(state, strict=False)
+        log.info(
+            "fine-tuning %s from %s; re-initialised: %s",
+            config["arch"],
+            init,
+            ", ".join(skipped) or "nothing",
+        )
+        return model, config["arch"]
+    loaded = load_model(init)
+    new = loaded.config.replace(
+        img_size=spec.img_size,
+        in_chans=spec.in_chans,
+        num_classes=num_classes,
+        drop_path_rate=cfg.model.drop_path_rate,
+        distilled=loaded.config.distilled if cfg.model.distilled is None else cfg.model.distilled,
+    )
+    state, notes = finetune_state(loaded.model.state_dict(), loaded.config, new)
+    model = DeiT(new)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - set(notes["reinit"]):
+        raise ValueError(f"fine-tuning {init}: missing {missing}, unexpected {unexpected}")
+    log.info("fine-tuning DeiT from %s: %s", init, "; ".join(notes["log"]) or "same shape")
+    return model, "deit"
+
+
+def finetune_state(
+    state: dict[str, Tensor], old: DeiTConfig, new: DeiTConfig
+) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
+    """Adapt a DeiT state dict from config ``old`` to config ``new``.
+
+    Heads are dropped (so re-initialised) when the class count changes; the position
+    embedding is resized bicubically to the new patch grid; the patch projection is summed
+    (RGB → gray) or spread (gray → RGB) over input channels; a distillation token is added
+    (copied from the class token) or removed.
+
+    Returns:
+        The new state dict and ``{"reinit": [keys left to the new init], "log": [notes]}``.
+    """
+
+    state, reinit, notes = dict(state), [], []
+    pos = state["pos_embed"]
+    if old.distilled and not new.distilled:
+        pos = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
+        for k in ("dist_token", "head_dist.weight", "head_dist.bias"):
+            state.pop(k, None)
+        notes.append("removed the distillation token")
+    elif new.distilled and not old.distilled:
+        pos = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
+        state["dist_token"] = state["cls_token"].clone()
+        state["head_dist.weight"], state["head_dist.bias"] = (
+            state["head.weight"].clone(),
+            state["head.bias"].clone(),
+        )
+        notes.append("added a distillation token (copied from the class token)")
+    if old.grid_size != new.grid_size:
+        pos = resize_pos_embed(pos, new.num_prefix_tokens, old.grid_size, new.grid_size)
+        notes.append(f"pos_embed resized {old.grid_size} -> {new.grid_size}")
+    state["pos_embed"] = pos
+    w = state["patch_embed.proj.weight"]
+    if old.in_chans != new.in_chans:
+        if new.in_chans == 1:
+            state["patch_embed.proj.weight"] = w.sum(dim=1, keepdim=True)
+        elif old.in_chans == 1:
+            state["patch_embed.proj.weight"] = w.repeat(1, new.in_chans, 1, 1) / new.in_chans
+        else:
+            raise ValueError(f"cannot adapt {old.in_chans} input channels to {new.in_chans}")
+        notes.append(f"patch embedding adapted from {old.in_chans} to {new.in_chans} channels")
+    if old.num_classes != new.num_classes:
+        heads = [k for k in list(state) if k.startswith(("head.", "head_dist."))]
+        for k in heads:
+            state.pop(k)
+        reinit += heads
+        notes.append(
+            f"re-initialised {', '.join(heads)} ({old.num_classes} -> {new.num_classes} classes)"
+        )
+    return state, {"reinit": reinit, "log": notes}
