@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import socket
 from pathlib import Path
 
@@ -31,17 +30,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def shared_dir() -> Path:
-    """``shared/`` next to the checkout (or $DEIT_SHARED_DIR)."""
-    return Path(os.environ.get("DEIT_SHARED_DIR", REPO.parent / "shared"))
+SAMPLE_IMAGES = FIXTURES / "images"  # scikit-image's sample photos (public domain / CC0)
 
 
 @pytest.fixture
 def sample_images() -> list[Path]:
-    folder = shared_dir() / "data" / "images"
-    if not folder.is_dir():
-        pytest.skip(f"sample photos not found in {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file())
+    return sorted(p for p in SAMPLE_IMAGES.iterdir() if p.is_file())
 
 
 @pytest.fixture

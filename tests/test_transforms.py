@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import struct
 import warnings
 import zlib
@@ -36,39 +35,26 @@ from deit.transforms import (
     to_mode,
 )
 
+from .conftest import SAMPLE_IMAGES
+
 TOL = 1e-6
 
 
-def _shared_images() -> Path:
-    root = os.environ.get("DEIT_SHARED_DIR")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared"
-    return base / "data" / "images"
-
-
-IMAGES = _shared_images()
-SKIP_REASON = f"sample photos not found at {IMAGES} (set DEIT_SHARED_DIR)"
-needs_images = pytest.mark.skipif(not IMAGES.is_dir(), reason=SKIP_REASON)
+IMAGES = SAMPLE_IMAGES
 
 
 def _photo_paths() -> list[Path]:
-    if not IMAGES.is_dir():
-        return []
     return sorted(p for p in IMAGES.glob("*") if p.suffix in (".png", ".jpg"))
 
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, Image.Image]:
-    if not _photo_paths():
-        pytest.skip(SKIP_REASON)
     return {p.name: load_image(p) for p in _photo_paths()}
 
 
 @pytest.fixture(scope="module")
 def chelsea() -> Image.Image:
-    path = IMAGES / "chelsea.png"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (set DEIT_SHARED_DIR)")
-    return load_image(path).convert("RGB")
+    return load_image(IMAGES / "chelsea.png").convert("RGB")
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,7 +103,6 @@ def _hf_run(proc, img: Image.Image) -> torch.Tensor:
     return proc(images=img, return_tensors="pt")["pixel_values"][0]
 
 
-@needs_images
 @pytest.mark.parametrize("name", sorted(HUB_FILES))
 def test_matches_transformers_on_photos(name, photos, tmp_path):
     proc = _hf_processor(tmp_path, HUB_FILES[name])
@@ -181,7 +166,6 @@ def _mode_variants(rgb: Image.Image) -> dict[str, tuple[Image.Image, Image.Image
     }
 
 
-@needs_images
 def test_every_mode_matches_transformers(chelsea, tmp_path):
     proc = _hf_processor(tmp_path, HUB_FILES["small-distilled-224"], do_convert_rgb=True)
     cfg = PreprocessConfig.from_hf(HUB_FILES["small-distilled-224"])
@@ -238,7 +222,6 @@ def test_to_hf_refuses_what_transformers_cannot_do():
 # --------------------------------------------------------------------------- official, timm
 
 
-@needs_images
 @pytest.mark.parametrize("img_size", [224, 384])
 def test_matches_official_eval_transform(img_size, photos):
     T = pytest.importorskip("torchvision.transforms")
@@ -256,7 +239,6 @@ def test_matches_official_eval_transform(img_size, photos):
         assert _maxdiff(preprocess(img, cfg)[0], reference(img.convert("RGB"))) <= TOL, photo
 
 
-@needs_images
 @pytest.mark.parametrize(
     ("name", "img_size", "crop_pct", "resize"),
     [
@@ -352,7 +334,6 @@ def test_pixel_limit(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS  # global PIL setting untouched
 
 
-@needs_images
 def test_animated_gif_gives_first_frame():
     path = IMAGES / "no_time_for_that_tiny.gif"
     with Image.open(path) as gif:

@@ -98,7 +98,7 @@ def reference_weights(variant: str) -> tuple[DeiTConfig, dict[str, Tensor]]:
 
 def build_contenders(
     variant: str, device: torch.device, impls: tuple[str, ...], modes: tuple[str, ...]
-) -> tuple[list[Contender], nn.Module]:
+) -> tuple[list[Contender], DeiT]:
     """The models to compare, plus our fp32 eager model as the numerical reference."""
     config, state = reference_weights(variant)
     ours = DeiT(config)
@@ -189,7 +189,7 @@ def _forward(impl: str, model: nn.Module, mode: str) -> Callable[[Tensor], Tenso
 @torch.inference_mode()
 def measure(
     contender: Contender,
-    reference: nn.Module,
+    reference: DeiT,
     *,
     batch: int,
     device: torch.device,

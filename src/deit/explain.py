@@ -120,7 +120,7 @@ def rollout_maps(model: DeiT, pixel_values: Tensor, token: Token = "both") -> di
         out = model(pixel_values, output_attentions=True, interpolate_pos_encoding=True)
     finally:
         model.train(was_training)
-    rollout = attention_rollout(out.attentions)  # type: ignore[arg-type]
+    rollout = attention_rollout(out.attentions)
     prefix = model.config.num_prefix_tokens
     p = model.config.patch_size
     grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
@@ -143,8 +143,8 @@ def explain(
         max_pixels: Refuse larger images (see :func:`deit.transforms.load_image`).
     """
     loaded = as_loaded(model)
-    kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
-    x = preprocess_image(load_image(image, **kwargs), loaded.preprocess)[None]
+    img = load_image(image) if max_pixels is None else load_image(image, max_pixels=max_pixels)
+    x = preprocess_image(img, loaded.preprocess)[None]
     device = next(loaded.model.parameters()).device
     maps = rollout_maps(loaded.model, x.to(device), token)
     return {k: v[0].numpy() for k, v in maps.items()}

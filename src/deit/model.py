@@ -206,7 +206,7 @@ class DeiT(nn.Module):
 
     def _pos_embed(self, x: Tensor, grid: tuple[int, int], interpolate: bool) -> Tensor:
         """Prepend the prefix tokens to the patches (B, N, D) and add the position embedding."""
-        pos_embed = self.pos_embed
+        pos_embed: Tensor = self.pos_embed
         if grid != self.config.grid_size:
             if not interpolate:
                 raise ValueError(

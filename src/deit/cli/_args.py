@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 from deit.checkpoints import DEFAULT_MODEL
 from deit.inference import Classifier
@@ -60,7 +61,7 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_kwargs(args: argparse.Namespace) -> dict[str, str | None]:
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``load_model`` keywords of :func:`add_model_arguments`' options."""
     return {"revision": args.revision, "preprocess": args.preprocess, "labels": args.labels}
 

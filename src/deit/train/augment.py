@@ -9,13 +9,18 @@ throughput: ``docs/training.md``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
+
+from deit.transforms import PreprocessConfig, preprocess_image
 
 
 def random_crop_flip(x: Tensor, padding: int, hflip: float) -> Tensor:
@@ -112,16 +117,12 @@ def _allow_zero_bit_posterize(transform: Any) -> None:
                 op.aug_fn = _posterize
 
 
-def image_eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """Official DeiT eval transform: shorter side to ``img_size / 0.875``, center crop, bicubic."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.Resize(int(img_size / 0.875), interpolation=v2.InterpolationMode.BICUBIC),
-            v2.CenterCrop(img_size),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
+def image_eval_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Image.Image], Tensor]:
+    """Official DeiT eval transform (shorter side to ``img_size / 0.875``, center crop,
+    bicubic), computed by :mod:`deit.transforms` exactly as a saved model's preprocessing."""
+    cfg = dataclasses.replace(
+        PreprocessConfig.official(img_size), mean=tuple(mean), std=tuple(std), channels=len(mean)
     )
+    return functools.partial(preprocess_image, cfg=cfg)

@@ -77,7 +77,7 @@ def build_classifier(
         except ImportError as e:
             raise ImportError(f"{name} needs timm: pip install timm") from e
         try:
-            head = {} if keep_head and pretrained else {"num_classes": num_classes}
+            head: dict[str, Any] = {} if keep_head and pretrained else {"num_classes": num_classes}
             return timm.create_model(name[5:], pretrained=pretrained, in_chans=in_chans, **head)
         except Exception as e:
             raise RuntimeError(f"could not create {name} (pretrained={pretrained}): {e}") from e

@@ -317,7 +317,7 @@ def evaluate(
         labels=subject.labels,
         confusion=r["confusion"],
         bad_samples=r["bad_samples"],
-        **{k: r.get(k) for k in keys},
+        **{k: r.get(k) for k in keys},  # type: ignore[arg-type]  # floats, or None if absent
     )
     if confusion_matrix:
         save_confusion_matrix(report.confusion, report.labels, confusion_matrix)

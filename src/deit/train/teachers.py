@@ -57,6 +57,11 @@ class Teacher(nn.Module):
         self.register_buffer("t_std", torch.tensor(teacher.std).view(1, -1, 1, 1), persistent=False)
         self.identity = student == teacher
 
+    s_mean: Tensor
+    s_std: Tensor
+    t_mean: Tensor
+    t_std: Tensor
+
     def train(self, mode: bool = True) -> Teacher:
         """The teacher always stays in eval mode (set once, at construction)."""
         self.training = False
