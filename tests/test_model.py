@@ -10,7 +10,7 @@ from deit.model import DeiT, drop_path, resize_pos_embed
 
 from .conftest import FIXTURES
 
-# Parameter counts printed by timm for the eight published variants (reference-spec §1.1).
+# Parameter counts printed by timm for the eight published variants.
 PARAMS = {
     "deit_tiny_patch16_224": 5_717_416,
     "deit_small_patch16_224": 22_050_664,

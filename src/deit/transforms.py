@@ -1,6 +1,6 @@
 """Evaluation preprocessing and robust image loading for DeiT.
 
-Three reference pipelines exist for the same weights (see ``docs/reference-spec.md`` §3):
+Three reference pipelines exist for the same weights:
 
 * official DeiT / the model card: shorter side to ``int(size / 0.875)``, center crop, bicubic;
 * timm: shorter side to ``floor(size / crop_pct)`` with ``crop_pct`` 0.9 (1.0 at 384);

@@ -1,6 +1,6 @@
 """Distillation losses (DeiT's hard and soft distillation through the distillation token).
 
-The formulas follow facebookresearch/deit ``losses.py`` (reference-spec §4.3):
+The formulas follow facebookresearch/deit ``losses.py``:
 
 * base loss on the **class head** against the true targets: soft-target cross-entropy when the
   targets are probability vectors (mixup/cutmix already folded label smoothing into them), else
