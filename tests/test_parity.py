@@ -59,6 +59,7 @@ def _randomise_norms(model: torch.nn.Module) -> None:
                 m.bias.normal_(0.0, 0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_transformers_both_directions(name: str, tmp_path: Path) -> None:
     cfg = VARIANTS[name]
@@ -88,6 +89,7 @@ def test_transformers_both_directions(name: str, tmp_path: Path) -> None:
         torch.testing.assert_close(back(pixel_values=x).logits, ref.logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_timm(name: str, tmp_path: Path) -> None:
     cfg = VARIANTS[name]

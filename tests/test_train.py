@@ -249,6 +249,7 @@ def test_finetune_to_new_classes_and_larger_input(
     not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason="dataset-fashion-mnist not installed",
 )
+@pytest.mark.slow
 def test_learns_real_fashion_mnist(tmp_path: Path) -> None:
     """About 30 s on 2 cores: a CNN on 6,000 real images, scored on the 10,000 test images."""
     from deit.train.evaluate import evaluate
@@ -278,6 +279,7 @@ def test_learns_real_fashion_mnist(tmp_path: Path) -> None:
     assert math.isclose(sum(report.per_class.values()) / 10, report.top1, rel_tol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(fake_fmnist: Path, tmp_path: Path) -> None:
     """torchrun + DDP (gloo) with batch 16 per process == one process with batch 32."""
     common = [

@@ -179,7 +179,7 @@ class DeiT(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if config.distilled else None
         num_tokens = config.num_prefix_tokens + config.grid_size[0] * config.grid_size[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d))
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.head = nn.Linear(d, config.num_classes)
@@ -188,6 +188,8 @@ class DeiT(nn.Module):
 
     def reset_parameters(self) -> None:
         """Official DeiT initialisation: truncated normal (std .02) for tokens and linears."""
+        if self.cls_token.is_meta:  # built on the meta device: shapes only, nothing to fill
+            return
         for token in (self.cls_token, self.dist_token, self.pos_embed):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
