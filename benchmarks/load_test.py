@@ -4,7 +4,9 @@ Starts the server in a subprocess (or uses ``--url``, which must be a loopback a
 sends ``--requests`` classify requests from ``--concurrency`` concurrent clients (httpx, async).
 Every ``--bad-every``-th request is a bad upload instead, alternately larger than the server's
 upload limit and not an image; those must get 413/415 while the good ones keep succeeding.
-Stops after ``--requests`` or ``--max-seconds``, whichever comes first.
+Stops after ``--requests`` or ``--max-seconds``, whichever comes first. ``--huge-every N``
+also makes every N-th request a batch of 32 small PNGs that each decode to 3000x3000 (far
+over the default per-request pixel limit): those must get 413/503 without slowing the rest.
 
     python benchmarks/load_test.py --random-model --requests 2000 --concurrency 32
 
@@ -70,7 +72,7 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
     cmd = [
         sys.executable,
         "-m",
-        "deit.deploy.serve.app",
+        "deit.deploy.serve",
         "--model",
         model,
         "--host",
@@ -88,6 +90,17 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
         *(["--threads", str(args.threads)] if args.threads else []),
     ]
     return subprocess.Popen(cmd)
+
+
+def huge_png() -> bytes:
+    """A 15 KB PNG that decodes to 3000x3000 grey pixels."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000), 128).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 120) -> None:
@@ -112,6 +125,7 @@ async def run_load(
     import httpx
 
     oversized = os.urandom(upload_limit + (1 << 20))
+    huge = huge_png() if args.huge_every else b""
     latencies: list[float] = []
     errors: list[str] = []
     bad: dict[str, Any] = {"sent": 0, "rejected_4xx": 0, "unexpected": []}
@@ -123,6 +137,18 @@ async def run_load(
         while next_index < args.requests and time.monotonic() < deadline:
             i = next_index
             next_index += 1
+            if args.huge_every and i % args.huge_every == args.huge_every - 1:
+                bad["sent"] += 1
+                files = [("files", (f"huge{j}.png", huge)) for j in range(32)]
+                try:
+                    r = await client.post("/v1/classify/batch", files=files)
+                    if r.status_code in (413, 503):
+                        bad["rejected_4xx"] += 1
+                    else:
+                        bad["unexpected"].append(r.status_code)
+                except httpx.HTTPError as e:
+                    bad["unexpected"].append(type(e).__name__)
+                continue
             if args.bad_every and i % args.bad_every == args.bad_every - 1:
                 bad["sent"] += 1
                 body = oversized if (i // args.bad_every) % 2 == 0 else b"this is not an image"
@@ -187,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=300)
     p.add_argument("--bad-every", type=int, default=100, help="every N-th request is a bad upload")
+    p.add_argument(
+        "--huge-every",
+        type=int,
+        default=0,
+        help="every N-th request is a batch of 32 PNGs decoding to 3000x3000 (413/503 expected)",
+    )
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5)
     p.add_argument("--threads", type=int, help="the server's PyTorch threads (default: all)")
@@ -231,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "server_threads": args.threads,
+        "bad_every": args.bad_every,
+        "huge_every": args.huge_every,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -242,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {lat['p99']:.1f} ms"
         )
         print(
-            f"bad uploads: {bad['sent']} sent, {bad['rejected_4xx']} rejected with 413/415, "
+            f"bad uploads: {bad['sent']} sent, {bad['rejected_4xx']} rejected with 413/415/503, "
             f"unexpected: {bad['unexpected']}"
         )
         print(

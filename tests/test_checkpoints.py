@@ -22,6 +22,7 @@ from deit.checkpoints import (
     timm_to_hf,
 )
 from deit.config import VARIANTS, DeiTConfig
+from deit.errors import UnsafeFileError
 from deit.model import DeiT
 from deit.transforms import PreprocessConfig
 
@@ -171,7 +172,7 @@ def test_unreadable_and_unsafe_files(tmp_path: Path) -> None:
             return (os.system, ("touch pwned",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(UnsafeFileError, match=r"pickled Python objects \(GLOBAL \w+\.system\)"):
         load_model(tmp_path / "evil.pth")
     assert not Path("pwned").exists()
     with pytest.raises(CheckpointError, match="no such file"):

@@ -129,7 +129,7 @@ def test_files_that_are_not_models_get_one_line_errors(
     assert code == 2 and "is not a checkpoint: expected weights (.safetensors" in err
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
     code, _, err = _run(["predict", "-m", str(tmp_path / "module.pth"), image], capsys)
-    assert code == 2 and "pickled Python objects (torch.nn.modules.linear.Linear)" in err
+    assert code == 2 and "pickled Python objects (GLOBAL torch.nn.modules.linear.Linear)" in err
     (tmp_path / "garbage.pth").write_bytes(b"garbage" * 10)
     code, _, err = _run(["info", "-m", str(tmp_path / "garbage.pth")], capsys)
     assert code == 2 and "not a PyTorch or safetensors weights file" in err

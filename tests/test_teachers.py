@@ -75,7 +75,9 @@ def test_load_teacher_from_each_kind_of_file(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.trace(net, x), str(tmp_path / "cnn.pt"))
     torch.export.save(torch.export.export(net, (x,)), str(tmp_path / "cnn.pt2"))
     for source in ("cnn", "cnn.pt", "cnn.pt2"):
-        teacher = load_teacher(str(tmp_path / source), student=GRAY, num_classes=10)
+        teacher = load_teacher(
+            str(tmp_path / source), student=GRAY, num_classes=10, trust_code=True
+        )
         torch.testing.assert_close(teacher(x), ref, rtol=1e-4, atol=1e-4)
     model, config = load_classifier(tmp_path / "cnn")
     assert config["arch"] == "fmnist_cnn" and not model.training

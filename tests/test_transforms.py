@@ -73,7 +73,7 @@ LEGACY = {
     "image_std": list(IMAGENET_STD),
     "resample": 3,
 }
-HUB_FILES = {  # reference-spec §2.6
+HUB_FILES = {  # as the Hub stores them
     "tiny-distilled-224": {**LEGACY, "size": 224, "crop_size": 224},
     "small-distilled-224": {**LEGACY, "size": 256, "crop_size": 224},
     "base-distilled-384": {**LEGACY, "size": 438, "crop_size": 384},

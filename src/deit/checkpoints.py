@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,16 @@ import torch
 from torch import Tensor
 
 from deit.config import VARIANTS, DeiTConfig
-from deit.errors import CheckpointError
+from deit.errors import CheckpointError, UnsafeFileError
 from deit.labels import imagenet_labels, read_label_file
 from deit.model import DeiT, resize_pos_embed
+from deit.runtime import atomic_dir, atomic_path
+from deit.safety import torch_file_pickles, unsafe_globals
 from deit.transforms import PreprocessConfig
 
 StateDict = dict[str, Tensor]
-Format = Literal["official", "timm", "hf", "deit", "onnx"]  # onnx: deit.onnx_model.load_onnx
+# onnx and openvino: exported files, read by deit.onnx_model and deit.openvino_model
+Format = Literal["official", "timm", "hf", "deit", "onnx", "openvino"]
 PreprocessChoice = Literal["auto", "model-card", "official", "timm"]
 
 DEFAULT_MODEL = "facebook/deit-tiny-distilled-patch16-224"
@@ -50,6 +54,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # config.json "format" of the CNN classifiers (teachers) that deit.train.teachers saves
 CLASSIFIER_FORMAT = "deit-classifier"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+# Official training checkpoints keep their argparse.Namespace of arguments beside the weights:
+# that one plain class is allowed on top of torch's weights-only set, nothing executable.
+_ALLOWED_GLOBALS = ("argparse.Namespace",)
 
 
 @dataclass
@@ -85,6 +92,12 @@ def read_state_dict(path: str | Path) -> tuple[StateDict, Format]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix.lower() == ".pt2":
+        raise CheckpointError(
+            f"{path} is a torch.export program (deit export --format torch-export), which "
+            "predict, info, serve and convert do not load: give them the model it was exported "
+            "from, or an .onnx export (deit export --format onnx)"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -96,16 +109,16 @@ def read_state_dict(path: str | Path) -> tuple[StateDict, Format]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or unsafe file: say which, never run it
+        unsafe = _unsafe_global(path, e)
+        if unsafe:
+            raise UnsafeFileError(
+                f"{path} holds pickled Python objects (GLOBAL {unsafe}), which could run code; "
+                "refused: save the weights with safetensors or torch.save(model.state_dict())"
+            ) from None
         if path.suffix.lower() not in WEIGHT_SUFFIXES:
             raise CheckpointError(
                 f"{path} is not a checkpoint: expected weights ({', '.join(WEIGHT_SUFFIXES)}), "
-                "a model directory or (deit predict) an exported .onnx / .pt2 file"
-            ) from e
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise CheckpointError(
-                f"{path} holds pickled Python objects ({found.group(1)}), which are never "
-                "unpickled here: save the model's state_dict() instead"
+                "a model directory or (deit predict, info, serve) an exported .onnx file"
             ) from e
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a PyTorch or safetensors weights file "
@@ -121,6 +134,28 @@ def read_state_dict(path: str | Path) -> tuple[StateDict, Format]:
     # Wrappers added by DistributedDataParallel and torch.compile.
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}
     return state, fmt
+
+
+def _unsafe_global(path: Path, error: Exception) -> str | None:
+    """The first global a refused pickle imports that ``weights_only`` loading forbids.
+
+    Taken from torch's message when it names one (its wording changes between releases:
+    "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module x is blocked"),
+    else from the file's pickle opcodes (read, never executed).
+    """
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if named:
+        return named.group(1)
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        for data in torch_file_pickles(path):
+            found = unsafe_globals(data, _ALLOWED_GLOBALS)
+            if found:
+                return found[0]
+    except (OSError, zipfile.BadZipFile):
+        pass
+    return None
 
 
 # --------------------------------------------------------------------------- transformers keys
@@ -286,6 +321,11 @@ def infer_config(state: StateDict, *, distilled_head: bool = True) -> DeiTConfig
         fc1 = state["blocks.0.mlp.fc1.weight"]  # (hidden, D)
     except KeyError as e:
         raise CheckpointError(f"not a DeiT state dict: key {e} is missing") from None
+    ndims = {"patch_embed.proj.weight": 4, "pos_embed": 3, "head.weight": 2}
+    for name, ndim in {**ndims, "blocks.0.mlp.fc1.weight": 2}.items():
+        if state[name].ndim != ndim:
+            shape = tuple(state[name].shape)
+            raise CheckpointError(f"not a DeiT state dict: {name} has shape {shape}")
     dim, chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     if dim % 64:
         raise CheckpointError(
@@ -300,25 +340,48 @@ def infer_config(state: StateDict, *, distilled_head: bool = True) -> DeiTConfig
         raise CheckpointError(
             f"pos_embed has {pos.shape[1] - prefix} patch rows: not a square grid"
         )
-    depth = 1 + max(int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    return DeiTConfig(
-        img_size=side * patch,
-        patch_size=patch,
-        in_chans=chans,
-        num_classes=head.shape[0],
-        embed_dim=dim,
-        depth=depth,
-        num_heads=dim // 64,
-        mlp_ratio=fc1.shape[0] / dim,
-        distilled=distilled,
-        distill_head=not distilled or "head_dist.weight" in state,
-        qkv_bias="blocks.0.attn.qkv.bias" in state,
-    )
+    # Depth from the block indices that hold weights, never from the largest index alone: one
+    # stray key ("blocks.39999.x") must not make a 40000-block model.
+    blocks: dict[int, str] = {}
+    for k in state:
+        if m := re.match(r"blocks\.(\d+)\.", k):
+            blocks.setdefault(int(m[1]), k)
+    depth = 1 + max(blocks)
+    if len(blocks) != depth:
+        gap = min(set(range(depth)) - set(blocks))
+        stray = min(i for i in blocks if i > gap)
+        raise CheckpointError(
+            f"not a DeiT state dict: key {blocks[stray]!r} implies at least {stray + 1} blocks, "
+            f"but block {gap} has no weights (a stray or misnumbered key)"
+        )
+    try:
+        return DeiTConfig(
+            img_size=side * patch,
+            patch_size=patch,
+            in_chans=chans,
+            num_classes=head.shape[0],
+            embed_dim=dim,
+            depth=depth,
+            num_heads=dim // 64,
+            mlp_ratio=fc1.shape[0] / dim,
+            distilled=distilled,
+            distill_head=not distilled or "head_dist.weight" in state,
+            qkv_bias="blocks.0.attn.qkv.bias" in state,
+        )
+    except ValueError as e:  # over DeiTConfig's limits
+        raise CheckpointError(f"not a usable DeiT state dict: {e}") from None
 
 
 def load_state_dict_strict(model: DeiT, state: StateDict, source: str = "checkpoint") -> None:
     """Load weights, failing with the names of every missing, unexpected or mis-shaped key."""
-    expected = model.state_dict()
+    check_state_matches(model.state_dict(), state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_matches(
+    expected: Mapping[str, Tensor], state: StateDict, source: str = "checkpoint"
+) -> None:
+    """Fail with the names of every missing, unexpected or mis-shaped key (nothing loaded)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
@@ -337,11 +400,18 @@ def load_state_dict_strict(model: DeiT, state: StateDict, source: str = "checkpo
             problems.append(f"{title}: {shown}")
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
 
 
 def build_model(config: DeiTConfig, state: StateDict, source: str) -> DeiT:
-    """A model of ``config`` holding ``state`` (fp32, eval mode)."""
+    """A model of ``config`` holding ``state`` (fp32, eval mode).
+
+    The keys and shapes are checked against a model built on the ``meta`` device first (no
+    memory), so a configuration that claims a far larger model than the file holds is refused
+    before anything is allocated.
+    """
+    with torch.device("meta"):
+        skeleton = DeiT(config)
+    check_state_matches(skeleton.state_dict(), state, source)
     model = DeiT(config)
     load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source)
     return model.eval()
@@ -362,7 +432,7 @@ def _timm_preprocess(
     cfg = dict(pretrained_cfg or {})
     crop_pct = cfg.get("crop_pct", 1.0 if size >= 384 else 0.9)
     pre = PreprocessConfig.timm(size, crop_pct=crop_pct)
-    changes = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
+    changes: dict[str, Any] = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
     if "interpolation" in cfg:
         changes["interpolation"] = cfg["interpolation"]
     return dataclasses.replace(pre, **changes) if changes else pre
@@ -385,7 +455,7 @@ def _load_dir(path: Path) -> LoadedModel:
             labels = list(meta["labels"])
         except KeyError as e:
             raise CheckpointError(f"{config_path} (format deit) has no {e.args[0]!r}") from e
-        except (TypeError, AttributeError) as e:
+        except (TypeError, AttributeError, ValueError) as e:  # names the field
             raise CheckpointError(f"{config_path} (format deit) is malformed: {e}") from e
         return LoadedModel(
             build_model(config, state, source),
@@ -417,6 +487,8 @@ def _load_dir(path: Path) -> LoadedModel:
         config = config_from_hf(meta)
     except (KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{config_path} is not a valid transformers config: {e!r}") from e
+    except ValueError as e:  # DeiTConfig's validation, which names the field
+        raise CheckpointError(f"{config_path} is not a valid transformers config: {e}") from e
     id2label = meta.get("id2label") or {}
     labels = [
         id2label.get(str(i), id2label.get(i, f"class_{i}")) for i in range(config.num_classes)
@@ -586,6 +658,12 @@ def load_model(
         loaded.preprocess = _timm_preprocess(loaded.config, None)
     if labels is not None:
         loaded.labels = read_label_file(labels, loaded.config.num_classes)
+    elif len(loaded.labels) != loaded.config.num_classes:  # else IndexError per prediction
+        names = resolved / "config.json" if resolved.is_dir() else resolved
+        raise CheckpointError(
+            f"{names} lists {len(loaded.labels)} labels but the model has "
+            f"{loaded.config.num_classes} classes: fix the file or pass a label file (--labels)"
+        )
     if img_size is not None:
         resize_input(loaded, img_size)
     loaded.model.to(device)
@@ -600,8 +678,9 @@ def as_loaded(model: LoadedModel | DeiT | Any, device: str | torch.device = "cpu
     """
     if isinstance(model, LoadedModel):
         return model
-    if isinstance(getattr(model, "loaded", None), LoadedModel):  # deit.inference.Classifier
-        return model.loaded
+    loaded = getattr(model, "loaded", None)  # a deit.inference.Classifier
+    if isinstance(loaded, LoadedModel):
+        return loaded
     if isinstance(model, DeiT):
         cfg = model.config
         one = cfg.in_chans == 1
@@ -642,7 +721,7 @@ def resize_input(loaded: LoadedModel, img_size: int | tuple[int, int]) -> None:
     scale_h, scale_w = (n / o for n, o in zip(new.image_hw, old.image_hw))
     changes: dict[str, Any] = {"crop_size": new.image_hw} if pre.crop_size is not None else {}
     if pre.resize_mode in ("shorter", "longer"):
-        changes["resize_size"] = int(int(pre.resize_size) * scale_h)  # 256 → 438 at 384
+        changes["resize_size"] = int(int(pre.resize_size) * scale_h)  # type: ignore[arg-type]  # an int in these modes; 256 → 438 at 384
     elif pre.resize_mode == "squash":
         h, w = pre.resize_size  # type: ignore[misc]
         changes["resize_size"] = (round(h * scale_h), round(w * scale_w))
@@ -659,19 +738,36 @@ def save_model(
     labels: list[str],
     preprocess: PreprocessConfig,
     format: Literal["deit", "hf"] = "deit",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` as a folder: ours (``deit``) or one that transformers loads (``hf``)."""
+    """Write ``model`` as a folder: ours (``deit``) or one that transformers loads (``hf``).
+
+    The files are written next to their final names and renamed into place only once all
+    of them are complete: a new folder appears whole or not at all, and an existing one keeps
+    its previous files when writing fails (a full disk raises
+    :class:`~deit.runtime.DiskFullError`).
+
+    Args:
+        dtype: store floating-point weights in this dtype, or per key (our key names; keys
+            not listed stay as the model holds them); None keeps the model's dtypes.
+    """
     from safetensors.torch import save_file
 
     config = model.config
     if len(labels) != config.num_classes:
         raise ValueError(f"{len(labels)} labels for a model with {config.num_classes} classes")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+
+    def stored(key: str, v: Tensor) -> torch.dtype:
+        if not v.is_floating_point() or dtype is None:
+            return v.dtype
+        return dtype.get(key, v.dtype) if isinstance(dtype, Mapping) else dtype
+
     state = {
-        k: v.detach().to("cpu", dtype or v.dtype).contiguous()
-        for k, v in model.state_dict().items()
+        k: v.detach().to("cpu", stored(k, v)).contiguous() for k, v in model.state_dict().items()
     }
     processor = None
     if format == "deit":
@@ -689,16 +785,44 @@ def save_model(
         processor = preprocess.to_hf()
     else:
         raise ValueError(f"unknown format {format!r}: use 'deit' or 'hf'")
-    out.mkdir(parents=True, exist_ok=True)  # only now: a failed conversion leaves nothing
-    if processor is not None:
-        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    weights = out / "model.safetensors"
-    save_file(state, str(weights), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
-    # safetensors 0.8 creates its files 0600 whatever the umask (safetensors issue #782);
-    # give the weights the mode an ordinary new file gets, so other users can load them.
-    os.chmod(weights, (out / "config.json").stat().st_mode & 0o777)
+    files = ["model.safetensors", "config.json"]
+    files += ["preprocessor_config.json"] if processor is not None else []
+
+    def write(paths: dict[str, Path]) -> None:
+        if processor is not None:
+            paths["preprocessor_config.json"].write_text(json.dumps(processor, indent=2))
+        paths["config.json"].write_text(json.dumps(meta, indent=2))
+        save_file(state, str(paths["model.safetensors"]), metadata={"format": "pt"})
+        # safetensors 0.8 creates its files 0600 whatever the umask (safetensors issue #782);
+        # give the weights the mode an ordinary new file gets, so other users can load them.
+        os.chmod(paths["model.safetensors"], paths["config.json"].stat().st_mode & 0o777)
+
+    if not out.exists() or not any(out.iterdir()):  # a new folder: it appears complete
+        with atomic_dir(out) as tmp:
+            write({name: tmp / name for name in files})
+        return out
+    with contextlib.ExitStack() as stack:  # an existing folder: each file replaced at the end
+        write({name: stack.enter_context(atomic_path(out / name)) for name in files})
     return out
+
+
+def _stored_dtypes(source: str | Path, revision: str | None) -> dict[str, torch.dtype]:
+    """The dtype each weight of ``source`` is stored in, by our key names.
+
+    Loading upcasts everything to fp32, so this reads the weights file once more.
+    """
+    resolved = resolve_source(source)
+    if isinstance(resolved, str):
+        resolved = _download(resolved, revision)  # already in the cache
+    if resolved.is_dir():
+        weights = next((resolved / f for f in WEIGHT_FILES if (resolved / f).is_file()), None)
+        if weights is None:
+            return {}
+        resolved = weights
+    state, _ = read_state_dict(resolved)
+    if any(k.startswith(("deit.", "vit.")) for k in state):
+        state = hf_to_timm(state)
+    return {k: v.dtype for k, v in state.items()}
 
 
 def convert(
@@ -712,7 +836,9 @@ def convert(
     """Load any supported checkpoint and write it in another format.
 
     ``dtype`` stores the weights in that precision (``fp16`` halves the size, which is how the
-    embedded model ships); None keeps the source's dtypes. Loading always computes in fp32.
+    embedded model ships); None keeps the dtype each weight is stored in (loading computes in
+    fp32, so this reads the source's weights file once more). The output folder appears
+    complete or not at all: on a full disk nothing is left and a rerun can use the same name.
     """
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype is not None and dtype not in dtypes:
@@ -730,6 +856,6 @@ def convert(
         labels=loaded.labels,
         preprocess=loaded.preprocess,
         format=to,
-        dtype=dtypes[dtype] if dtype else None,
+        dtype=dtypes[dtype] if dtype else _stored_dtypes(source, revision),
         metadata=metadata,
     )

@@ -9,8 +9,29 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
+
+from deit.errors import ConfigError, ConfigTypeError
+
+# Upper bounds no file or setting may exceed, far above any published ViT (ViT-22B: width
+# 6144, 48 blocks, 48 heads), so that a config can't claim an absurd model and make the
+# loader allocate it. The image side matches PreprocessConfig's limit (deit.transforms).
+LIMITS: dict[str, int] = {
+    "img_size": 8192,  # pixels per side
+    "patch_size": 1024,
+    "in_chans": 256,
+    "num_classes": 1_000_000,
+    "embed_dim": 16384,
+    "depth": 256,
+    "num_heads": 1024,
+}
+MAX_MLP_RATIO = 64.0
+_INT_FIELDS = ("patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads")
+_REAL_FIELDS = ("mlp_ratio", "layer_norm_eps", "drop_path_rate")
+_BOOL_FIELDS = ("distilled", "distill_head", "qkv_bias")
 
 
 @dataclass(frozen=True)
@@ -34,22 +55,37 @@ class DeiTConfig:
     def __post_init__(self) -> None:
         if isinstance(self.img_size, list):
             object.__setattr__(self, "img_size", tuple(self.img_size))
+        wrong = _type_problems(self)
+        if wrong:  # before any arithmetic: "depth": 6.5 must not reach torch
+            raise ConfigTypeError("invalid DeiTConfig: " + "; ".join(wrong))
         h, w = self.image_hw
-        problems = []
-        if self.patch_size <= 0 or h % self.patch_size or w % self.patch_size:
+        sizes = {"img_size": max(h, w), **{name: getattr(self, name) for name in _INT_FIELDS}}
+        problems = [
+            f"{name} {value} is over the limit of {LIMITS[name]}"
+            for name, value in sizes.items()
+            if value > LIMITS[name]
+        ]
+        not_positive = [
+            name for name, value in {**sizes, "img_size": min(h, w)}.items() if value < 1
+        ]
+        if not_positive:
+            problems.append(f"{', '.join(not_positive)} must be positive")
+        elif h % self.patch_size or w % self.patch_size:
             problems.append(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
             )
-        if self.embed_dim % self.num_heads:
+        elif self.embed_dim % self.num_heads:
             problems.append(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
             )
-        if min(self.in_chans, self.num_classes, self.depth, self.num_heads) < 1:
-            problems.append("in_chans, num_classes, depth and num_heads must be positive")
         if not 0.0 <= self.drop_path_rate < 1.0:
             problems.append(f"drop_path_rate {self.drop_path_rate} is not in [0, 1)")
+        if not (0.0 < self.mlp_ratio <= MAX_MLP_RATIO and self.mlp_hidden_dim >= 1):
+            problems.append(f"mlp_ratio {self.mlp_ratio} is not in (0, {MAX_MLP_RATIO:g}]")
+        if self.layer_norm_eps < 0:
+            problems.append(f"layer_norm_eps {self.layer_norm_eps} is negative")
         if problems:
-            raise ValueError("invalid DeiTConfig: " + "; ".join(problems))
+            raise ConfigError("invalid DeiTConfig: " + "; ".join(problems))
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -95,8 +131,37 @@ class DeiTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown DeiTConfig keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown DeiTConfig keys: {', '.join(unknown)}")
         return cls(**d)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _type_problems(config: DeiTConfig) -> list[str]:
+    """One message per field of the wrong type (naming the field); normalises numbers."""
+    problems = []
+    size = config.img_size
+    if _is_int(size) or (isinstance(size, tuple) and len(size) == 2 and all(map(_is_int, size))):
+        pass
+    else:
+        problems.append(f"img_size must be an integer or [height, width], not {size!r}")
+    for name in _INT_FIELDS:
+        value = getattr(config, name)
+        if not _is_int(value):
+            problems.append(f"{name} must be an integer, not {value!r}")
+        else:
+            object.__setattr__(config, name, int(value))
+    for name in _REAL_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            problems.append(f"{name} must be a number, not {value!r}")
+    for name in _BOOL_FIELDS:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            problems.append(f"{name} must be true or false, not {value!r}")
+    return problems
 
 
 def _variant(dim: int, heads: int, distilled: bool, img_size: int = 224) -> DeiTConfig:

@@ -50,7 +50,10 @@ def read_label_file(path: str | Path, num_classes: int | None = None) -> list[st
     if not labels:
         raise ValueError(f"label file {path} is empty")
     if num_classes is not None and len(labels) != num_classes:
-        raise ValueError(f"label file {path} has {len(labels)} names; the model has {num_classes}")
+        raise ValueError(
+            f"label file {path} has {len(labels)} names; the model has {num_classes} "
+            "classes: give one name per class"
+        )
     return labels
 
 

@@ -11,7 +11,8 @@ import copy
 import errno
 import importlib
 import os
-import tempfile
+import secrets
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -84,28 +85,127 @@ class DiskFullError(DeiTError, OSError):
     """An output that did not fit on its disk; nothing was left behind."""
 
 
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) means the disk or quota is full.
+
+    Besides ``OSError`` with ``ENOSPC``/``EDQUOT``, this recognises libraries that wrap the
+    system error in their own exception and keep only its text (safetensors, for one).
+    """
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(e) for text in _DISK_FULL_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full(path: Path) -> DiskFullError:
+    return DiskFullError(f"disk full while writing {path}; nothing was written")
+
+
+def ensure_free_space(path: str | Path, needed: int) -> None:
+    """Refuse up front, with :class:`DiskFullError`, an output of about ``needed`` bytes that
+    would not fit where ``path`` goes.
+
+    For writers that cannot fail cleanly on a full disk (PyTorch's zip writer aborts the
+    process from a destructor); an estimate, so it leaves a margin of 1 MiB.
+    """
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if free < needed + 2**20:
+        raise DiskFullError(
+            f"disk full: {path} needs about {needed / 1e6:.1f} MB and {folder} has "
+            f"{free / 1e6:.1f} MB free; nothing was written"
+        )
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj``: a tensor, module, or nested dicts/lists/tuples of them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, nn.Module):
+        return tensor_bytes(obj.state_dict())
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _sibling_name(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary sibling of ``path`` to write to; renamed over ``path`` on success.
 
-    On any failure the temporary file is removed and ``path`` is left as it was (absent, or
-    the previous version); a full disk is reported as :class:`DiskFullError`.
+    The temporary file exists (empty) and has the mode a new file gets (or the mode of the
+    file it replaces); ``suffix`` ends its name, for writers that look at it. On any failure
+    the temporary file is removed and ``path`` is left as it was (absent, or the previous
+    version); a full disk is reported as :class:`DiskFullError`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = _sibling_name(path, suffix)
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask applies
+            break
+        except FileExistsError:
+            continue
     os.close(fd)
-    tmp = Path(name)
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, path.stat().st_mode & 0o7777)  # replacing a file: keep its mode
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"disk full while writing {path}; nothing was written") from e
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e):
+            raise _disk_full(path) from e
         raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling folder of ``path`` to fill; renamed to ``path`` on success.
+
+    ``path`` must be absent or an empty folder, so that the folder appears complete or not at
+    all. On any failure the temporary folder is removed with everything in it; a full disk is
+    reported as :class:`DiskFullError`.
+
+    Raises:
+        FileExistsError: ``path`` exists and is not an empty folder.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = _sibling_name(path, ".tmp")
+        try:
+            tmp.mkdir()  # the mode a new folder gets (mkdtemp's would be 0700)
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        if path.is_dir():
+            path.rmdir()  # empty (checked above); rename onto a folder fails on some systems
+        os.rename(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e):
+            raise _disk_full(path) from e
         raise
 
 

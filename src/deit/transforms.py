@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deit.errors import (
+    ConfigError,
     EmptyImageError,
     ImageLoadError,
     ImageTooLargeError,
@@ -48,6 +49,8 @@ HF_STANDARD_MEAN: tuple[float, ...] = (0.5, 0.5, 0.5)  # transformers' IMAGENET_
 HF_STANDARD_STD: tuple[float, ...] = (0.5, 0.5, 0.5)
 #: Same as PIL's ``Image.MAX_IMAGE_PIXELS`` default (about 9459 x 9459 pixels).
 DEFAULT_MAX_PIXELS: int = 89_478_485
+#: Largest resize or crop side a PreprocessConfig may ask for (deit.config.LIMITS' image side).
+MAX_SIZE: int = 8192
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -123,12 +126,18 @@ class PreprocessConfig:
             raise ValueError(
                 f"resize_mode {self.resize_mode!r} needs a positive int size, got {size!r}"
             )
-        fixed = {
+        fixed: dict[str, Any] = {
             "mean": tuple(map(float, self.mean)),
             "std": tuple(map(float, self.std)),
             "resize_size": size if by_side else _pair(size),
             "crop_size": None if self.crop_size is None else _pair(self.crop_size),
         }
+        for name in ("resize_size", "crop_size"):  # 100000 px would be 9 GB per image
+            sides = fixed[name] if isinstance(fixed[name], tuple) else (fixed[name],)
+            if any(side is not None and side > MAX_SIZE for side in sides):
+                raise ConfigError(
+                    f"{name} {fixed[name]!r} is over the limit of {MAX_SIZE} px per side"
+                )
         for name, value in fixed.items():
             object.__setattr__(self, name, value)
         if not len(self.mean) == len(self.std) == self.channels:
@@ -143,7 +152,7 @@ class PreprocessConfig:
     def input_size(self) -> tuple[int, int]:
         """(height, width) of the tensors this config produces."""
         if self.crop_size is not None:
-            return self.crop_size  # type: ignore[return-value]
+            return self.crop_size
         if self.resize_mode == "squash":
             return self.resize_size  # type: ignore[return-value]
         raise ValueError(
@@ -160,7 +169,8 @@ class PreprocessConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown PreprocessConfig keys: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kwargs)
 
     @classmethod
     def model_card(cls) -> PreprocessConfig:
@@ -206,11 +216,12 @@ class PreprocessConfig:
         names = {int(v): k for k, v in INTERPOLATIONS.items()}
         if resample not in names:
             raise ValueError(f"unsupported resample value {resample}")
-        crop = None
+        crop: tuple[int, int] | None = None
         if d.get("do_center_crop", deit):
-            crop_mode, crop = _hf_size(d.get("crop_size", 224))
-            if crop_mode != "squash":
+            crop_mode, crop_size = _hf_size(d.get("crop_size", 224))
+            if crop_mode != "squash" or isinstance(crop_size, int):
                 raise ValueError(f"crop_size must be an int or height/width, got {d['crop_size']}")
+            crop = crop_size
         normalize, rescale = d.get("do_normalize", True), d.get("do_rescale", True)
         mean = _triple(d.get("image_mean", HF_STANDARD_MEAN)) if normalize else (0.0,) * 3
         std = _triple(d.get("image_std", HF_STANDARD_STD)) if normalize else (1.0,) * 3
@@ -276,10 +287,11 @@ class PreprocessConfig:
             return True
         if self.resize_mode != "squash":  # resized size depends on the image
             return False
+        resize, crop = _pair(self.resize_size), _pair(self.crop_size)
         return all(
             crop_offset(n, m, "round") == crop_offset(n, m, "floor")
-            for n, m in zip(self.resize_size, self.crop_size, strict=True)
-        )  # type: ignore[arg-type]
+            for n, m in zip(resize, crop, strict=True)
+        )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -395,7 +407,7 @@ def _open(source: str | os.PathLike | bytes | IO[bytes], max_pixels: int | None)
         fp: Path | IO[bytes] = path
     elif isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
         try:
-            data = source.read() if hasattr(source, "read") else bytes(source)  # type: ignore[union-attr]
+            data = source.read() if hasattr(source, "read") else bytes(source)
         except OSError as exc:
             raise ImageLoadError(f"cannot read input: {exc}") from exc
         if not isinstance(data, bytes):
@@ -775,8 +787,8 @@ def preprocess(
     if single and not (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
         images = [images]  # type: ignore[list-item]
     tensors = [
-        preprocess_image(load_image(x, max_pixels=max_pixels, fast_decode=fast_decode), cfg)
-        for x in images  # type: ignore[union-attr]
+        preprocess_image(load_image(x, max_pixels=max_pixels, fast_decode=fast_decode), cfg)  # type: ignore[arg-type]
+        for x in images  # type: ignore[union-attr]  # a sequence once wrapped
     ]
     if not tensors:
         raise ValueError("no images to preprocess")

@@ -21,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--teacher", help="also score this teacher and the agreement")
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow a teacher file that runs code when loaded (TorchScript; a .pt2 holding "
+        "pickles): only for files you trust",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         data_root=args.data_root,
         confusion_matrix=args.confusion_matrix,
+        trust_code=args.trust_code,
     )
     if args.json:
         print(json.dumps(report.to_dict()))

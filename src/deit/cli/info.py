@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from deit.cli._args import add_model_arguments, load_kwargs
 from deit.inference import load_any
 from deit.model import DeiT
@@ -22,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_any(args.model, **load_kwargs(args))
     model = loaded.model
     if loaded.format == "onnx":  # count the exported DeiT's parameters, not ONNX initializers
-        model = DeiT(loaded.config)
+        with torch.device("meta"):  # shapes only: the metadata's config allocates nothing
+            model = DeiT(loaded.config)
     info = {
         "source": loaded.source,
         "format": loaded.format,

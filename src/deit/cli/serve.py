@@ -29,13 +29,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_wait_ms,
         help="how long a request waits for others to batch with",
     )
-    p.add_argument(
-        "--max-upload-mb", type=float, default=d.max_upload_mb, help="largest upload per image, MiB"
+    limits = p.add_argument_group(
+        "limits",
+        "per request (413 beyond), and server-wide over all requests in flight (503 with "
+        "Retry-After once a request has waited --busy-wait-s for room)",
+    )
+    limits.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=d.max_upload_mb,
+        help=f"largest file, MiB; refused while it streams in (default {d.max_upload_mb:g})",
+    )
+    limits.add_argument(
+        "--max-pixels",
+        type=int,
+        default=d.max_pixels,
+        help=f"largest image, width x height from its header (default {d.max_pixels})",
+    )
+    limits.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=d.max_request_pixels,
+        help=f"all images of one request together, pixels (default {d.max_request_pixels})",
+    )
+    limits.add_argument(
+        "--max-files",
+        type=int,
+        default=d.max_files,
+        help=f"files per batch request (default {d.max_files})",
+    )
+    limits.add_argument(
+        "--max-inflight-upload-mb",
+        type=float,
+        default=d.max_inflight_upload_mb,
+        help="upload bytes held by all requests in flight, MiB "
+        f"(default {d.max_inflight_upload_mb:g})",
+    )
+    limits.add_argument(
+        "--max-inflight-pixels",
+        type=int,
+        default=d.max_inflight_pixels,
+        help="image pixels queued for or in decoding, all requests together "
+        f"(default {d.max_inflight_pixels})",
+    )
+    limits.add_argument(
+        "--busy-wait-s",
+        type=float,
+        default=d.busy_wait_s,
+        help="how long a request waits for room in a full budget before its 503 "
+        f"(default {d.busy_wait_s:g})",
     )
     p.add_argument(
-        "--max-pixels", type=int, default=d.max_pixels, help="largest decoded image, width x height"
+        "--shutdown-timeout",
+        type=float,
+        default=d.shutdown_timeout_s,
+        help="seconds requests in flight get to finish after SIGTERM/SIGINT before they are "
+        f"cancelled (default {d.shutdown_timeout_s:g})",
     )
-    p.add_argument("--max-files", type=int, default=d.max_files, help="files per batch request")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="HOST",
+        help="accept only requests whose Host header is HOST (repeatable; '*.example.com' "
+        "matches subdomains); default: any host, which is fine on 127.0.0.1 but set it "
+        "when --host exposes the server",
+    )
     p.add_argument("--workers", type=int, default=d.decode_workers, help="decoding threads")
     p.add_argument("--threads", type=int, help="PyTorch intra-op threads (default: all cores)")
     p.add_argument(
@@ -44,8 +102,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, then serve until Ctrl-C."""
-    for flag in ("max_batch", "workers", "max_files", "max_upload_mb", "max_pixels", "threads"):
+    """Load the model, then serve until Ctrl-C or SIGTERM."""
+    positive = (
+        "max_batch",
+        "workers",
+        "max_files",
+        "max_upload_mb",
+        "max_pixels",
+        "max_request_pixels",
+        "max_inflight_upload_mb",
+        "max_inflight_pixels",
+        "threads",
+    )
+    for flag in positive:
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, not {value}")
@@ -54,6 +123,17 @@ def run(args: argparse.Namespace) -> int:
             "--port must be 0..65535 and --max-wait-ms >= 0, "
             f"not {args.port} and {args.max_wait_ms}"
         )
+    if args.busy_wait_s < 0 or args.shutdown_timeout < 0:
+        raise UsageError(
+            "--busy-wait-s and --shutdown-timeout must be >= 0, "
+            f"not {args.busy_wait_s} and {args.shutdown_timeout}"
+        )
+    if args.max_inflight_upload_mb < args.max_upload_mb:
+        raise UsageError("--max-inflight-upload-mb must be at least --max-upload-mb")
+    hosts = tuple(args.allowed_host or ("*",))
+    for host in hosts:
+        if "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
+            raise UsageError(f"--allowed-host takes a name, '*' or '*.domain', not {host!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     require_server()
@@ -65,12 +145,20 @@ def run(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
         max_files=args.max_files,
+        max_inflight_upload_mb=args.max_inflight_upload_mb,
+        max_inflight_pixels=args.max_inflight_pixels,
+        busy_wait_s=args.busy_wait_s,
+        shutdown_timeout_s=args.shutdown_timeout,
+        allowed_hosts=hosts,
         decode_workers=args.workers,
     )
     if settings.host not in LOOPBACK:
+        hint = "" if args.allowed_host else "; consider --allowed-host"
         print(
-            f"deit serve: warning: listening on {settings.host}, reachable from other machines",
+            f"deit serve: warning: listening on {settings.host}, reachable from other "
+            f"machines{hint}",
             file=sys.stderr,
         )
     print(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,19 +39,18 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from deit.checkpoints import LoadedModel, as_loaded
 from deit.deploy.ort_graph import OPSET as ORT_OPSET
 from deit.deploy.ort_graph import build_ort_graph
-from deit.errors import ExportError, ImageLoadError
-from deit.model import DeiT
+from deit.errors import CheckpointError, ExportError, ImageLoadError, UnsafeFileError
+from deit.model import DeiT, Head, HeadLogits
 from deit.onnx_model import OnnxRunner, read_onnx_metadata
-from deit.runtime import require
+from deit.runtime import atomic_path, ensure_free_space, require, tensor_bytes
+from deit.safety import check_pt2, load_exported_module
 from deit.transforms import ImageLike, preprocess
 
-Head = Literal["avg", "cls", "dist"]
-HEADS: tuple[Head, ...] = ("avg", "cls", "dist")
 ExportFormat = Literal["onnx", "torch-export"]
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization
@@ -62,27 +62,6 @@ OUTPUT_NAME = "logits"
 def sample_images() -> list[Path]:
     """The small photos and Fashion-MNIST images shipped with the package (web page demo)."""
     return sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix in (".jpg", ".png"))
-
-
-class HeadLogits(nn.Module):
-    """Wraps a DeiT so that it returns one logits tensor (B, classes) for the chosen head."""
-
-    def __init__(self, model: DeiT, head: Head = "avg") -> None:
-        super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
-        if head == "dist" and model.head_dist is None:
-            raise ValueError("head 'dist' needs a distilled model with a distillation head")
-        self.model = model
-        self.head = head
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        out = self.model(pixel_values)
-        if self.head == "cls":
-            return out.cls_logits
-        if self.head == "dist":
-            return out.dist_logits  # type: ignore[return-value]
-        return out.logits
 
 
 def cpu_eval(model: DeiT) -> DeiT:
@@ -126,12 +105,27 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if path.suffix != ".pt2":
         return read_onnx_metadata(path)
-    extra = {"deit.json": ""}
+    _check_pt2(path)
+    with zipfile.ZipFile(path) as z:  # the extra file, read without loading the program
+        entry = next((n for n in z.namelist() if n.partition("/")[2] == "extra/deit.json"), None)
+        text = z.read(entry).decode("utf-8", "replace") if entry else ""
     try:
-        torch.export.load(str(path), extra_files=extra)
-    except Exception as e:  # a zip that isn't one, or another program's archive
-        raise ExportError(f"cannot read {path}: not a torch.export file ({e})") from e
-    return json.loads(extra["deit.json"] or "{}")
+        meta = json.loads(text or "{}")
+    except ValueError as e:
+        raise ExportError(f"{path}: malformed deit metadata (extra/deit.json): {e}") from e
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: malformed deit metadata (extra/deit.json is not an object)")
+    return meta
+
+
+def _check_pt2(path: Path) -> None:
+    """Refuse a ``.pt2`` that loading would run code from (:func:`deit.safety.check_pt2`)."""
+    try:
+        check_pt2(path)
+    except UnsafeFileError:
+        raise
+    except CheckpointError as e:  # a zip that isn't one, or another program's archive
+        raise ExportError(str(e)) from e
 
 
 def _prepare(
@@ -175,16 +169,20 @@ def export_onnx(
     Raises:
         ExportError: The exporter failed, or the opset is not possible.
         ImportError: ``onnx`` or ``onnxscript`` is missing.
+        DiskFullError: The file does not fit on its disk (nothing is left behind).
     """
     onnx = require("onnx", "onnx", "export")
     if fused:
         if opset not in (None, ORT_OPSET):
             raise ExportError(f"the fused ONNX Runtime graph is opset {ORT_OPSET}, not {opset}")
         loaded, wrapper, out, _, _ = _prepare(model_or_loaded, out, head, dynamic_batch)
-        onnx.save(build_ort_graph(wrapper.model, head, dynamic_batch), str(out))
-        add_onnx_metadata(
-            out, {**export_metadata(loaded, head, dynamic_batch), "deit.graph": "onnxruntime"}
-        )
+        graph = build_ort_graph(wrapper.model, head, dynamic_batch)
+        ensure_free_space(out, tensor_bytes(wrapper) * 21 // 20)  # weights + graph
+        with atomic_path(out, suffix=".onnx") as tmp:  # a failed write leaves nothing
+            onnx.save(graph, str(tmp))
+            add_onnx_metadata(
+                tmp, {**export_metadata(loaded, head, dynamic_batch), "deit.graph": "onnxruntime"}
+            )
         return out
     opset = DEFAULT_OPSET if opset is None else opset
     require("onnxscript", "onnxscript", "export")
@@ -206,15 +204,21 @@ def export_onnx(
                 external_data=False,
                 verbose=False,
             )
-            program.save(str(out), external_data=False)  # type: ignore[union-attr]
     except Exception as e:  # the exporter raises many error types
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
-    # The exporter falls back to its own opset when a down-conversion fails: never pass that off.
-    written = {o.domain: o.version for o in onnx.load(str(out)).opset_import}.get("", opset)
-    if written != opset:
-        out.unlink()
-        raise ExportError(f"the exporter could not convert to opset {opset} (it wrote {written})")
-    add_onnx_metadata(out, export_metadata(loaded, head, dynamic_batch))
+    ensure_free_space(out, tensor_bytes(wrapper) * 21 // 20)  # weights + graph
+    # Written to a temporary sibling, renamed into place once complete and checked: a full
+    # disk or a failed check leaves nothing (not a truncated .onnx).
+    with atomic_path(out, suffix=".onnx") as tmp:
+        program.save(str(tmp), external_data=False)  # type: ignore[union-attr]
+        # The exporter falls back to its own opset when a down-conversion fails: never pass
+        # that off.
+        written = {o.domain: o.version for o in onnx.load(str(tmp)).opset_import}.get("", opset)
+        if written != opset:
+            raise ExportError(
+                f"the exporter could not convert to opset {opset} (it wrote {written})"
+            )
+        add_onnx_metadata(tmp, export_metadata(loaded, head, dynamic_batch))
     return out
 
 
@@ -232,6 +236,8 @@ def export_torch(
 
     Raises:
         ExportError: ``torch.export`` failed.
+        DiskFullError: The file would not fit on its disk (checked before writing, as
+            PyTorch's writer aborts the process on a full disk); nothing is left behind.
     """
     loaded, wrapper, out, example, dynamic = _prepare(model_or_loaded, out, head, dynamic_batch)
     try:
@@ -240,7 +246,11 @@ def export_torch(
     except Exception as e:
         raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
     meta = json.dumps(export_metadata(loaded, head, dynamic_batch))
-    torch.export.save(program, str(out), extra_files={"deit.json": meta})
+    # PyTorch's zip writer aborts the whole process (std::terminate) when the disk fills
+    # up, so a file that will not fit is refused before anything is written.
+    ensure_free_space(out, tensor_bytes(wrapper) * 21 // 20 + len(meta))  # + graph
+    with atomic_path(out, suffix=".pt2") as tmp:
+        torch.export.save(program, str(tmp), extra_files={"deit.json": meta})
     return out
 
 
@@ -282,7 +292,8 @@ def run_exported(path: str | Path, pixel_values: Tensor, *, dynamic_batch: bool)
     """Logits of an exported ``.onnx``/``.pt2`` file; a fixed-batch file runs image by image."""
     path = Path(path)
     if path.suffix == ".pt2":
-        module = torch.export.load(str(path)).module()
+        _check_pt2(path)
+        module = load_exported_module(path, hint="")  # checked: loading runs no code
         batches = pixel_values.split(len(pixel_values) if dynamic_batch else 1)
         with torch.no_grad():
             return torch.cat([module(b) for b in batches]).numpy()

@@ -22,6 +22,7 @@ import gzip
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +255,8 @@ def match_class_folders(root: str | Path, labels: Sequence[str]) -> list[str]:
     matched = {f: by_key.get(_label_key(f)) for f in folders}
     if folders and all(i is not None for i in matched.values()):
         classes = [f"/{i}" for i in range(len(labels))]  # "/" is never in a folder name
-        for folder, i in matched.items():
+        for folder, index in matched.items():
+            i = int(index)  # type: ignore[arg-type]  # every folder matched, checked above
             if not classes[i].startswith("/"):
                 raise ValueError(
                     f"{root}: folders {classes[i]!r} and {folder!r} both match "
@@ -288,6 +290,11 @@ class ImageFolder(torch.utils.data.Dataset):
         transform: applied to each PIL image.
         classes: class order to use (e.g. the training set's) instead of the folders found.
         channels: 1 (grayscale) or 3 (RGB).
+
+    Raises:
+        ValueError: no class folder holds an image; or, with the classes taken from the
+            folders, one of them holds none (it would become a class without examples).
+            With ``classes`` given, empty folders are only logged: those classes are absent.
     """
 
     def __init__(
@@ -317,6 +324,20 @@ class ImageFolder(torch.utils.data.Dataset):
             where = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise ValueError(
                 f"{self.root} has no image files (.jpg, .png, ...) in class folders named {where}"
+            )
+        counts = Counter(label for _, label in self.samples)
+        empty = [c for c in found if c in index and not counts[index[c]]]
+        if empty and classes is None:  # a class made of an empty folder could never be learnt
+            raise ValueError(
+                f"class folder {self.root / empty[0]} has no image files (.jpg, .png, ...)"
+                + (f", nor do {len(empty) - 1} more ({', '.join(empty[1:4])})" if empty[1:] else "")
+                + ": it would be a class without examples; add images or remove the folder"
+            )
+        if empty:  # given classes (a model's, a training set's): absent from this data
+            log.warning(
+                "%s: the class folder(s) %s hold no image files; those classes are absent",
+                self.root,
+                ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
             )
         self.transform, self.channels = transform, channels
 
@@ -486,7 +507,7 @@ def _loader(ds: Any, cfg: Any, train: bool, rank: int, world: int) -> Any:
             len(ds), cfg.augment.repeated_aug, seed=cfg.run.seed, rank=rank, world=world
         )
     else:
-        sampler = list(range(rank, len(ds), world))
+        sampler = list(range(rank, len(ds), world))  # type: ignore[assignment]  # any iterable
     return torch.utils.data.DataLoader(
         ds,
         batch_size=bs,

@@ -251,6 +251,7 @@ def evaluate(
     num_workers: int = 0,
     data_root: str | None = None,
     confusion_matrix: str | Path | None = None,
+    trust_code: bool = False,
 ) -> EvalReport:
     """Evaluate a classifier on a dataset.
 
@@ -265,6 +266,8 @@ def evaluate(
         batch_size, device, precision, num_workers: how to run.
         data_root: folder of the Fashion-MNIST IDX files (default: the Debian package's).
         confusion_matrix: write a PNG of the confusion matrix here.
+        trust_code: allow a teacher file that runs code when loaded (TorchScript, a ``.pt2``
+            holding pickles); refused otherwise (``deit.safety``).
     """
     if batch_size < 1 or num_workers < 0:
         raise ValueError(
@@ -280,7 +283,13 @@ def evaluate(
     subject = _load_subject(model_or_source, dev)
     batches, data_name = _batches(data, subject, batch_size, dev, num_workers, data_root)
     t = (
-        load_teacher(teacher, student=subject.spec, num_classes=len(subject.labels), device=dev)
+        load_teacher(
+            teacher,
+            student=subject.spec,
+            num_classes=len(subject.labels),
+            device=dev,
+            trust_code=trust_code,
+        )
         if teacher
         else None
     )

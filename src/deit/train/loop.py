@@ -4,7 +4,7 @@ Sections, top to bottom: setup (devices, processes, run directory) → data → 
 teacher → optimizer and schedule → the epoch loop → checkpoints and export. The same loop
 trains a DeiT (outputs ``DeiTOutput``) and any CNN (outputs a tensor), so a teacher can be
 trained first with the same command. Recipe defaults: ``deit.train.runconfig``; formulas:
-reference-spec §4; the how-to: ``docs/training.md``.
+the paper and facebookresearch/deit ``main.py``; the how-to: ``docs/training.md``.
 
 Run directory layout: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per
 log interval and per epoch), ``train.log``, ``last.pt`` / ``best.pt`` (atomic training
@@ -30,11 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from deit.checkpoints import save_model
-from deit.runtime import autocast, resolve_device
+from deit.errors import TrainingError
+from deit.model import DeiT
+from deit.runtime import (
+    atomic_path,
+    atomic_write,
+    autocast,
+    ensure_free_space,
+    resolve_device,
+    tensor_bytes,
+)
 from deit.train.classifiers import save_classifier
-from deit.train.data import Data, DeviceBatches, build_data
+from deit.train.data import BadSample, Data, DeviceBatches, build_data
 from deit.train.evaluate import evaluate_batches
 from deit.train.losses import DistillationLoss
 from deit.train.metrics import MetricsWriter
@@ -126,15 +136,20 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename over ``path``."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary sibling, then rename over ``path``.
+
+    A checkpoint that would not fit is refused before writing (PyTorch's zip writer can
+    abort the process on a full disk): :class:`~deit.runtime.DiskFullError`, and the
+    previous ``path`` is kept.
+    """
+    ensure_free_space(path, tensor_bytes(obj) * 21 // 20)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch and CUDA generator states, as tensors and primitives only."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -168,7 +183,7 @@ class State:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    ema: nn.Module | None
+    ema: AveragedModel | None
     total_epochs: int = 0  # the schedule's length (cfg.schedule.epochs unless fitted to time)
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
@@ -190,6 +205,15 @@ class State:
         }
 
     def load(self, ckpt: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            KeyError: an entry is missing (not a ``last.pt`` of this loop).
+            RuntimeError, ValueError: the weights or optimizer state are of another model.
+        """
+        missing = [k for k in ("model", "optimizer", "scaler", "ema", "rng") if k not in ckpt]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)} entry")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:
@@ -202,13 +226,15 @@ class State:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """``ema = decay·ema + (1 − decay)·model`` over floating state; other buffers copied."""
-    e, m = ema.state_dict(), model.state_dict()
-    floats = [k for k in e if e[k].is_floating_point()]
-    torch._foreach_lerp_([e[k] for k in floats], [m[k] for k in floats], 1.0 - decay)
-    for k in e.keys() - set(floats):
-        e[k].copy_(m[k])
+def new_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s parameters and floating buffers.
+
+    PyTorch's ``AveragedModel`` with its EMA update: ``ema = decay·ema + (1 − decay)·model``
+    after each optimizer step (the first update copies the model). ``ema.module`` is the
+    averaged network; its state dict (with ``n_averaged``) resumes exactly.
+    """
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return ema.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- loop
@@ -262,8 +288,9 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
     cfg, dev = loop.cfg, loop.device
     loop.forward.train()
     for source in (loop.data.train, getattr(loop.data.train, "sampler", None)):
-        if hasattr(source, "set_epoch"):  # DeviceBatches, or a DataLoader's RepeatAugSampler
-            source.set_epoch(st.epoch)
+        set_epoch = getattr(source, "set_epoch", None)  # DeviceBatches, RepeatAugSampler
+        if set_epoch is not None:
+            set_epoch(st.epoch)
     steps = len(loop.data.train)
     if steps == 0:
         raise ValueError(
@@ -271,7 +298,8 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
             "more than the training set has; lower data.batch_size"
         )
     loss_sum, bad_step = torch.zeros((), device=dev), torch.full((), -1, device=dev)
-    seen, bad, t0 = 0, [], time.perf_counter()
+    seen, t0 = 0, time.perf_counter()
+    bad: list[BadSample] = []
     bar = _progress(steps, st.epoch, cfg, loop.rank)
     for i, (x, y) in enumerate(_batches(loop.data, dev, bad)):
         lr = lr_at(st.epoch + i / steps, cfg, loop.base_lr, st.total_epochs)
@@ -292,7 +320,7 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
         st.scaler.step(st.optimizer)
         st.scaler.update()
         if st.ema is not None:
-            ema_update(st.ema, st.model, cfg.run.ema_decay)
+            st.ema.update_parameters(st.model)
         d = loss.detach().float()
         bad_step = torch.where((~torch.isfinite(d)) & (bad_step < 0), st.step, bad_step)
         loss_sum += d
@@ -411,18 +439,22 @@ def train(
             f"{run_dir} already holds a run ({last.name}): --resume continues it; "
             "another --out starts afresh"
         )
+    # Read before anything in the run directory changes: an unusable last.pt stops here.
+    ckpt = _read_resume_state(last, dev) if resume and last.is_file() else None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not last.is_file():  # a fresh start: no curves of an earlier, unsaved attempt
+        if ckpt is None:  # a fresh start: no curves of an earlier, unsaved attempt
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        save_config(cfg, run_dir / "config.json")
+            atomic_write(run_dir / "config.json", lambda tmp: save_config(cfg, tmp))
         _setup_logging(run_dir, rank)
     data = build_data(cfg, dev, rank, world, train_data, val_data, labels)
     model, arch = build_student(cfg, data.num_classes, data.spec, log)
     model.to(dev)
     loop, st = _prepare(cfg, data, model, dev, rank, world, run_dir)
-    if resume and last.is_file():
-        st.load(torch.load(last, map_location=dev, weights_only=True))
+    if ckpt is not None:
+        _resume(st, ckpt, last, cfg)
+        if rank == 0:  # only now: a resume that fails leaves the run's config.json alone
+            atomic_write(run_dir / "config.json", lambda tmp: save_config(cfg, tmp))
         log.info("resumed from %s at epoch %d, step %d", last, st.epoch, st.step)
     elif resume:
         log.warning("--resume: no %s yet, so this run starts from the beginning", last)
@@ -436,6 +468,64 @@ def train(
         if owns_group:
             torch.distributed.destroy_process_group()
     return run_dir
+
+
+def _start_afresh(path: Path) -> str:
+    """What to do about an unusable ``last.pt`` (the end of a resume error)."""
+    return f"delete {path} to start this run over, or start a new run with another --out (run.name)"
+
+
+def _read_resume_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """The training checkpoint ``path`` (``last.pt``), or a one-line :class:`TrainingError`."""
+    if path.stat().st_size == 0:
+        raise TrainingError(f"cannot resume: {path} is empty (0 bytes); {_start_afresh(path)}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, garbage, or not written by this loop
+        raise TrainingError(
+            f"cannot resume: {path} is not a readable training checkpoint (truncated or "
+            f"corrupt: {type(e).__name__}); {_start_afresh(path)}"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise TrainingError(
+            f"cannot resume: {path} holds a {type(ckpt).__name__}, not a training checkpoint; "
+            f"{_start_afresh(path)}"
+        )
+    return ckpt
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _resume(st: State, ckpt: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
+    """Restore ``st`` from ``ckpt``; a mismatch is a one-line :class:`TrainingError` that names
+    the settings that differ from the run's."""
+    try:
+        st.load(ckpt)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        saved, now = _flat(ckpt.get("config", {})), _flat(cfg.to_dict())
+        differ = [k for k in now if k in saved and saved[k] != now[k]]
+        detail = str(e.args[0] if isinstance(e, KeyError) and e.args else e).splitlines()
+        reason = (detail[0] if detail else type(e).__name__).rstrip(":. ")
+        if "loading state_dict" in reason:  # torch's multi-line list of keys and shapes
+            reason = "its weights are of another architecture"
+        changed = (
+            f"; settings changed since it was saved: {', '.join(differ[:8])}"
+            + (f" (and {len(differ) - 8} more)" if len(differ) > 8 else "")
+            + ": resume with the run's own settings (its config.json)"
+            if differ
+            else ""
+        )
+        raise TrainingError(
+            f"cannot resume from {path}: it does not fit this run ({reason}){changed}; or "
+            f"{_start_afresh(path)}"
+        ) from e
 
 
 def _compile_fallback(compiled: bool) -> AbstractContextManager[Any]:
@@ -464,12 +554,12 @@ def _prepare(
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay),
         lr=base_lr,
-        betas=tuple(cfg.optim.betas),
+        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
         eps=cfg.optim.eps,
         fused=cfg.optim.fused or None,
     )
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.run.precision == "fp16")
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.run.ema else None
+    ema = new_ema(model, cfg.run.ema_decay) if cfg.run.ema else None
     teacher = _teacher(cfg, data, dev)
     criterion = DistillationLoss(
         teacher,
@@ -484,7 +574,7 @@ def _prepare(
             model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
     if cfg.run.compile:
-        forward = torch.compile(forward, mode=cfg.run.compile_mode)
+        forward = torch.compile(forward, mode=cfg.run.compile_mode)  # type: ignore[assignment]
     log.info(
         "student %s: %.2fM parameters, base lr %.3g, %d process(es), device %s",
         cfg.model.name,
@@ -513,6 +603,7 @@ def _teacher(cfg: TrainConfig, data: Data, dev: torch.device) -> nn.Module | Non
         std=d.teacher_std,
         img_size=d.teacher_img_size,
         in_chans=d.teacher_in_chans,
+        trust_code=d.trust_code,
     )
     log.info(
         "teacher %s (%s distillation, alpha %.2f, tau %.2f), input %s",
@@ -583,7 +674,7 @@ def _run_epochs(loop: Loop, st: State, run_dir: Path) -> None:
         if (cfg.run.eval_every and st.epoch % cfg.run.eval_every == 0) or final:
             record.update(_evaluate(loop, st.model))
             if st.ema is not None:
-                record["val_ema_top1"] = _evaluate(loop, st.ema)["val_top1"]
+                record["val_ema_top1"] = _evaluate(loop, st.ema.module)["val_top1"]
         if loop.rank == 0:
             _end_of_epoch(loop, st, run_dir, record, final)
         if stop:
@@ -649,7 +740,7 @@ def eval_preprocess(data: Data) -> dict[str, Any]:
 
 def export_student(cfg: TrainConfig, st: State, run_dir: Path, data: Data, arch: str) -> Path:
     """Write the chosen weights (final / EMA / best) to ``run_dir/model``."""
-    model = st.ema if cfg.run.export == "ema" else st.model
+    model = st.ema.module if st.ema is not None and cfg.run.export == "ema" else st.model
     if cfg.run.export == "best" and (run_dir / "best.pt").is_file():
         model = copy.deepcopy(st.model)
         model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
@@ -665,6 +756,7 @@ def export_student(cfg: TrainConfig, st: State, run_dir: Path, data: Data, arch:
     }
     out = run_dir / "model"
     if arch == "deit":
+        assert isinstance(model, DeiT)
         save_model(
             model,
             out,

@@ -2,7 +2,8 @@
 
 A run is resolved in three layers, each overriding the one before:
 
-1. the dataclass defaults below (the DeiT recipe, reference-spec §4.1);
+1. the dataclass defaults below (the DeiT recipe: facebookresearch/deit ``main.py``, paper
+   Table 9);
 2. a recipe file (TOML, or the JSON that every run writes into its run directory);
 3. command-line overrides ``section.key=value`` (values parsed as TOML literals, so
    ``optim.lr=1e-3``, ``distill.kind=hard``, ``data.mean=[0.5]`` and ``run.ema=true`` all work;
@@ -106,7 +107,7 @@ class ScheduleSection:
 
 @dataclass
 class AugmentSection:
-    """Train-time augmentation and targets (reference-spec §4.2)."""
+    """Train-time augmentation and targets."""
 
     randaugment: str = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; "" = off (PIL data)
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area
@@ -124,12 +125,14 @@ class AugmentSection:
 
 @dataclass
 class DistillSection:
-    """Teacher and distillation loss (reference-spec §4.3).
+    """Teacher and distillation loss.
 
     ``teacher`` is ``"timm:NAME"``, ``"torchvision:NAME"``, a TorchScript file (``.pt``/``.pth``
     from ``torch.jit.save``), a ``torch.export`` file (``.pt2``) or a directory written by
     ``deit train``. The teacher's own normalisation, input size and channels are used when it
-    declares them; the ``teacher_*`` fields set them for files that don't.
+    declares them; the ``teacher_*`` fields set them for files that don't. ``trust_code``
+    allows a teacher file that runs code when loaded (TorchScript, a ``.pt2`` holding
+    pickles); without it such files are refused (see ``deit.safety``).
     """
 
     kind: str = "none"  # none | soft | hard
@@ -140,6 +143,7 @@ class DistillSection:
     teacher_std: list[float] | None = None
     teacher_img_size: int | None = None
     teacher_in_chans: int | None = None
+    trust_code: bool = False  # load a TorchScript (or pickle-holding .pt2) teacher: runs its code
 
 
 @dataclass
@@ -210,6 +214,23 @@ class TrainConfig:
             problems.append("data.batch_size and schedule.epochs must be positive")
         if self.augment.repeated_aug < 1:
             problems.append("augment.repeated_aug must be >= 1")
+        if self.run.log_every < 1:
+            problems.append(f"run.log_every must be >= 1, not {self.run.log_every}")
+        # Counts where 0 means "all"/"off"/"default": a negative one would slice from the end
+        # (data.train_subset=-5 trained on all but 5 images) or make no sense.
+        counts = {
+            "data.train_subset": self.data.train_subset,
+            "data.val_subset": self.data.val_subset,
+            "data.eval_batch_size": self.data.eval_batch_size,
+            "data.num_workers": self.data.num_workers,
+            "augment.crop_padding": self.augment.crop_padding,
+            "schedule.warmup_epochs": self.schedule.warmup_epochs,
+            "run.eval_every": self.run.eval_every,
+            "run.save_every": self.run.save_every,
+            "run.max_steps": self.run.max_steps,
+            "run.time_limit": self.run.time_limit,
+        }
+        problems += [f"{key} must be >= 0, not {v}" for key, v in counts.items() if v < 0]
         if not 0.0 <= self.distill.alpha <= 1.0:
             problems.append(f"distill.alpha {self.distill.alpha} is not in [0, 1]")
         if problems:

@@ -1,7 +1,8 @@
 """Teachers for distillation.
 
 A teacher is any classifier: a timm or torchvision model by name, a ``torch.export`` or
-TorchScript file, or a directory written by ``deit train`` (a DeiT in the ``deit`` format, or
+TorchScript file (TorchScript only with ``trust_code``: it is a program, see
+:mod:`deit.safety`), or a directory written by ``deit train`` (a DeiT in the ``deit`` format, or
 a CNN in the ``deit-classifier`` format of :mod:`deit.train.classifiers`). :class:`Teacher`
 freezes it and maps the student's batch into the teacher's input space: undo the student's
 normalisation, adapt grayscale↔RGB, resize to the teacher's resolution, apply the teacher's
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from deit.checkpoints import load_model
 from deit.errors import CheckpointError
+from deit.safety import is_torchscript, load_exported_module, load_torchscript
 from deit.train.classifiers import build_classifier, is_classifier_dir, load_classifier, logits_of
 from deit.train.data import InputSpec
 from deit.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -98,7 +100,9 @@ def _spec_with(base: InputSpec, mean: Any, std: Any, img_size: Any, in_chans: An
     )
 
 
-def _load_network(source: str, student: InputSpec, num_classes: int) -> tuple[nn.Module, InputSpec]:
+def _load_network(
+    source: str, student: InputSpec, num_classes: int, trust_code: bool = False
+) -> tuple[nn.Module, InputSpec]:
     """The raw teacher network and the input spec it declares (student's when unknown)."""
     path = Path(source)
     if source.startswith(("timm:", "torchvision:")):
@@ -119,17 +123,16 @@ def _load_network(source: str, student: InputSpec, num_classes: int) -> tuple[nn
             return model, InputSpec.from_dict(config["input"])
         loaded = load_model(path)
         return loaded.model, InputSpec.of(loaded)
-    if path.suffix == ".pt2":
-        return torch.export.load(str(path)).module(), student
+    if path.suffix == ".pt2":  # checked first: nothing in it may run code
+        return load_exported_module(path, trust_code=trust_code), student
     if path.is_file():
-        try:
-            return torch.jit.load(str(path), map_location="cpu"), student
-        except RuntimeError as e:
+        if not is_torchscript(path):
             raise CheckpointError(
                 f"teacher {path} is not a TorchScript file (torch.jit.save); a teacher is a "
                 "timm:/torchvision: name, a TorchScript or .pt2 file, or a deit train model "
                 "directory"
-            ) from e
+            )
+        return load_torchscript(path, trust_code=trust_code), student  # refused unless trusted
     raise FileNotFoundError(
         f"teacher {source!r} is not a timm:/torchvision: name, file or directory"
     )
@@ -145,6 +148,7 @@ def load_teacher(
     std: Sequence[float] | None = None,
     img_size: int | None = None,
     in_chans: int | None = None,
+    trust_code: bool = False,
 ) -> Teacher:
     """Load, freeze and wrap a teacher; check its class count against the student's.
 
@@ -156,11 +160,14 @@ def load_teacher(
         device: where the teacher runs.
         mean, std, img_size, in_chans: override what the teacher declares (needed for
             TorchScript / export files, which declare nothing and default to the student's).
+        trust_code: allow a file that runs code when loaded: a TorchScript program, or a
+            ``.pt2`` holding pickles (see :mod:`deit.safety`); logged as a warning.
 
     Raises:
         ValueError: the teacher predicts a different number of classes.
+        UnsafeFileError: a TorchScript or unsafe ``.pt2`` file without ``trust_code``.
     """
-    network, declared = _load_network(source, student, num_classes)
+    network, declared = _load_network(source, student, num_classes, trust_code)
     spec = _spec_with(declared, mean, std, img_size, in_chans)
     teacher = Teacher(network, student, spec).to(device)
     probe = torch.zeros(2, student.in_chans, student.img_size, student.img_size, device=device)

@@ -2,9 +2,11 @@
 
 Endpoints (FastAPI on uvicorn; uploads are ``multipart/form-data``):
 
-    GET  /                     the web page (``deit/web/``: HTML, JS and CSS, no CDN)
+    GET  /                     the web page (``web/``: HTML, JS and CSS, no CDN); also HEAD
+    GET  /static/...           the page's script, stylesheet and sample images
+    GET  /openapi.json         the API schema (no /docs: Swagger UI would come from a CDN)
     GET  /healthz              liveness and batching counters
-    GET  /v1/model             config, labels, preprocessing, limits, batching counters
+    GET  /v1/model             model name, config, labels, preprocessing, limits, batching counters
     POST /v1/classify          one image (field ``file``), ``top_k`` as query or form field
     POST /v1/classify/batch    several images (field ``files``); per-file results or errors
     POST /v1/explain           attention rollout: ``format=png`` (overlay) or ``json`` (maps)
@@ -15,16 +17,26 @@ it arrives, then queued; one worker takes up to ``max_batch`` queued images, wai
 row. Decoding thus overlaps inference, and unreadable uploads are answered before they reach
 the queue. The model runs in one dedicated thread, so the event loop keeps serving meanwhile.
 
-Errors are JSON ``{"error": "..."}``: 413 for an upload over ``max_upload_mb`` or an image
-over ``max_pixels``, 415 for a non-image or a missing multipart body, 400 for an empty or
-malformed upload, 422 for a truncated/corrupt image or bad parameters, 503 when the queue is
-full. The server binds 127.0.0.1 unless told otherwise.
+Errors are JSON ``{"error": "..."}``: 413 for an upload over ``max_upload_mb``, more than
+``max_files`` files, an image over ``max_pixels`` or a request over ``max_request_pixels``;
+415 for a non-image or a missing multipart body, 400 for an empty or malformed upload, 422 for
+a truncated/corrupt image or bad parameters, 503 (with ``Retry-After``) when the queue, the
+server's upload budget or its decode budget is full. The server binds 127.0.0.1 unless told
+otherwise.
+
+Hostile load is bounded by two server-wide budgets shared by the requests in flight (see
+:mod:`deit.deploy.serve.limits`): upload bytes held in memory (``max_inflight_upload_mb``), and
+image pixels queued for or in decoding (``max_inflight_pixels``, read from each image's header
+before any decoding, so a batch of huge images can't fill the decoding threads' queue and
+stall everyone else). On SIGTERM/SIGINT requests in flight get ``shutdown_timeout_s`` to
+finish, then are cancelled.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations, and
 ``Request`` is imported inside :func:`create_app` to keep FastAPI an optional dependency.)
 """
 
 import asyncio
+import io
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +49,7 @@ from torch import Tensor
 
 from deit.checkpoints import as_loaded
 from deit.deploy.serve.batching import DynamicBatcher
+from deit.deploy.serve.limits import RETRY_AFTER_S, Budget, Reservation
 from deit.deploy.serve.uploads import ApiError, parse_top_k, read_uploads
 from deit.errors import BusyError, DeiTError
 from deit.explain import explain_payload, rollout_maps
@@ -50,7 +63,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Server limits and batching. Sizes in MiB; ``max_pixels`` is width x height."""
+    """Server limits and batching. Sizes in MiB; pixels are width x height (from the header).
+
+    Per request: ``max_upload_mb`` per file, ``max_files`` files, ``max_pixels`` per image and
+    ``max_request_pixels`` for all of a request's images (413 beyond). Server-wide, over all
+    requests in flight: ``max_inflight_upload_mb`` of upload bytes held and
+    ``max_inflight_pixels`` queued for or in decoding; a request that finds a budget spent
+    waits up to ``busy_wait_s``, then gets 503 with ``Retry-After``. ``allowed_hosts``:
+    ``Host`` header values accepted (``*`` = any). ``shutdown_timeout_s``: how long requests
+    in flight may finish after SIGTERM/SIGINT before they are cancelled.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -58,8 +80,14 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     max_upload_mb: float = 10.0
     max_pixels: int = 50_000_000
+    max_request_pixels: int = 100_000_000
     max_files: int = 32
     max_queue: int = 1024
+    max_inflight_upload_mb: float = 512.0
+    max_inflight_pixels: int = 100_000_000
+    busy_wait_s: float = 5.0
+    shutdown_timeout_s: float = 10.0
+    allowed_hosts: tuple[str, ...] = ("*",)
     decode_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     default_top_k: int = 5
 
@@ -67,11 +95,26 @@ class ServeSettings:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
+    @property
+    def max_inflight_upload_bytes(self) -> int:
+        return int(self.max_inflight_upload_mb * 1024 * 1024)
+
+
+def display_name(source: str) -> str:
+    """What the page and ``/v1/model`` show of a model's source: a file or folder's name (never
+    its absolute path), a Hub id or embedded model's name as is."""
+    path = Path(source)
+    try:
+        local = path.is_absolute() or path.exists()
+    except OSError:
+        local = False
+    return (path.name or source) if local else source
+
 
 def _model_info(clf: Any, settings: ServeSettings, stats: dict[str, Any]) -> dict[str, Any]:
     loaded = clf.loaded
     return {
-        "source": loaded.source,
+        "source": display_name(loaded.source),
         "format": loaded.format,
         "config": loaded.config.to_dict(),
         "distilled": loaded.config.distilled,
@@ -85,7 +128,10 @@ def _model_info(clf: Any, settings: ServeSettings, stats: dict[str, Any]) -> dic
         "limits": {
             "max_upload_mb": settings.max_upload_mb,
             "max_pixels": settings.max_pixels,
+            "max_request_pixels": settings.max_request_pixels,
             "max_files": settings.max_files,
+            "max_inflight_upload_mb": settings.max_inflight_upload_mb,
+            "max_inflight_pixels": settings.max_inflight_pixels,
         },
         "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms, **stats},
     }
@@ -104,11 +150,15 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     settings = settings or ServeSettings()
     clf = model if isinstance(model, Classifier) else _classifier(model)
     loaded, cfg = clf.loaded, clf.loaded.preprocess
     pools: dict[str, ThreadPoolExecutor] = {}  # created per run of the app, in lifespan()
+    wait = settings.busy_wait_s
+    upload_budget = Budget(settings.max_inflight_upload_bytes, "upload bytes", wait_s=wait)
+    pixel_budget = Budget(settings.max_inflight_pixels, "pixels to decode", wait_s=wait)
 
     def decode(data: bytes) -> tuple[Any, Tensor]:
         img = load_image(data, max_pixels=settings.max_pixels, fast_decode=clf.fast_decode)
@@ -117,10 +167,41 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     async def to_tensor(data: bytes) -> tuple[Any, Tensor]:
         return await asyncio.get_running_loop().run_in_executor(pools["decode"], decode, data)
 
+    def header_pixels(files: list[tuple[str, bytes]]) -> list[int]:
+        """Each image's width x height from its header, without decoding; 0 for the images
+        that ``load_image`` refuses from the header anyway (unreadable, over max_pixels)."""
+        from PIL import Image
+
+        sizes = []
+        for _, data in files:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    pixels = img.size[0] * img.size[1]
+            except Exception:  # not an image, corrupt, or PIL's decompression-bomb check
+                pixels = 0
+            sizes.append(pixels if pixels <= settings.max_pixels else 0)
+        return sizes
+
+    async def reserve_pixels(files: list[tuple[str, bytes]], held: Reservation) -> list[int]:
+        """Each file's pixels, all taken from the decode budget (413 over the request limit,
+        503 if the server stays too busy); each is given back once that file is decoded."""
+        loop = asyncio.get_running_loop()
+        sizes = await loop.run_in_executor(pools["peek"], header_pixels, files)
+        total = sum(sizes)
+        if total > settings.max_request_pixels:
+            raise ApiError(
+                413,
+                f"the images of this request hold {total} pixels in all, more than the limit "
+                f"of {settings.max_request_pixels}; send fewer or smaller images",
+            )
+        await held.grow(total)
+        return sizes
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         pools["model"] = ThreadPoolExecutor(1, thread_name_prefix="deit-model")
         pools["decode"] = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="deit-io")
+        pools["peek"] = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="deit-hdr")
         batcher = DynamicBatcher(
             clf.logits,
             pools["model"],
@@ -137,15 +218,23 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
             for pool in pools.values():
                 pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="deit", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # No /docs: Swagger UI loads its script from a CDN. The schema stays at /openapi.json.
+    app = FastAPI(title="deit", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
+    if "*" not in settings.allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+    app.add_middleware(_edge_middleware())  # outermost: sees every response
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.exception_handler(DeiTError)
     async def _deit_error(_: Request, e: DeiTError) -> JSONResponse:
-        return error(e.http_status, str(e))
+        retry = getattr(e, "retry_after", None)
+        if e.http_status == 503 and retry is None:
+            retry = RETRY_AFTER_S
+        return error(e.http_status, str(e), retry)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
@@ -163,12 +252,34 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     def predictions(row: Tensor, k: int) -> list[dict[str, Any]]:
         return [asdict(p) for p in clf.topk(row[None], k)[0]]
 
-    async def classify_one(data: bytes, k: int, batcher: DynamicBatcher) -> list[dict[str, Any]]:
-        _, pixels = await to_tensor(data)
+    async def classify_one(
+        data: bytes, k: int, batcher: DynamicBatcher, pixels: int, held: Reservation
+    ) -> list[dict[str, Any]]:
         try:
-            return predictions(await batcher.submit(pixels), k)
+            _, x = await to_tensor(data)
+        finally:
+            held.shrink(pixels)  # decoded (or failed): its pixels are free for others
+        try:
+            return predictions(await batcher.submit(x), k)
         except BusyError as e:
             raise BusyError(f"server busy ({e}), retry later") from None
+
+    async def upload_form(
+        request: Request, held: Reservation, field_name: str, max_files: int = 1
+    ) -> Any:
+        form = await read_uploads(
+            request,
+            field_name=field_name,
+            max_file_bytes=settings.max_upload_bytes,
+            max_files=max_files,
+            budget=held,
+        )
+        k = parse_top_k(
+            request.query_params.get("top_k", form.fields.get("top_k")),
+            settings.default_top_k,
+            len(loaded.labels),
+        )
+        return form, k
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
@@ -180,17 +291,12 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict[str, Any]:
-        form = await read_uploads(
-            request, field_name="file", max_file_bytes=settings.max_upload_bytes
-        )
-        k = parse_top_k(
-            request.query_params.get("top_k", form.fields.get("top_k")),
-            settings.default_top_k,
-            len(loaded.labels),
-        )
-        name, data = form.files[0]
-        start = time.perf_counter()
-        preds = await classify_one(data, k, request.app.state.batcher)
+        async with upload_budget.hold() as held_bytes, pixel_budget.hold() as held_pixels:
+            form, k = await upload_form(request, held_bytes, "file")
+            sizes = await reserve_pixels(form.files, held_pixels)
+            name, data = form.files[0]
+            start = time.perf_counter()
+            preds = await classify_one(data, k, request.app.state.batcher, sizes[0], held_pixels)
         return {
             "filename": name,
             "predictions": preds,
@@ -199,21 +305,17 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
 
     @app.post("/v1/classify/batch")
     async def classify_batch(request: Request) -> dict[str, Any]:
-        form = await read_uploads(
-            request,
-            field_name="files",
-            max_file_bytes=settings.max_upload_bytes,
-            max_files=settings.max_files,
-        )
-        k = parse_top_k(
-            request.query_params.get("top_k", form.fields.get("top_k")),
-            settings.default_top_k,
-            len(loaded.labels),
-        )
-        batcher = request.app.state.batcher
-        outcomes = await asyncio.gather(
-            *(classify_one(data, k, batcher) for _, data in form.files), return_exceptions=True
-        )
+        async with upload_budget.hold() as held_bytes, pixel_budget.hold() as held_pixels:
+            form, k = await upload_form(request, held_bytes, "files", settings.max_files)
+            sizes = await reserve_pixels(form.files, held_pixels)
+            batcher = request.app.state.batcher
+            outcomes = await asyncio.gather(
+                *(
+                    classify_one(data, k, batcher, pixels, held_pixels)
+                    for (_, data), pixels in zip(form.files, sizes)
+                ),
+                return_exceptions=True,
+            )
         results: list[dict[str, Any]] = []
         for (name, _), out in zip(form.files, outcomes):
             if isinstance(out, DeiTError):
@@ -226,45 +328,97 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
 
     @app.post("/v1/explain")
     async def explain_endpoint(request: Request) -> Response:
-        form = await read_uploads(
-            request, field_name="file", max_file_bytes=settings.max_upload_bytes
-        )
-        params = {**form.fields, **request.query_params}
-        token, fmt = params.get("token", "both"), params.get("format", "json")
-        if token not in ("cls", "dist", "both") or fmt not in ("json", "png"):
-            raise ApiError(422, "token must be cls, dist or both; format json or png")
-        if loaded.format == "onnx":
-            raise ApiError(422, "explain needs a PyTorch model; this server runs an ONNX file")
-        if token == "dist" and not loaded.config.distilled:
-            raise ApiError(422, "this model has no distillation token")
-        img, pixels = await to_tensor(form.files[0][1])
+        async with upload_budget.hold() as held_bytes, pixel_budget.hold() as held_pixels:
+            form, _ = await upload_form(request, held_bytes, "file")
+            params = {**form.fields, **request.query_params}
+            token, fmt = params.get("token", "both"), params.get("format", "json")
+            if token not in ("cls", "dist", "both") or fmt not in ("json", "png"):
+                raise ApiError(422, "token must be cls, dist or both; format json or png")
+            if loaded.format == "onnx":
+                raise ApiError(422, "explain needs a PyTorch model; this server runs an ONNX file")
+            if token == "dist" and not loaded.config.distilled:
+                raise ApiError(422, "this model has no distillation token")
+            await reserve_pixels(form.files, held_pixels)  # held until the answer is built
+            img, pixels = await to_tensor(form.files[0][1])
 
-        def run() -> dict[str, np.ndarray]:
-            ref = clf.loaded.model  # the fp32 eager model, whatever precision serves
-            maps = rollout_maps(ref, pixels[None].to(next(ref.parameters()).device), token)
-            return {k: v[0].numpy() for k, v in maps.items()}
+            def run() -> dict[str, np.ndarray]:
+                ref = clf.loaded.model  # the fp32 eager model, whatever precision serves
+                maps = rollout_maps(ref, pixels[None].to(next(ref.parameters()).device), token)
+                return {k: v[0].numpy() for k, v in maps.items()}
 
-        loop = asyncio.get_running_loop()
-        maps = await loop.run_in_executor(pools["model"], run)
-        body = await loop.run_in_executor(pools["decode"], explain_payload, img, cfg, maps, fmt)
+            loop = asyncio.get_running_loop()
+            maps = await loop.run_in_executor(pools["model"], run)
+            body = await loop.run_in_executor(pools["decode"], explain_payload, img, cfg, maps, fmt)
         if fmt == "png":
             return Response(body, media_type="image/png")
         return JSONResponse(body)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html", headers=_PAGE_HEADERS)
+        return FileResponse(WEB_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
 
 
-_PAGE_HEADERS = {
+SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
     "style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+def _edge_middleware() -> Any:
+    """The outermost ASGI middleware: :data:`SECURITY_HEADERS` on every HTTP response (the
+    page, its static files, the API and error answers alike), and a request cancelled by the
+    shutdown deadline logged in one line (answered 503 if nothing was sent yet) instead of
+    uvicorn's traceback."""
+    import logging
+
+    from starlette.datastructures import MutableHeaders
+
+    log = logging.getLogger("uvicorn.error")
+
+    class Edge:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            started = False
+
+            async def send_with_headers(message: Any) -> None:
+                nonlocal started
+                if message["type"] == "http.response.start":
+                    started = True
+                    headers = MutableHeaders(scope=message)
+                    for name, value in SECURITY_HEADERS.items():
+                        headers.setdefault(name, value)
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_with_headers)
+            except asyncio.CancelledError:  # uvicorn's shutdown deadline; the task ends here
+                log.info("%s %s: cancelled at shutdown", scope["method"], scope["path"])
+                if not started:
+                    body = b'{"error":"server shutting down"}'
+                    await send_with_headers(
+                        {
+                            "type": "http.response.start",
+                            "status": 503,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
+
+    return Edge
 
 
 def _classifier(model: Any) -> Classifier:
@@ -287,7 +441,15 @@ class ServerThread:
         import threading
 
         uvicorn = require_server()
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        settings = getattr(getattr(app, "state", None), "settings", None) or ServeSettings()
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="deit-serve", daemon=True)
         self.url = ""
@@ -316,10 +478,20 @@ def require_server() -> Any:
 
 
 def serve(model: Any, settings: ServeSettings | None = None, log_level: str = "info") -> None:
-    """Serve ``model`` until interrupted (blocking)."""
+    """Serve ``model`` until SIGTERM or SIGINT (blocking).
+
+    On the signal the server stops accepting connections and gives the requests in flight
+    ``settings.shutdown_timeout_s`` to finish before cancelling them (a second SIGINT
+    cancels at once).
+    """
     settings = settings or ServeSettings()
     uvicorn = require_server()
     app = create_app(model, settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=log_level, timeout_keep_alive=5
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
