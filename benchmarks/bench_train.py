@@ -101,8 +101,8 @@ def bench_steps(args: argparse.Namespace) -> None:
     from timm.loss import SoftTargetCrossEntropy
 
     from deit.config import VARIANTS
-    from deit.runtime import autocast
     from deit.model import DeiT
+    from deit.runtime import autocast
     from deit.train.losses import DistillationLoss
 
     torch.manual_seed(0)

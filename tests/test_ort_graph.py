@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from deit.config import DeiTConfig
-from deit.deploy.export import ExportError, HeadLogits, export_onnx, read_metadata, verify_export
-from deit.model import DeiT
+from deit.deploy.export import ExportError, export_onnx, read_metadata, verify_export
+from deit.model import DeiT, HeadLogits
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

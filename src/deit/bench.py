@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deit.checkpoints import save_model
+from deit.checkpoints import as_loaded, save_model
 from deit.config import VARIANTS, DeiTConfig
 from deit.model import DeiT
 from deit.onnx_model import OnnxRunner
@@ -36,8 +37,23 @@ IMPLS = ("deit", "timm", "hf")
 # onnx: ours exported to portable ONNX; onnx-fused: ONNX Runtime's fused graph
 # (deit.deploy.ort_graph); onnx-int8: that graph quantized, as `deit quantize` writes it;
 # int8: ours with int8 linear layers in PyTorch (all four on the CPU).
+# openvino, openvino-bf16, openvino-int8: ours as an OpenVINO IR run by its CPU plugin in fp32,
+# in bf16 (INFERENCE_PRECISION_HINT), and quantized by NNCF (64 seeded random calibration
+# inputs: speed only; `deit quantize --engine openvino` measures accuracy on real data).
 # compile-max: torch.compile's max-autotune mode (autotuned kernels; CUDA graphs on a GPU)
-MODES = ("eager", "compile", "compile-max", "int8", "onnx", "onnx-fused", "onnx-int8")
+MODES = (
+    "eager",
+    "compile",
+    "compile-max",
+    "int8",
+    "onnx",
+    "onnx-fused",
+    "onnx-int8",
+    "openvino",
+    "openvino-bf16",
+    "openvino-int8",
+)
+ENGINE_MODES = tuple(m for m in MODES if m.startswith(("onnx", "openvino")) or m == "int8")
 
 
 @dataclass(frozen=True)
@@ -124,16 +140,17 @@ def build_contenders(
             continue
         model = models[impl].eval().to(device)
         for mode in modes:
-            if mode.startswith("onnx") or mode == "int8":
+            if mode in ENGINE_MODES:
                 if impl != "deit":
                     continue
                 if device.type != "cpu":
                     raise ValueError(f"mode {mode!r} runs on the CPU only")
-                forward = (
-                    _forward(impl, quantize_int8(ours), "eager")
-                    if mode == "int8"
-                    else _onnx_forward(ours, mode)
-                )
+                if mode == "int8":
+                    forward = _forward(impl, quantize_int8(ours), "eager")
+                elif mode.startswith("openvino"):
+                    forward = _openvino_forward(ours, mode)
+                else:
+                    forward = _onnx_forward(ours, mode)
                 contenders.append(Contender(impl, mode, forward))
                 continue
             contenders.append(Contender(impl, mode, _forward(impl, model, mode)))
@@ -154,6 +171,28 @@ def _onnx_forward(model: DeiT, mode: str) -> Callable[[Tensor], Tensor]:
 
     def forward(x: Tensor, _keep: object = tmp) -> Tensor:
         return torch.from_numpy(runner(x))
+
+    return forward
+
+
+def _openvino_forward(model: DeiT, mode: str) -> Callable[[Tensor], Tensor]:
+    """Our model as an OpenVINO IR, compiled as ``mode`` says, run by OpenVINO's CPU plugin."""
+    from deit.deploy.openvino import convert_to_openvino, quantize_ir
+    from deit.openvino_model import compile_model
+
+    loaded = as_loaded(model)
+    ir = convert_to_openvino(loaded)
+    if mode == "openvino-int8":
+        gen = torch.Generator().manual_seed(0)
+        h, w = model.config.image_hw
+        calib = torch.randn(64, model.config.in_chans, h, w, generator=gen)
+        ir = quantize_ir(ir, calib)
+        mode = "openvino"
+    precision = "bf16" if mode == "openvino-bf16" else "fp32"
+    request = compile_model(ir, precision, torch.get_num_threads()).create_infer_request()
+
+    def forward(x: Tensor) -> Tensor:
+        return torch.from_numpy(np.array(request.infer({0: x.numpy()})[0], copy=True))
 
     return forward
 
@@ -259,8 +298,10 @@ def run_bench(
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if dtype != "fp32" and any(m.startswith("onnx") or m == "int8" for m in modes):
-        raise ValueError("the onnx and int8 modes measure fp32 and int8 models: use --dtype fp32")
+    if dtype != "fp32" and any(m in ENGINE_MODES for m in modes):
+        raise ValueError(
+            "the onnx, openvino and int8 modes set their own precision: use --dtype fp32"
+        )
     dev = resolve_device(device)
     contenders, reference = build_contenders(variant, dev, impls, modes)
     for batch in batches:

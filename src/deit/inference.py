@@ -10,7 +10,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import fnmatch
 import glob
+import logging
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,7 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
+from deit.errors import MissingDependencyError, UsageError
 from deit.onnx_model import load_onnx
+from deit.openvino_model import OpenVinoModel, load_openvino
 from deit.runtime import DTYPES, PRECISIONS, quantize_int8, resolve_device
 from deit.transforms import (
     IMAGE_EXTENSIONS,
@@ -33,6 +37,8 @@ from deit.transforms import (
     preprocess,
     preprocess_image,
 )
+
+log = logging.getLogger("deit.inference")
 
 
 @dataclass(frozen=True)
@@ -60,38 +66,140 @@ class FileResult:
         }
 
 
+EXPORTED_SUFFIXES = {".onnx": "ONNX", ".xml": "OpenVINO"}  # files that carry their settings
+
+
 def load_any(source: str | Path = DEFAULT_MODEL, **load_kwargs: Any) -> LoadedModel:
-    """:func:`deit.checkpoints.load_model`, or for an ``.onnx`` file of ``deit export`` /
-    ``deit quantize`` :func:`deit.onnx_model.load_onnx` (the file carries its own settings)."""
-    if str(source).endswith(".onnx"):
+    """:func:`deit.checkpoints.load_model`, or for a file of ``deit export`` / ``deit quantize``
+    its engine's loader: :func:`deit.onnx_model.load_onnx` for ``.onnx``,
+    :func:`deit.openvino_model.load_openvino` for an OpenVINO ``.xml`` (such files carry their
+    own labels and preprocessing)."""
+    suffix = Path(str(source)).suffix.lower()
+    if suffix in EXPORTED_SUFFIXES:
         unused = {k: v for k, v in load_kwargs.items() if v not in (None, "auto")}
         if unused:
-            raise ValueError(f"an ONNX file carries its own settings; drop {sorted(unused)}")
-        return load_onnx(source)
+            raise UsageError(
+                f"an exported {EXPORTED_SUFFIXES[suffix]} file carries its own settings; "
+                f"drop {sorted(unused)}"
+            )
+        return load_onnx(source) if suffix == ".onnx" else load_openvino(source)
     return load_model(source, **load_kwargs)
+
+
+MAX_EXPANDED_PATHS = 1_000_000  # files one folder or glob may expand to
+MAX_WALKED_DIRS = 1_000_000  # folders one folder or glob may search
+
+
+def _walk_images(folder: str) -> list[str]:
+    """Image files under ``folder``, recursively; a symlinked folder is searched once."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop (loop -> .), or a second link to the same folder
+            dirnames.clear()
+            continue
+        seen.add(real)
+        if len(seen) > MAX_WALKED_DIRS:
+            raise UsageError(f"{folder} holds more than {MAX_WALKED_DIRS} folders: narrow it")
+        dirnames.sort()
+        found.extend(
+            os.path.join(dirpath, f)
+            for f in filenames
+            if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            and os.path.isfile(os.path.join(dirpath, f))
+        )
+        if len(found) > MAX_EXPANDED_PATHS:
+            raise UsageError(f"{folder} holds more than {MAX_EXPANDED_PATHS} images: narrow it")
+    return sorted(found)
+
+
+def _glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, sorted, without its endless symlink loops.
+
+    Like :mod:`glob`, ``**`` matches any number of folders (symlinked ones included) and
+    wildcards skip hidden names unless they start with a dot; unlike it, a folder is searched
+    once per position in the pattern, so ``loop -> .`` links neither repeat matches nor make
+    the search exponential, and the search is bounded.
+    """
+    parts = list(Path(pattern).parts)
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = str(Path(*parts[:first])) if first else ""
+    rest = parts[first:]
+    out: list[str] = []
+    seen: set[tuple[str, int]] = set()
+
+    def entries(folder: str) -> list[str]:
+        try:
+            return sorted(os.listdir(folder or "."))
+        except OSError:
+            return []
+
+    def visit(folder: str, i: int) -> None:
+        key = (os.path.realpath(folder or "."), i)
+        if key in seen:
+            return
+        seen.add(key)
+        if len(seen) > MAX_WALKED_DIRS or len(out) > MAX_EXPANDED_PATHS:
+            raise UsageError(f"{pattern!r} matches too much (over {MAX_EXPANDED_PATHS}): narrow it")
+        part, last = rest[i], i == len(rest) - 1
+        if part == "**":
+            if last:  # like glob: everything below, folders included
+                out.extend(os.path.join(folder, n) for n in entries(folder) if n[0] != ".")
+            else:
+                visit(folder, i + 1)  # zero folders
+            for name in entries(folder):
+                sub = os.path.join(folder, name)
+                if name[0] != "." and os.path.isdir(sub):
+                    visit(sub, i)
+            return
+        if glob.has_magic(part):
+            names = [
+                n
+                for n in entries(folder)
+                if fnmatch.fnmatchcase(n, part) and (n[0] != "." or part[0] == ".")
+            ]
+        else:
+            names = [part] if os.path.lexists(os.path.join(folder, part)) else []
+        for name in names:
+            path = os.path.join(folder, name)
+            if last:
+                out.append(path)
+            elif os.path.isdir(path):
+                visit(path, i + 1)
+
+    visit(base, 0)
+    return sorted(out)
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[str]:
     """Files as given, folders searched recursively for images, globs expanded (sorted).
 
-    A name that matches nothing is kept, so that it is reported as an error later.
+    A name that matches nothing is kept, so that it is reported as an error later. Each file
+    is listed once (by its real path), however many links or patterns lead to it; symlinked
+    folders are followed, but never round a loop.
+
+    Raises:
+        UsageError: an empty path (which would otherwise mean the current folder), or a
+            folder or glob that expands to more than :data:`MAX_EXPANDED_PATHS` files.
     """
     out: list[str] = []
+    seen: set[str] = set()
     for item in inputs:
+        if not str(item).strip():
+            raise UsageError("empty input path: give image files, folders or globs")
         p = Path(item).expanduser()
         if p.is_dir():
-            out.extend(
-                sorted(
-                    str(f)
-                    for f in p.rglob("*")
-                    if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                )
-            )
+            found = _walk_images(str(p))
         elif not p.exists() and glob.has_magic(str(item)):
-            matches = sorted(glob.glob(str(p), recursive=True))
-            out.extend(matches or [str(item)])
+            found = _glob(str(p)) or [str(item)]
         else:
-            out.append(str(item))
+            found = [str(item)]
+        for path in found:
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                out.append(path)
     return out
 
 
@@ -116,7 +224,8 @@ def prepare_model(
     else:
         model = model.to(device).eval()
     if compile:
-        model = torch.compile(model, mode="max-autotune" if device.type == "cuda" else None)
+        compiled = torch.compile(model, mode="max-autotune" if device.type == "cuda" else None)
+        return compiled  # type: ignore[return-value]  # an OptimizedModule: still an nn.Module
     return model
 
 
@@ -126,7 +235,9 @@ class Classifier:
     ``precision`` (``fp32``, ``bf16``, ``fp16`` or CPU-only ``int8``) and ``compile`` pick a
     faster path (see :func:`prepare_model`); the fp32 eager model is the reference.
     ``fast_decode`` lets large JPEGs decode at reduced size (faster, approximate; see
-    :func:`deit.transforms.load_image`).
+    :func:`deit.transforms.load_image`). ``fast`` runs a PyTorch checkpoint on the CPU through
+    OpenVINO when it is installed and its logits match (fp32: within 1e-4; ``bf16`` only when
+    asked for), else PyTorch; ``engine`` says which runs.
     """
 
     def __init__(
@@ -137,19 +248,57 @@ class Classifier:
         precision: str = "fp32",
         compile: bool = False,
         fast_decode: bool = False,
+        fast: bool = False,
     ) -> None:
         self.loaded = loaded
         self.device = resolve_device(device)
         self.precision = precision
         self.fast_decode = fast_decode
-        as_exported = self.device.type == "cpu" and precision == "fp32" and not compile
-        if loaded.format == "onnx" and not as_exported:
-            raise ValueError(
+        on_cpu = self.device.type == "cpu" and not compile
+        self.input_dtype = DTYPES.get(precision, torch.float32)
+        self.engine: str = f"pytorch {precision}"
+        if loaded.format == "onnx" and not (on_cpu and precision == "fp32"):
+            raise UsageError(
                 "an ONNX model runs as exported, on the CPU: drop --device/--precision/--compile "
                 "(for int8, pass the file `deit quantize` wrote)"
             )
+        if loaded.format == "openvino":
+            if not on_cpu or precision not in ("fp32", "bf16"):
+                raise UsageError(
+                    "an OpenVINO model runs on the CPU in fp32 or bf16 (int8: the file "
+                    "`deit quantize --engine openvino` wrote): drop --device/--compile"
+                )
+            assert isinstance(loaded.model, OpenVinoModel)
+            self.model: nn.Module = loaded.model.with_precision(precision)
+            self.input_dtype, self.engine = torch.float32, f"openvino {precision}"
+            return
+        if loaded.format == "onnx":
+            self.engine = "onnxruntime"
+        if fast and on_cpu and loaded.format != "onnx" and precision in ("fp32", "bf16"):
+            self.model = self._fastest_cpu_engine(precision)
+            return
         self.model = prepare_model(loaded.model, self.device, precision, compile)
-        self.input_dtype = DTYPES.get(precision, torch.float32)
+
+    def _fastest_cpu_engine(self, precision: str) -> nn.Module:
+        """OpenVINO when installed and its logits match eager PyTorch (fp32: within 1e-4 on a
+        probe batch), else PyTorch; ``self.engine`` says which ran."""
+        reference = self.loaded.model.cpu().eval()
+        try:
+            model = OpenVinoModel.from_module(reference, precision)
+        except MissingDependencyError:
+            log.info("--fast: OpenVINO is not installed (pip install openvino); using PyTorch")
+            return prepare_model(reference, self.device, precision)
+        h, w = self.loaded.config.image_hw
+        probe = torch.randn(
+            4, self.loaded.config.in_chans, h, w, generator=torch.Generator().manual_seed(0)
+        )
+        with torch.inference_mode():
+            diff = (model(probe).logits - reference(probe).logits).abs().max().item()
+        if precision == "fp32" and diff > 1e-4:
+            log.warning("--fast: OpenVINO differs from PyTorch by %.2g; using PyTorch", diff)
+            return prepare_model(reference, self.device, precision)
+        self.engine = f"openvino {precision}"
+        return model
 
     @classmethod
     def from_pretrained(
@@ -160,15 +309,18 @@ class Classifier:
         precision: str = "fp32",
         compile: bool = False,
         fast_decode: bool = False,
+        fast: bool = False,
         **load_kwargs: Any,
     ) -> Classifier:
         """Load any checkpoint :func:`deit.checkpoints.load_model` reads, or an ``.onnx`` file
         of ``deit export``/``deit quantize`` (run by ONNX Runtime on the CPU, with the labels
         and preprocessing stored in the file)."""
         loaded = load_any(source, **load_kwargs)
-        if loaded.format == "onnx" and str(device) == "auto":
+        if loaded.format in ("onnx", "openvino") and str(device) == "auto":
             device = "cpu"
-        return cls(loaded, device, precision=precision, compile=compile, fast_decode=fast_decode)
+        return cls(
+            loaded, device, precision=precision, compile=compile, fast_decode=fast_decode, fast=fast
+        )
 
     @property
     def labels(self) -> list[str]:
@@ -198,7 +350,7 @@ class Classifier:
             ImageLoadError: an input can't be read as an image.
         """
         if not isinstance(images, (list, tuple)):
-            images = [images]
+            images = [images]  # type: ignore[list-item]  # one image, not a sequence
         results: list[list[Prediction]] = []
         for start in range(0, len(images), batch_size):
             batch = preprocess(

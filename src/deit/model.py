@@ -18,13 +18,14 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deit.config import DeiTConfig
+from deit.errors import UsageError
 
 
 class DeiTOutput(NamedTuple):
@@ -263,3 +264,29 @@ class DeiT(nn.Module):
             return DeiTOutput(cls_logits, cls_logits, None, attentions)
         dist_logits = self.head_dist(x[:, 1])
         return DeiTOutput((cls_logits + dist_logits) / 2, cls_logits, dist_logits, attentions)
+
+
+Head = Literal["avg", "cls", "dist"]
+HEADS: tuple[Head, ...] = ("avg", "cls", "dist")
+
+
+class HeadLogits(nn.Module):
+    """Wraps a DeiT so that it returns one logits tensor (B, classes) for the chosen head."""
+
+    def __init__(self, model: DeiT, head: Head = "avg") -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise UsageError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+        if head == "dist" and model.head_dist is None:
+            raise UsageError("head 'dist' needs a distilled model with a distillation head")
+        self.model = model
+        self.head = head
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        out = self.model(pixel_values)
+        if self.head == "cls":
+            return out.cls_logits
+        if self.head == "dist":
+            assert out.dist_logits is not None  # checked in __init__
+            return out.dist_logits
+        return out.logits

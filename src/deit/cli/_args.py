@@ -55,6 +55,12 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", help="torch.compile the model (slow first batch)"
     )
     p.add_argument(
+        "--fast",
+        action="store_true",
+        help="on the CPU, the fastest verified engine installed (OpenVINO, same logits within "
+        "1e-4; with --precision bf16, OpenVINO's bf16); says which",
+    )
+    p.add_argument(
         "--fast-decode",
         action="store_true",
         help="decode large JPEGs at reduced size: faster, approximate (docs/performance.md)",
@@ -74,5 +80,6 @@ def classifier_from_args(args: argparse.Namespace) -> Classifier:
         precision=args.precision,
         compile=args.compile,
         fast_decode=args.fast_decode,
+        fast=args.fast,
         **load_kwargs(args),
     )

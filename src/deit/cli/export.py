@@ -10,25 +10,27 @@ from deit.checkpoints import load_model
 from deit.cli._args import add_model_arguments, load_kwargs
 from deit.deploy.export import (
     DEFAULT_OPSET,
-    HEADS,
+    VerifyReport,
     export_onnx,
     export_torch,
     format_report,
     load_inputs,
     verify_export,
 )
+from deit.deploy.openvino import export_openvino, verify_openvino
 from deit.deploy.ort_graph import OPSET as ORT_OPSET
 from deit.errors import EXIT_INPUT_FAILED, UsageError
 from deit.inference import expand_paths
+from deit.model import HEADS
 
 NAME = "export"
 HELP = "export to ONNX or torch.export and verify on real images"
-SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2"}
+SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "openvino": ".xml"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("out", help="output file (.onnx or .pt2)")
+    p.add_argument("out", help="output file: .onnx, .pt2, or .xml (OpenVINO IR, with its .bin)")
     p.add_argument("--format", choices=list(SUFFIXES), default="onnx")
     p.add_argument("--head", choices=HEADS, default="avg", help="logits to export (default avg)")
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension")
@@ -59,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, **load_kwargs(args))
     if images is not None:
         load_inputs(loaded, images)  # a bad image fails now, before anything is written
+    if args.format == "openvino":
+        path = export_openvino(loaded, args.out, head=args.head)
+        report = verify_openvino(
+            path, loaded, images, head=args.head, tolerance=args.tolerance, raise_on_failure=False
+        )
+        return _print_report(args, path, report)
     if args.format == "onnx":
         path = export_onnx(
             loaded,
@@ -71,9 +79,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         path = export_torch(loaded, args.out, head=args.head, dynamic_batch=args.dynamic_batch)
     report = verify_export(path, loaded, images, tolerance=args.tolerance, raise_on_failure=False)
+    return _print_report(args, path, report)
+
+
+def _print_report(args: argparse.Namespace, path: Path, report: VerifyReport) -> int:
+    """Print the verification; exit 1 when the exported file's logits differ."""
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        size = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())
+        print(f"wrote {path} ({size / 1e6:.1f} MB)")
         print(format_report(report))
     return 0 if report.passed else EXIT_INPUT_FAILED

@@ -30,10 +30,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--top-k and --batch-size must be at least 1")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, not {args.workers}")
-    clf = classifier_from_args(args)
     paths = expand_paths(args.paths)
     if not paths:
         raise UsageError("no input images")
+    clf = classifier_from_args(args)
+    if args.fast:
+        print(f"deit predict: engine: {clf.engine}", file=sys.stderr)
     failed = 0
     progress = len(paths) > 20 and sys.stderr.isatty()
     for result in clf.predict_files(

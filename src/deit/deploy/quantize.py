@@ -22,7 +22,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,8 +34,6 @@ from torch import Tensor
 
 from deit.checkpoints import LoadedModel, as_loaded
 from deit.deploy.export import (
-    Head,
-    HeadLogits,
     add_onnx_metadata,
     compare_logits,
     cpu_eval,
@@ -45,6 +43,7 @@ from deit.deploy.export import (
     verify_export,
 )
 from deit.errors import UsageError
+from deit.model import Head, HeadLogits
 from deit.onnx_model import OnnxRunner
 from deit.runtime import quantize_int8, require
 from deit.train.data import ImageFolder, load_fashion_mnist, match_class_folders
@@ -146,9 +145,10 @@ def load_labelled(
         return torch.stack(pixels), labels, f"fashion-mnist:{split}"
     classes = match_class_folders(spec, loaded.labels)
     dataset = ImageFolder(spec, transform=lambda im: preprocess_image(im, cfg), classes=classes)
-    order = range(len(dataset))
+    order: Sequence[int] = range(len(dataset))
     if limit is not None and limit < len(dataset):  # a seeded sample of every class
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
+        gen = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(dataset), generator=gen)[:limit].tolist()
     xs, ys = [], []
     for i in order:
         item = dataset[int(i)]

@@ -1,0 +1,175 @@
+"""OpenVINO IR files (``deit export --format openvino``) as models, run on the CPU.
+
+An IR is ``model.xml`` (the graph) plus ``model.bin`` (the weights): data only, nothing in it
+runs as Python. ``deit export`` stores the labels, preprocessing and config in the IR's runtime
+info under ``deit``, so a ``Classifier`` (and ``deit predict``, ``serve``, ``eval``) runs the
+file like any checkpoint. OpenVINO compiles it for this CPU; ``precision="bf16"`` asks it to
+compute in bfloat16 where the CPU has the instructions (AVX-512 BF16, AMX), and an IR that
+``deit quantize --engine openvino`` wrote computes its matrix products in int8.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deit.checkpoints import LoadedModel
+from deit.config import DeiTConfig
+from deit.errors import ExportError, UsageError
+from deit.model import DeiT, DeiTOutput, Head, HeadLogits
+from deit.runtime import require
+from deit.transforms import PreprocessConfig
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our names -> INFERENCE_PRECISION_HINT
+METADATA_KEYS = ("config", "labels", "preprocess", "head", "source", "quantization")
+
+
+def openvino() -> Any:
+    """The ``openvino`` module, or an error saying how to install it."""
+    return require("openvino", "openvino", "openvino")
+
+
+def bf16_supported() -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 natively on this machine."""
+    caps = openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in caps
+
+
+def compile_model(
+    model: Any, precision: str = "fp32", threads: int | None = None, latency: bool = True
+) -> Any:
+    """``model`` (an ``ov.Model`` or a path) compiled for the CPU in ``precision``."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"OpenVINO runs fp32 or bf16, not {precision!r}")
+    if precision == "bf16" and not bf16_supported():
+        raise UsageError("this CPU has no bf16 instructions (AVX-512 BF16 or AMX): use fp32")
+    config = {
+        "INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+        "PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT",
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    ov = openvino()
+    return ov.Core().compile_model(model, "CPU", config)
+
+
+def convert_module(model: DeiT, head: Head = "avg") -> Any:
+    """An ``ov.Model`` computing ``model``'s ``head`` logits, input ``pixel_values`` with a
+    dynamic batch dimension (through ``torch.export``; nothing is traced by executing code)."""
+    ov = openvino()
+    wrapper = HeadLogits(model, head).eval()
+    c, (h, w) = model.config.in_chans, model.config.image_hw
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(
+            wrapper, (torch.randn(2, c, h, w),), dynamic_shapes={"pixel_values": {0: batch}}
+        )
+    converted = ov.convert_model(program)
+    converted.reshape({0: ov.PartialShape([-1, c, h, w])})
+    converted.inputs[0].get_tensor().set_names({"pixel_values"})
+    converted.outputs[0].get_tensor().set_names({"logits"})
+    return converted
+
+
+class OpenVinoModel(nn.Module):
+    """An OpenVINO IR of ``deit export``/``deit quantize``, called like :class:`~deit.model.DeiT`.
+
+    It returns a :class:`DeiTOutput` whose ``logits`` are the IR's (the head chosen at export);
+    ``cls_logits`` repeats them and ``dist_logits`` is ``None``.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | Any,
+        config: DeiTConfig,
+        precision: str = "fp32",
+        threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = str(source) if isinstance(source, str | Path) else source
+        self.config, self.precision, self.threads = config, precision, threads
+        self.compiled = compile_model(self.source, precision, threads)
+        self.request = self.compiled.create_infer_request()
+
+    @classmethod
+    def from_module(
+        cls, model: DeiT, precision: str = "fp32", threads: int | None = None
+    ) -> OpenVinoModel:
+        """``model`` (its averaged heads) converted in memory and compiled for this CPU."""
+        return cls(convert_module(model), model.config, precision, threads)
+
+    def with_precision(self, precision: str) -> OpenVinoModel:
+        """The same network compiled for another precision (itself when it already is)."""
+        if precision == self.precision:
+            return self
+        return OpenVinoModel(self.source, self.config, precision, self.threads)
+
+    def run(self, pixel_values: Tensor) -> np.ndarray:
+        """Logits (N, classes) as a NumPy array."""
+        x = pixel_values.detach().to("cpu", torch.float32).numpy()
+        return np.array(self.request.infer({0: x})[0], copy=True)
+
+    def forward(self, pixel_values: Tensor) -> DeiTOutput:
+        logits = torch.from_numpy(self.run(pixel_values))
+        return DeiTOutput(logits=logits, cls_logits=logits, dist_logits=None)
+
+
+def set_openvino_metadata(model: Any, metadata: dict[str, str]) -> None:
+    """Store ``metadata`` (string values) in an ``ov.Model``'s runtime info under ``deit``."""
+    for key, value in metadata.items():
+        model.set_rt_info(value, ["deit", key])
+
+
+def read_openvino_metadata(path: str | Path) -> dict[str, str]:
+    """The ``deit`` runtime info of an IR's ``.xml`` ({} when there is none)."""
+    path = Path(path)
+    if not path.with_suffix(".bin").is_file():
+        raise ExportError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
+    try:
+        model = openvino().Core().read_model(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+        raise ExportError(f"cannot read {path}: not an OpenVINO IR ({first})") from None
+    return {
+        key: str(model.get_rt_info(["deit", key]).astype(str))
+        for key in METADATA_KEYS
+        if model.has_rt_info(["deit", key])
+    }
+
+
+def load_openvino(
+    path: str | Path, precision: str = "fp32", threads: int | None = None
+) -> LoadedModel:
+    """An IR with its labels and preprocessing, ready for a ``Classifier``.
+
+    Raises:
+        ExportError: the file is missing, unreadable, or carries no ``deit`` runtime info.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"OpenVINO IR not found: {path}")
+    meta = read_openvino_metadata(path)
+    if not {"config", "labels", "preprocess"} <= set(meta):
+        raise ExportError(
+            f"{path} has no deit metadata: export it with `deit export --format openvino`"
+        )
+    try:
+        config = DeiTConfig.from_dict(json.loads(meta["config"]))
+        preprocess = PreprocessConfig.from_dict(json.loads(meta["preprocess"]))
+        labels = json.loads(meta["labels"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ExportError(f"{path}: malformed deit metadata: {e}") from e
+    return LoadedModel(
+        model=OpenVinoModel(path, config, precision, threads),  # type: ignore[arg-type]
+        config=config,
+        preprocess=preprocess,
+        labels=labels,
+        source=str(path),
+        format="openvino",
+        metadata={f"deit.{k}": v for k, v in meta.items() if k not in ("labels", "config")},
+    )
