@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=2000, help="Fashion-MNIST test images")
     parser.add_argument("--size", type=int, default=1024, help="side of the upscaled JPEGs")
-    parser.add_argument("--images", type=Path, default=Path("../shared/data/images"))
+    parser.add_argument("--images", type=Path, default=Path("tests/fixtures/images"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -7,7 +7,7 @@ write. Reported: images per second over the whole set (best of ``--repeats`` rou
 contenders in turn within a round), after one warm-up pass, and the agreement of top-1
 predictions with our fp32 eager model.
 
-    python benchmarks/bench_predict.py --images ../shared/data/images --copies 8 --threads 2
+    python benchmarks/bench_predict.py --images tests/fixtures/images --copies 8 --threads 2
 
 Results are recorded in docs/performance.md.
 """
@@ -27,7 +27,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, default=Path("../shared/data/images"))
+    parser.add_argument("--images", type=Path, default=Path("tests/fixtures/images"))
     parser.add_argument("--copies", type=int, default=8, help="times each image is repeated")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)

@@ -132,7 +132,7 @@ def _contenders(preset: str) -> tuple[dict[str, Callable[[Path], torch.Tensor]],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, default=Path("../shared/data/images"))
+    parser.add_argument("--images", type=Path, default=Path("tests/fixtures/images"))
     parser.add_argument("--size", default="1920x1280", help="WxH of the JPEGs made from --images")
     parser.add_argument("--preset", choices=("hf", "official"), default="hf")
     parser.add_argument("--quality", type=int, default=90)

@@ -202,3 +202,21 @@ def test_bench_openvino_modes() -> None:
     assert results[1].max_abs_logit_diff < 1.0  # int8: the same function, rounded
     with pytest.raises(ValueError, match="use --dtype fp32"):
         list(run_bench(dtype="bf16", modes=("openvino",)))
+
+
+def test_eval_scores_an_xml_like_its_checkpoint(rgb_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from deit.train.evaluate import evaluate
+
+    xml = export_openvino(load_model(rgb_dir), tmp_path / "m.xml")
+    rng = np.random.default_rng(0)
+    for name in (LABELS[1], LABELS[3]):  # folders named like the model's labels
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    want = evaluate(str(rgb_dir), str(tmp_path / "data"), device="cpu")
+    got = evaluate(str(xml), str(tmp_path / "data"), device="cpu")
+    assert got.num_samples == want.num_samples == 6
+    assert got.top1 == want.top1 and got.top5 == want.top5

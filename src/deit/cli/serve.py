@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(
-        f"deit serve: {clf.loaded.source} on http://{settings.host}:{settings.port}/",
+        f"deit serve: {clf.loaded.source} ({clf.engine}) on http://{settings.host}:{settings.port}/",
         file=sys.stderr,
     )
     serve(clf, settings, log_level=args.log_level)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deit.checkpoints import load_model
+from deit.inference import EXPORTED_SUFFIXES, load_any
 from deit.runtime import resolve_device
 from deit.train.classifiers import is_classifier_dir, load_classifier, logits_of
 from deit.train.data import (
@@ -191,6 +192,8 @@ def _load_subject(source: Any, device: torch.device) -> _Subject:
         spec = InputSpec.from_dict(config["input"])
         return _Subject(model, spec, list(config["labels"]), str(source))
     if isinstance(source, str | Path):
+        if Path(source).suffix.lower() in EXPORTED_SUFFIXES:  # .onnx / OpenVINO .xml: CPU engines
+            return _load_subject(load_any(source), torch.device("cpu"))
         return _load_subject(load_model(source, device=device), device)
     raise TypeError("evaluate() takes a LoadedModel, a checkpoint path/id, or a model directory")
 

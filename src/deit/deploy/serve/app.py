@@ -124,6 +124,7 @@ def _model_info(clf: Any, settings: ServeSettings, stats: dict[str, Any]) -> dic
         "preprocess": loaded.preprocess.to_dict(),
         "device": str(clf.device),
         "precision": clf.precision,
+        "engine": clf.engine,
         "fast_decode": clf.fast_decode,
         "limits": {
             "max_upload_mb": settings.max_upload_mb,
