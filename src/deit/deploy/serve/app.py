@@ -39,10 +39,11 @@ import asyncio
 import io
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from torch import Tensor
@@ -50,13 +51,14 @@ from torch import Tensor
 from deit.checkpoints import as_loaded
 from deit.deploy.serve.batching import DynamicBatcher
 from deit.deploy.serve.limits import RETRY_AFTER_S, Budget, Reservation
-from deit.deploy.serve.uploads import ApiError, parse_top_k, read_uploads
+from deit.deploy.serve.uploads import ApiError, Uploads, parse_top_k, read_uploads
 from deit.errors import BusyError, DeiTError
 from deit.explain import explain_payload, rollout_maps
 from deit.inference import Classifier
 from deit.runtime import require
 from deit.transforms import load_image, preprocess_image
 
+T = TypeVar("T")
 WEB_DIR = Path(__file__).parent / "web"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -138,37 +140,52 @@ def _model_info(clf: Any, settings: ServeSettings, stats: dict[str, Any]) -> dic
     }
 
 
-def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
-    """The FastAPI application serving ``model`` (a ``Classifier``, loaded model or source).
+class _Service:
+    """What the endpoints do, apart from HTTP: budgets, decoding, batching, explaining.
 
-    ``app.state.batcher.stats`` holds the batching counters once the app has started.
+    The thread pools and the batcher exist while the app runs (:meth:`start`/:meth:`stop`,
+    called by the app's lifespan).
     """
-    require_server()
-    from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
-    from starlette.exceptions import HTTPException
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    def __init__(self, clf: Classifier, settings: ServeSettings) -> None:
+        self.clf, self.settings = clf, settings
+        self.pools: dict[str, ThreadPoolExecutor] = {}
+        wait = settings.busy_wait_s
+        self.upload_budget = Budget(settings.max_inflight_upload_bytes, "upload bytes", wait_s=wait)
+        self.pixel_budget = Budget(settings.max_inflight_pixels, "pixels to decode", wait_s=wait)
+        self.batcher: DynamicBatcher | None = None
 
-    settings = settings or ServeSettings()
-    clf = model if isinstance(model, Classifier) else _classifier(model)
-    loaded, cfg = clf.loaded, clf.loaded.preprocess
-    pools: dict[str, ThreadPoolExecutor] = {}  # created per run of the app, in lifespan()
-    wait = settings.busy_wait_s
-    upload_budget = Budget(settings.max_inflight_upload_bytes, "upload bytes", wait_s=wait)
-    pixel_budget = Budget(settings.max_inflight_pixels, "pixels to decode", wait_s=wait)
+    def start(self) -> DynamicBatcher:
+        s = self.settings
+        self.pools["model"] = ThreadPoolExecutor(1, thread_name_prefix="deit-model")
+        self.pools["decode"] = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="deit-io")
+        self.pools["peek"] = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="deit-hdr")
+        self.batcher = DynamicBatcher(
+            self.clf.logits,
+            self.pools["model"],
+            max_batch=s.max_batch,
+            max_wait_ms=s.max_wait_ms,
+            max_queue=s.max_queue,
+        )
+        self.batcher.start()
+        return self.batcher
 
-    def decode(data: bytes) -> tuple[Any, Tensor]:
-        img = load_image(data, max_pixels=settings.max_pixels, fast_decode=clf.fast_decode)
-        return img, preprocess_image(img, cfg)
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+        for pool in self.pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    async def to_tensor(data: bytes) -> tuple[Any, Tensor]:
-        return await asyncio.get_running_loop().run_in_executor(pools["decode"], decode, data)
+    async def run_in(self, pool: str, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pools[pool], fn, *args)
 
-    def header_pixels(files: list[tuple[str, bytes]]) -> list[int]:
+    def decode(self, data: bytes) -> tuple[Any, Tensor]:
+        img = load_image(
+            data, max_pixels=self.settings.max_pixels, fast_decode=self.clf.fast_decode
+        )
+        return img, preprocess_image(img, self.clf.loaded.preprocess)
+
+    def header_pixels(self, files: list[tuple[str, bytes]]) -> list[int]:
         """Each image's width x height from its header, without decoding; 0 for the images
         that ``load_image`` refuses from the header anyway (unreadable, over max_pixels)."""
         from PIL import Image
@@ -180,44 +197,138 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
                     pixels = img.size[0] * img.size[1]
             except Exception:  # not an image, corrupt, or PIL's decompression-bomb check
                 pixels = 0
-            sizes.append(pixels if pixels <= settings.max_pixels else 0)
+            sizes.append(pixels if pixels <= self.settings.max_pixels else 0)
         return sizes
 
-    async def reserve_pixels(files: list[tuple[str, bytes]], held: Reservation) -> list[int]:
+    async def reserve_pixels(self, files: list[tuple[str, bytes]], held: Reservation) -> list[int]:
         """Each file's pixels, all taken from the decode budget (413 over the request limit,
         503 if the server stays too busy); each is given back once that file is decoded."""
-        loop = asyncio.get_running_loop()
-        sizes = await loop.run_in_executor(pools["peek"], header_pixels, files)
-        total = sum(sizes)
-        if total > settings.max_request_pixels:
+        sizes = await self.run_in("peek", self.header_pixels, files)
+        total, limit = sum(sizes), self.settings.max_request_pixels
+        if total > limit:
             raise ApiError(
                 413,
                 f"the images of this request hold {total} pixels in all, more than the limit "
-                f"of {settings.max_request_pixels}; send fewer or smaller images",
+                f"of {limit}; send fewer or smaller images",
             )
         await held.grow(total)
         return sizes
 
+    async def upload_form(
+        self, request: Any, held: Reservation, field_name: str, max_files: int = 1
+    ) -> tuple[Uploads, int]:
+        """The request's files (within the byte budget ``held``) and its ``top_k``."""
+        form = await read_uploads(
+            request,
+            field_name=field_name,
+            max_file_bytes=self.settings.max_upload_bytes,
+            max_files=max_files,
+            budget=held,
+        )
+        k = parse_top_k(
+            request.query_params.get("top_k", form.fields.get("top_k")),
+            self.settings.default_top_k,
+            len(self.clf.labels),
+        )
+        return form, k
+
+    async def classify_one(
+        self, data: bytes, k: int, pixels: int, held: Reservation
+    ) -> list[dict[str, Any]]:
+        assert self.batcher is not None, "the app is not running"
+        try:
+            _, x = await self.run_in("decode", self.decode, data)
+        finally:
+            held.shrink(pixels)  # decoded (or failed): its pixels are free for others
+        try:
+            row = await self.batcher.submit(x)
+        except BusyError as e:
+            raise BusyError(f"server busy ({e}), retry later") from None
+        return [asdict(p) for p in self.clf.topk(row[None], k)[0]]
+
+    async def classify(self, request: Any) -> dict[str, Any]:
+        async with self.upload_budget.hold() as held_bytes, self.pixel_budget.hold() as held_px:
+            form, k = await self.upload_form(request, held_bytes, "file")
+            sizes = await self.reserve_pixels(form.files, held_px)
+            name, data = form.files[0]
+            start = time.perf_counter()
+            preds = await self.classify_one(data, k, sizes[0], held_px)
+        ms = round(1000 * (time.perf_counter() - start), 3)
+        return {"filename": name, "predictions": preds, "time_ms": ms}
+
+    async def classify_batch(self, request: Any) -> dict[str, Any]:
+        async with self.upload_budget.hold() as held_bytes, self.pixel_budget.hold() as held_px:
+            form, k = await self.upload_form(request, held_bytes, "files", self.settings.max_files)
+            sizes = await self.reserve_pixels(form.files, held_px)
+            outcomes = await asyncio.gather(
+                *(
+                    self.classify_one(data, k, pixels, held_px)
+                    for (_, data), pixels in zip(form.files, sizes)
+                ),
+                return_exceptions=True,
+            )
+        results: list[dict[str, Any]] = []
+        for (name, _), out in zip(form.files, outcomes):
+            if isinstance(out, DeiTError):
+                results.append({"filename": name, "error": str(out), "status": out.http_status})
+            elif isinstance(out, BaseException):
+                raise out
+            else:
+                results.append({"filename": name, "predictions": out})
+        return {"results": results}
+
+    async def explain(self, request: Any) -> tuple[bytes | dict[str, Any], str]:
+        """The attention-rollout answer and its format (``png`` or ``json``)."""
+        loaded = self.clf.loaded
+        async with self.upload_budget.hold() as held_bytes, self.pixel_budget.hold() as held_px:
+            form, _ = await self.upload_form(request, held_bytes, "file")
+            params = {**form.fields, **request.query_params}
+            token, fmt = params.get("token", "both"), params.get("format", "json")
+            if token not in ("cls", "dist", "both") or fmt not in ("json", "png"):
+                raise ApiError(422, "token must be cls, dist or both; format json or png")
+            if loaded.format in ("onnx", "openvino"):
+                raise ApiError(
+                    422, f"explain needs a PyTorch model; this server runs {loaded.format}"
+                )
+            if token == "dist" and not loaded.config.distilled:
+                raise ApiError(422, "this model has no distillation token")
+            await self.reserve_pixels(form.files, held_px)  # held until the answer is built
+            img, pixels = await self.run_in("decode", self.decode, form.files[0][1])
+
+            def run() -> dict[str, np.ndarray]:
+                ref = loaded.model  # the fp32 eager model, whatever precision serves
+                maps = rollout_maps(ref, pixels[None].to(next(ref.parameters()).device), token)
+                return {k: v[0].numpy() for k, v in maps.items()}
+
+            maps = await self.run_in("model", run)
+            body = await self.run_in("decode", explain_payload, img, loaded.preprocess, maps, fmt)
+        return body, fmt
+
+
+def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
+    """The FastAPI application serving ``model`` (a ``Classifier``, loaded model or source).
+
+    ``app.state.batcher.stats`` holds the batching counters once the app has started.
+    """
+    require_server()
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    settings = settings or ServeSettings()
+    clf = model if isinstance(model, Classifier) else _classifier(model)
+    service = _Service(clf, settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        pools["model"] = ThreadPoolExecutor(1, thread_name_prefix="deit-model")
-        pools["decode"] = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="deit-io")
-        pools["peek"] = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="deit-hdr")
-        batcher = DynamicBatcher(
-            clf.logits,
-            pools["model"],
-            max_batch=settings.max_batch,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-        )
-        app.state.batcher = batcher
-        batcher.start()
+        app.state.batcher = service.start()
         try:
             yield
         finally:
-            await batcher.stop()
-            for pool in pools.values():
-                pool.shutdown(wait=False, cancel_futures=True)
+            await service.stop()
 
     # No /docs: Swagger UI loads its script from a CDN. The schema stays at /openapi.json.
     app = FastAPI(title="deit", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -225,6 +336,46 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     if "*" not in settings.allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
     app.add_middleware(_edge_middleware())  # outermost: sees every response
+    _add_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> dict[str, Any]:
+        return {"status": "ok", "batching": request.app.state.batcher.stats.to_dict()}
+
+    @app.get("/v1/model")
+    async def model_info(request: Request) -> dict[str, Any]:
+        return _model_info(clf, settings, request.app.state.batcher.stats.to_dict())
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict[str, Any]:
+        return await service.classify(request)
+
+    @app.post("/v1/classify/batch")
+    async def classify_batch(request: Request) -> dict[str, Any]:
+        return await service.classify_batch(request)
+
+    @app.post("/v1/explain")
+    async def explain_endpoint(request: Request) -> Response:
+        body, fmt = await service.explain(request)
+        if fmt == "png":
+            return Response(body, media_type="image/png")
+        return JSONResponse(body)
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    return app
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Every error as ``{"error": message}``: a DeiTError with its class's HTTP status (503s
+    with ``Retry-After``), FastAPI's own errors with theirs, anything else 500."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
@@ -249,117 +400,6 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(map(str, x.get('loc', ())))}: {x.get('msg')}" for x in e.errors()]
         return error(422, "; ".join(parts) or "invalid request")
-
-    def predictions(row: Tensor, k: int) -> list[dict[str, Any]]:
-        return [asdict(p) for p in clf.topk(row[None], k)[0]]
-
-    async def classify_one(
-        data: bytes, k: int, batcher: DynamicBatcher, pixels: int, held: Reservation
-    ) -> list[dict[str, Any]]:
-        try:
-            _, x = await to_tensor(data)
-        finally:
-            held.shrink(pixels)  # decoded (or failed): its pixels are free for others
-        try:
-            return predictions(await batcher.submit(x), k)
-        except BusyError as e:
-            raise BusyError(f"server busy ({e}), retry later") from None
-
-    async def upload_form(
-        request: Request, held: Reservation, field_name: str, max_files: int = 1
-    ) -> Any:
-        form = await read_uploads(
-            request,
-            field_name=field_name,
-            max_file_bytes=settings.max_upload_bytes,
-            max_files=max_files,
-            budget=held,
-        )
-        k = parse_top_k(
-            request.query_params.get("top_k", form.fields.get("top_k")),
-            settings.default_top_k,
-            len(loaded.labels),
-        )
-        return form, k
-
-    @app.get("/healthz")
-    async def healthz(request: Request) -> dict[str, Any]:
-        return {"status": "ok", "batching": request.app.state.batcher.stats.to_dict()}
-
-    @app.get("/v1/model")
-    async def model_info(request: Request) -> dict[str, Any]:
-        return _model_info(clf, settings, request.app.state.batcher.stats.to_dict())
-
-    @app.post("/v1/classify")
-    async def classify(request: Request) -> dict[str, Any]:
-        async with upload_budget.hold() as held_bytes, pixel_budget.hold() as held_pixels:
-            form, k = await upload_form(request, held_bytes, "file")
-            sizes = await reserve_pixels(form.files, held_pixels)
-            name, data = form.files[0]
-            start = time.perf_counter()
-            preds = await classify_one(data, k, request.app.state.batcher, sizes[0], held_pixels)
-        return {
-            "filename": name,
-            "predictions": preds,
-            "time_ms": round(1000 * (time.perf_counter() - start), 3),
-        }
-
-    @app.post("/v1/classify/batch")
-    async def classify_batch(request: Request) -> dict[str, Any]:
-        async with upload_budget.hold() as held_bytes, pixel_budget.hold() as held_pixels:
-            form, k = await upload_form(request, held_bytes, "files", settings.max_files)
-            sizes = await reserve_pixels(form.files, held_pixels)
-            batcher = request.app.state.batcher
-            outcomes = await asyncio.gather(
-                *(
-                    classify_one(data, k, batcher, pixels, held_pixels)
-                    for (_, data), pixels in zip(form.files, sizes)
-                ),
-                return_exceptions=True,
-            )
-        results: list[dict[str, Any]] = []
-        for (name, _), out in zip(form.files, outcomes):
-            if isinstance(out, DeiTError):
-                results.append({"filename": name, "error": str(out), "status": out.http_status})
-            elif isinstance(out, BaseException):
-                raise out
-            else:
-                results.append({"filename": name, "predictions": out})
-        return {"results": results}
-
-    @app.post("/v1/explain")
-    async def explain_endpoint(request: Request) -> Response:
-        async with upload_budget.hold() as held_bytes, pixel_budget.hold() as held_pixels:
-            form, _ = await upload_form(request, held_bytes, "file")
-            params = {**form.fields, **request.query_params}
-            token, fmt = params.get("token", "both"), params.get("format", "json")
-            if token not in ("cls", "dist", "both") or fmt not in ("json", "png"):
-                raise ApiError(422, "token must be cls, dist or both; format json or png")
-            if loaded.format == "onnx":
-                raise ApiError(422, "explain needs a PyTorch model; this server runs an ONNX file")
-            if token == "dist" and not loaded.config.distilled:
-                raise ApiError(422, "this model has no distillation token")
-            await reserve_pixels(form.files, held_pixels)  # held until the answer is built
-            img, pixels = await to_tensor(form.files[0][1])
-
-            def run() -> dict[str, np.ndarray]:
-                ref = clf.loaded.model  # the fp32 eager model, whatever precision serves
-                maps = rollout_maps(ref, pixels[None].to(next(ref.parameters()).device), token)
-                return {k: v[0].numpy() for k, v in maps.items()}
-
-            loop = asyncio.get_running_loop()
-            maps = await loop.run_in_executor(pools["model"], run)
-            body = await loop.run_in_executor(pools["decode"], explain_payload, img, cfg, maps, fmt)
-        if fmt == "png":
-            return Response(body, media_type="image/png")
-        return JSONResponse(body)
-
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html")
-
-    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-    return app
 
 
 SECURITY_HEADERS = {
