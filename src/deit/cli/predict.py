@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
-from deit.cli._args import add_model_arguments, add_speed_arguments, classifier_from_args
+from deit.cli._args import (
+    add_model_arguments,
+    add_speed_arguments,
+    at_least,
+    classifier_from_args,
+)
 from deit.errors import EXIT_INPUT_FAILED, UsageError
 from deit.inference import expand_paths
 
@@ -23,9 +28,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_speed_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
+    ray = p.add_argument_group("distributed batch inference (Ray Data; pip install 'deit[ray]')")
+    ray.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="ray: decode in Ray tasks, run the model in Ray actors, write --out",
+    )
+    ray.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    ray.add_argument("--out", help="results file: .jsonl or .parquet (a folder of parts)")
+    ray.add_argument("--actors", type=at_least(1), help="model actors (default: one per GPU)")
+    ray.add_argument("--resume", action="store_true", help="skip inputs already in --out")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return run_ray(args)
+    if args.out or args.address or args.resume or args.actors:
+        raise UsageError("--out, --address, --actors and --resume go with --engine ray")
     if args.top_k < 1 or args.batch_size < 1:
         raise UsageError("--top-k and --batch-size must be at least 1")
     if args.workers is not None and args.workers < 1:
@@ -52,3 +72,41 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"deit: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_INPUT_FAILED if failed else 0
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """``--engine ray``: the job of :func:`deit.deploy.batch.predict_to_file`."""
+    import logging
+
+    from deit.deploy.batch import predict_to_file
+
+    if not args.out:
+        raise UsageError("--engine ray writes its results to a file: give --out X.jsonl|X.parquet")
+    if args.compile or args.fast or args.labels or args.revision or args.preprocess != "auto":
+        raise UsageError("--engine ray takes the model as it is: drop the loading/speed options")
+    import ray.data
+
+    # The command prints its own summary: Ray's per-step progress logs would drown it.
+    for name in ("ray", "ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    counts = predict_to_file(
+        args.model,
+        args.paths,
+        args.out,
+        address=args.address,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        precision=args.precision,
+        fast_decode=args.fast_decode,
+        resume=args.resume,
+        progress=sys.stderr.isatty(),
+    )
+    print(
+        f"deit predict: {counts['written']} written to {args.out} ({counts['errors']} errors), "
+        f"{counts['skipped']} of {counts['inputs']} already there",
+        file=sys.stderr,
+    )
+    return EXIT_INPUT_FAILED if counts["errors"] else 0
