@@ -23,10 +23,10 @@ import torch
 
 from deit.bench import reference_weights
 from deit.checkpoints import as_loaded
-from deit.deploy.openvino import convert_to_openvino, ir_logits, quantize_ir
+from deit.deploy.openvino import convert_to_openvino, quantize_ir
 from deit.inference import expand_paths
 from deit.model import DeiT, HeadLogits
-from deit.openvino_model import bf16_supported
+from deit.openvino_model import bf16_supported, ir_logits
 from deit.transforms import PreprocessConfig, preprocess
 
 

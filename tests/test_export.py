@@ -256,3 +256,13 @@ def test_onnx_without_our_metadata_is_refused(rgb_dir: Path, tmp_path: Path) -> 
     with pytest.raises(ExportError, match="needs opset 17 or later"):
         export_onnx(load_model(rgb_dir), tmp_path / "old.onnx", opset=7)
     assert not (tmp_path / "old.onnx").exists()
+
+
+def test_onnx_with_fewer_labels_than_classes_is_refused(gray_dir: Path, tmp_path: Path) -> None:
+    from deit.deploy.export import add_onnx_metadata
+    from deit.onnx_model import load_onnx
+
+    path = export_onnx(load_model(gray_dir), tmp_path / "m.onnx", dynamic_batch=True)
+    add_onnx_metadata(path, {"deit.labels": json.dumps(LABELS[:3])})
+    with pytest.raises(ExportError, match="3 labels for 10 classes"):
+        load_onnx(path)

@@ -19,7 +19,8 @@ from deit.model import HeadLogits
 from .deploy_helpers import LABELS, save_tiny_model
 
 pytest.importorskip("openvino")
-from deit.deploy.openvino import export_openvino, quantize_openvino, verify_openvino
+from deit.deploy.export import verify_export
+from deit.deploy.openvino import export_openvino, quantize_openvino
 from deit.openvino_model import bf16_supported, load_openvino
 
 
@@ -41,7 +42,7 @@ def test_ir_matches_eager_and_carries_its_settings(
     path = export_openvino(loaded, tmp_path / "m.xml", head=head)  # type: ignore[arg-type]
     assert path.is_file() and path.with_suffix(".bin").is_file()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
-    report = verify_openvino(path, loaded, head=head)  # type: ignore[arg-type]
+    report = verify_export(path, loaded)
     assert report.passed and report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
     back = load_openvino(path)
     assert back.labels == LABELS and back.config == loaded.config

@@ -107,18 +107,8 @@ def load_onnx(path: str | Path, threads: int | None = None) -> LoadedModel:
     if not path.is_file():
         raise ExportError(f"ONNX file not found: {path}")
     meta = read_onnx_metadata(path)
-    if not set(REQUIRED_METADATA) <= set(meta):
-        raise ExportError(
-            f"{path} has no deit metadata: export it with `deit export` or "
-            "`deit quantize` to run it with labels and preprocessing"
-        )
-    try:
-        config = DeiTConfig.from_dict(json.loads(meta["deit.config"]))
-        preprocess = PreprocessConfig.from_dict(json.loads(meta["deit.preprocess"]))
-        labels: Any = json.loads(meta["deit.labels"])
-        dynamic = json.loads(meta.get("deit.dynamic_batch", "false"))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ExportError(f"{path}: malformed deit metadata: {e}") from e
+    config, preprocess, labels = exported_settings(meta, path, "`deit export` or `deit quantize`")
+    dynamic = meta.get("deit.dynamic_batch", "false") == "true"
     return LoadedModel(
         model=OnnxModel(path, config, dynamic, threads),  # type: ignore[arg-type]
         config=config,
@@ -128,3 +118,31 @@ def load_onnx(path: str | Path, threads: int | None = None) -> LoadedModel:
         format="onnx",
         metadata={k: v for k, v in meta.items() if k not in ("deit.labels", "deit.config")},
     )
+
+
+def exported_settings(
+    meta: dict[str, str], path: Path, writer: str
+) -> tuple[DeiTConfig, PreprocessConfig, list[str]]:
+    """The config, preprocessing and labels an exported file (ONNX, OpenVINO) carries in its
+    ``deit.*`` metadata, checked like a checkpoint's: one label per class.
+
+    Raises:
+        ExportError: missing or malformed metadata (``writer`` says what writes it).
+    """
+    if not set(REQUIRED_METADATA) <= set(meta):
+        raise ExportError(
+            f"{path} has no deit metadata: export it with {writer} to run it with labels "
+            "and preprocessing"
+        )
+    try:
+        config = DeiTConfig.from_dict(json.loads(meta["deit.config"]))
+        preprocess = PreprocessConfig.from_dict(json.loads(meta["deit.preprocess"]))
+        labels: Any = json.loads(meta["deit.labels"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ExportError(f"{path}: malformed deit metadata: {e}") from e
+    if not isinstance(labels, list) or len(labels) != config.num_classes:
+        count = len(labels) if isinstance(labels, list) else "no list of"
+        raise ExportError(
+            f"{path}: its metadata has {count} labels for {config.num_classes} classes"
+        )
+    return config, preprocess, [str(label) for label in labels]

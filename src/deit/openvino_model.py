@@ -10,7 +10,6 @@ compute in bfloat16 where the CPU has the instructions (AVX-512 BF16, AMX), and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,19 @@ from deit.checkpoints import LoadedModel
 from deit.config import DeiTConfig
 from deit.errors import ExportError, UsageError
 from deit.model import DeiT, DeiTOutput, Head, HeadLogits
+from deit.onnx_model import exported_settings
 from deit.runtime import require
-from deit.transforms import PreprocessConfig
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our names -> INFERENCE_PRECISION_HINT
-METADATA_KEYS = ("config", "labels", "preprocess", "head", "source", "quantization")
+METADATA_KEYS = (
+    "config",
+    "labels",
+    "preprocess",
+    "head",
+    "source",
+    "dynamic_batch",
+    "quantization",
+)
 
 
 def openvino() -> Any:
@@ -74,6 +81,17 @@ def convert_module(model: DeiT, head: Head = "avg") -> Any:
     converted.inputs[0].get_tensor().set_names({"pixel_values"})
     converted.outputs[0].get_tensor().set_names({"logits"})
     return converted
+
+
+def ir_logits(
+    model: Any, pixels: Tensor, precision: str = "fp32", batch_size: int = 64
+) -> np.ndarray:
+    """Logits of an IR (``ov.Model`` or path) on ``pixels``, compiled in ``precision``."""
+    request = compile_model(model, precision, latency=False).create_infer_request()
+    chunks = [
+        np.array(request.infer({0: b.numpy()})[0], copy=True) for b in pixels.split(batch_size)
+    ]
+    return np.concatenate(chunks)
 
 
 class OpenVinoModel(nn.Module):
@@ -126,7 +144,8 @@ def set_openvino_metadata(model: Any, metadata: dict[str, str]) -> None:
 
 
 def read_openvino_metadata(path: str | Path) -> dict[str, str]:
-    """The ``deit`` runtime info of an IR's ``.xml`` ({} when there is none)."""
+    """The ``deit`` runtime info of an IR's ``.xml`` as ``deit.*`` keys, like an ONNX file's
+    metadata ({} when there is none)."""
     path = Path(path)
     if not path.with_suffix(".bin").is_file():
         raise ExportError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
@@ -136,7 +155,7 @@ def read_openvino_metadata(path: str | Path) -> dict[str, str]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
         raise ExportError(f"cannot read {path}: not an OpenVINO IR ({first})") from None
     return {
-        key: str(model.get_rt_info(["deit", key]).astype(str))
+        f"deit.{key}": str(model.get_rt_info(["deit", key]).astype(str))
         for key in METADATA_KEYS
         if model.has_rt_info(["deit", key])
     }
@@ -154,16 +173,7 @@ def load_openvino(
     if not path.is_file():
         raise ExportError(f"OpenVINO IR not found: {path}")
     meta = read_openvino_metadata(path)
-    if not {"config", "labels", "preprocess"} <= set(meta):
-        raise ExportError(
-            f"{path} has no deit metadata: export it with `deit export --format openvino`"
-        )
-    try:
-        config = DeiTConfig.from_dict(json.loads(meta["config"]))
-        preprocess = PreprocessConfig.from_dict(json.loads(meta["preprocess"]))
-        labels = json.loads(meta["labels"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise ExportError(f"{path}: malformed deit metadata: {e}") from e
+    config, preprocess, labels = exported_settings(meta, path, "`deit export --format openvino`")
     return LoadedModel(
         model=OpenVinoModel(path, config, precision, threads),  # type: ignore[arg-type]
         config=config,
@@ -171,5 +181,5 @@ def load_openvino(
         labels=labels,
         source=str(path),
         format="openvino",
-        metadata={f"deit.{k}": v for k, v in meta.items() if k not in ("labels", "config")},
+        metadata={k: v for k, v in meta.items() if k not in ("deit.labels", "deit.config")},
     )

@@ -47,11 +47,13 @@ from deit.deploy.ort_graph import build_ort_graph
 from deit.errors import CheckpointError, ExportError, ImageLoadError, UnsafeFileError
 from deit.model import DeiT, Head, HeadLogits
 from deit.onnx_model import OnnxRunner, read_onnx_metadata
+from deit.openvino_model import ir_logits, read_openvino_metadata
 from deit.runtime import atomic_path, ensure_free_space, require, tensor_bytes
 from deit.safety import check_pt2, load_exported_module
 from deit.transforms import ImageLike, preprocess
 
 ExportFormat = Literal["onnx", "torch-export"]
+BACKENDS = {".onnx": "onnxruntime", ".pt2": "torch.export", ".xml": "openvino"}
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization
 SAMPLES_DIR = Path(__file__).parent / "serve" / "web" / "samples"  # also the web page's
@@ -101,8 +103,11 @@ def add_onnx_metadata(path: str | Path, metadata: dict[str, str]) -> None:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ``deit.*`` metadata of an exported ``.onnx`` or ``.pt2`` file ({} if none)."""
+    """The ``deit.*`` metadata of an exported ``.onnx``, ``.pt2`` or OpenVINO ``.xml`` file
+    ({} if none)."""
     path = Path(path)
+    if path.suffix == ".xml":
+        return read_openvino_metadata(path)
     if path.suffix != ".pt2":
         return read_onnx_metadata(path)
     _check_pt2(path)
@@ -289,8 +294,11 @@ def load_inputs(
 
 
 def run_exported(path: str | Path, pixel_values: Tensor, *, dynamic_batch: bool) -> np.ndarray:
-    """Logits of an exported ``.onnx``/``.pt2`` file; a fixed-batch file runs image by image."""
+    """Logits of an exported ``.onnx``/``.pt2``/``.xml`` file; a fixed-batch file runs image by
+    image."""
     path = Path(path)
+    if path.suffix == ".xml":
+        return ir_logits(path, pixel_values)
     if path.suffix == ".pt2":
         _check_pt2(path)
         module = load_exported_module(path, hint="")  # checked: loading runs no code
@@ -340,7 +348,7 @@ def verify_export(
     diff, agree = compare_logits(reference, got)
     report = VerifyReport(
         path=str(path),
-        backend="torch.export" if Path(path).suffix == ".pt2" else "onnxruntime",
+        backend=BACKENDS.get(Path(path).suffix, "onnxruntime"),
         head=str(head),
         num_images=len(pixels),
         batch_size=len(pixels) if dynamic else 1,

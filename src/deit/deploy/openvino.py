@@ -15,45 +15,40 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 
 from deit.checkpoints import LoadedModel, as_loaded
 from deit.deploy.export import (
-    VerifyReport,
     compare_logits,
     cpu_eval,
     export_metadata,
     load_inputs,
 )
-from deit.deploy.quantize import load_labelled
-from deit.errors import ExportError, UsageError
+from deit.deploy.quantize import interleaved_median_ms, load_labelled
+from deit.errors import UsageError
 from deit.model import Head, HeadLogits
 from deit.openvino_model import (
     bf16_supported,
     compile_model,
     convert_module,
+    ir_logits,
     openvino,
     set_openvino_metadata,
 )
 from deit.runtime import require
-from deit.transforms import ImageLike
 
 
 def _metadata(loaded: LoadedModel, head: Head) -> dict[str, str]:
     """The export metadata, keyed without the ``deit.`` prefix (it is the rt_info section)."""
     meta = export_metadata(loaded, head, dynamic_batch=True)
-    return {k.removeprefix("deit."): v for k, v in meta.items() if k != "deit.dynamic_batch"}
+    return {k.removeprefix("deit."): v for k, v in meta.items()}
 
 
 def _save_ir(model: Any, out: Path) -> Path:
@@ -98,17 +93,6 @@ def quantize_ir(model: Any, calibration: Tensor) -> Any:
         )
 
 
-def ir_logits(
-    model: Any, pixels: Tensor, precision: str = "fp32", batch_size: int = 64
-) -> np.ndarray:
-    """Logits of an IR (``ov.Model`` or path) on ``pixels``, compiled in ``precision``."""
-    request = compile_model(model, precision, latency=False).create_infer_request()
-    chunks = [
-        np.array(request.infer({0: b.numpy()})[0], copy=True) for b in pixels.split(batch_size)
-    ]
-    return np.concatenate(chunks)
-
-
 @dataclass
 class OpenVinoQuantReport:
     """What ``deit quantize --engine openvino`` measured (fractions; milliseconds)."""
@@ -131,19 +115,6 @@ class OpenVinoQuantReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def time_batch1(calls: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each call, the calls interleaved round by round."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    with torch.inference_mode():
-        for i in range(runs + 5):  # 5 warm-up rounds
-            for k, call in calls.items():
-                t = time.perf_counter()
-                call()
-                if i >= 5:
-                    times[k].append(1000 * (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def quantize_openvino(
@@ -210,13 +181,8 @@ def quantize_openvino(
         calls: dict[str, Callable[[], object]] = {
             k: functools.partial(r.infer, feed) for k, r in requests.items()
         }
-        old = torch.get_num_threads()
-        torch.set_num_threads(n_threads)
-        try:
-            calls["torch"] = lambda: eager(x)
-            times = time_batch1(calls, bench_runs)
-        finally:
-            torch.set_num_threads(old)
+        calls["torch"] = lambda: eager(x)
+        times = interleaved_median_ms(calls, bench_runs, n_threads)
     path = _save_ir(int8, out)
     return OpenVinoQuantReport(
         path=str(path),
@@ -256,39 +222,6 @@ def format_openvino_report(r: OpenVinoQuantReport) -> str:
     return "\n".join(lines)
 
 
-def verify_openvino(
-    path: str | Path,
-    loaded: LoadedModel | Any,
-    images: Sequence[ImageLike] | None = None,
-    *,
-    head: Head = "avg",
-    tolerance: float = 1e-4,
-    raise_on_failure: bool = True,
-) -> VerifyReport:
-    """The IR against eager PyTorch on the same real images (default: the package's samples),
-    as :func:`deit.deploy.export.verify_export` checks ONNX and ``torch.export`` files."""
-    loaded = as_loaded(loaded)
-    pixels, names = load_inputs(loaded, images)
-    with torch.no_grad():
-        reference = HeadLogits(cpu_eval(loaded.model), head)(pixels).numpy()
-    diff, agree = compare_logits(reference, ir_logits(str(path), pixels))
-    report = VerifyReport(
-        path=str(path),
-        backend="openvino",
-        head=head,
-        num_images=len(pixels),
-        batch_size=min(len(pixels), 64),
-        max_abs_diff=diff,
-        top1_agreement=agree,
-        tolerance=tolerance,
-        passed=diff <= tolerance,
-        images=names,
-    )
-    if raise_on_failure and not report.passed:
-        raise ExportError(f"{path}: logits differ from eager PyTorch by {diff:.3g} > {tolerance:g}")
-    return report
-
-
 def remove_ir(path: str | Path) -> None:
     """Delete an IR's ``.xml`` and ``.bin`` (missing files are fine)."""
     for p in (Path(path), Path(path).with_suffix(".bin")):
@@ -302,5 +235,4 @@ __all__ = [
     "quantize_ir",
     "quantize_openvino",
     "remove_ir",
-    "verify_openvino",
 ]

@@ -22,7 +22,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,13 +187,21 @@ def time_batch1(
     }
     for k, m in (torch_models or {}).items():
         calls[k] = lambda m=m: m(x)
+    return interleaved_median_ms(calls, runs, threads)
+
+
+def interleaved_median_ms(
+    calls: dict[str, Callable[[], object]], runs: int, threads: int | None = None
+) -> dict[str, float]:
+    """Median latency (ms) of each call over ``runs`` rounds after 5 warm-up rounds, the calls
+    taking turns within each round (PyTorch on ``threads`` threads meanwhile)."""
     times: dict[str, list[float]] = {k: [] for k in calls}
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for i in range(runs + 5):  # 5 warm-up rounds
+            for i in range(runs + 5):
                 for k, call in calls.items():
                     t = time.perf_counter()
                     call()
