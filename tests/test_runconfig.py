@@ -108,6 +108,16 @@ def test_saved_json_round_trips(tmp_path: Path) -> None:
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_resolved_notes_and_student_round_trip_and_set_keys_are_tracked(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.init=x", "optim.lr=3e-4"])
+    assert cfg.explicit == {"model.init", "optim.lr"}
+    cfg.student, cfg.notes = "fine-tuned from x (DeiT ...)", ["optim.layer_decay = 0.75: why"]
+    path = save_config(cfg, tmp_path / "config.json")
+    assert "explicit" not in path.read_text()
+    again = load_config(path)
+    assert again == cfg and again.notes == cfg.notes and again.student == cfg.student
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(path: Path) -> None:
     cfg = load_config(path, ["distill.teacher=some/teacher"])

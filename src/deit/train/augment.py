@@ -118,11 +118,14 @@ def _allow_zero_bit_posterize(transform: Any) -> None:
 
 
 def image_eval_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float]
+    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875
 ) -> Callable[[Image.Image], Tensor]:
-    """Official DeiT eval transform (shorter side to ``img_size / 0.875``, center crop,
+    """Official DeiT eval transform (shorter side to ``img_size / crop_pct``, center crop,
     bicubic), computed by :mod:`deit.transforms` exactly as a saved model's preprocessing."""
     cfg = dataclasses.replace(
-        PreprocessConfig.official(img_size), mean=tuple(mean), std=tuple(std), channels=len(mean)
+        PreprocessConfig.official(img_size, crop_pct),
+        mean=tuple(mean),
+        std=tuple(std),
+        channels=len(mean),
     )
     return functools.partial(preprocess_image, cfg=cfg)

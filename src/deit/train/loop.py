@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from deit.checkpoints import save_model
-from deit.errors import TrainingError
+from deit.errors import ConfigError, TrainingError
 from deit.model import DeiT
 from deit.runtime import (
     atomic_path,
@@ -46,6 +46,7 @@ from deit.runtime import (
 from deit.train.classifiers import save_classifier
 from deit.train.data import BadSample, Data, DeviceBatches, build_data
 from deit.train.evaluate import evaluate_batches
+from deit.train.finetune import describe, is_head, layer_id, resolve
 from deit.train.losses import DistillationLoss
 from deit.train.metrics import MetricsWriter
 from deit.train.runconfig import TrainConfig, save_config
@@ -82,7 +83,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(epoch: float, cfg: TrainConfig, base_lr: float, epochs: int | None = None) -> float:
+def lr_at(epoch: float, cfg: TrainConfig, base_lr: float, epochs: float | None = None) -> float:
     """Learning rate at a fractional epoch: linear warmup, then cosine to ``min_lr``.
 
     Warmup goes from ``warmup_lr`` to ``base_lr`` over ``warmup_epochs``; the cosine then runs
@@ -98,27 +99,60 @@ def lr_at(epoch: float, cfg: TrainConfig, base_lr: float, epochs: int | None = N
     return s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + math.cos(math.pi * t))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """DeiT's two groups: no decay for 1-D params, biases and ``no_weight_decay()`` names."""
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float = 1.0, split_heads: bool = False
+) -> list[dict[str, Any]]:
+    """DeiT's groups: no decay for 1-D params, biases and ``no_weight_decay()`` names.
+
+    With ``layer_decay`` < 1 (BEiT/timm layer-wise lr decay, DeiT students only) each group
+    also has one layer: its ``lr_scale`` is ``layer_decay ** (depth + 1 - layer)``, the patch
+    embedding and tokens at layer 0, block i at i + 1, final norm and heads at depth + 1
+    (scale 1). ``split_heads`` puts ``head``/``head_dist`` in groups of their own
+    (``"head": True``), for ``schedule.head_warmup_epochs``. Frozen parameters are left out.
+    Without either, exactly two groups: ``[no_decay, decay]``.
+    """
     skip = set(getattr(model, "no_weight_decay", set)())
-    decay, no_decay = [], []
+    depth = model.config.depth if isinstance(model, DeiT) else 0
+    if (layer_decay < 1.0 or split_heads) and not isinstance(model, DeiT):
+        raise ConfigError(
+            "optim.layer_decay and schedule.head_warmup_epochs need a DeiT student, "
+            f"not {type(model).__name__}"
+        )
+    groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
+        decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        layer = layer_id(name, depth) if layer_decay < 1.0 else 0
+        head = split_heads and is_head(name)
+        key = (layer, head, decays)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "weight_decay": weight_decay if decays else 0.0,
+                "lr_scale": layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0,
+                "head": head,
+            }
+        groups[key]["params"].append(p)
+    if layer_decay >= 1.0 and not split_heads:  # the two DeiT groups, even when one is empty
+        for decays in (False, True):
+            groups.setdefault(
+                (0, False, decays),
+                {
+                    "params": [],
+                    "weight_decay": weight_decay if decays else 0.0,
+                    "lr_scale": 1.0,
+                    "head": False,
+                },
+            )
+    return [groups[k] for k in sorted(groups)]
 
 
 def _run_dir(cfg: TrainConfig, out: str | Path | None) -> Path:
     if out is not None:
         return Path(out)
-    name = cfg.run.name or f"{cfg.model.name}-{cfg.distill.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    what = f"finetune-{Path(cfg.model.init).name}" if cfg.model.init else cfg.model.name
+    name = cfg.run.name or f"{what}-{cfg.distill.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(cfg.run.out_dir) / name.replace(":", "_")
 
 
@@ -301,10 +335,18 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
     seen, t0 = 0, time.perf_counter()
     bad: list[BadSample] = []
     bar = _progress(steps, st.epoch, cfg, loop.rank)
+    head_phase = cfg.schedule.head_warmup_epochs
     for i, (x, y) in enumerate(_batches(loop.data, dev, bad)):
-        lr = lr_at(st.epoch + i / steps, cfg, loop.base_lr, st.total_epochs)
+        t = st.epoch + i / steps
+        heads_only = t < head_phase
+        # the head warm-up: only the heads, at the base lr; then the schedule over the rest
+        lr = (
+            loop.base_lr
+            if heads_only
+            else lr_at(t - head_phase, cfg, loop.base_lr, st.total_epochs - head_phase)
+        )
         for group in st.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         targets = y
         if loop.mixup is not None:
             if len(y) % 2:
@@ -314,6 +356,11 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
             loss = loop.criterion(x, loop.forward(x), targets)
         st.optimizer.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
+        if heads_only:  # no gradient: AdamW skips these parameters (no moments, no decay)
+            for group in st.optimizer.param_groups:
+                if not group.get("head"):
+                    for p in group["params"]:
+                        p.grad = None
         if cfg.optim.clip_grad > 0:
             st.scaler.unscale_(st.optimizer)
             nn.utils.clip_grad_norm_(st.model.parameters(), cfg.optim.clip_grad)
@@ -337,6 +384,7 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
                     "epoch": st.epoch,
                     "step": st.step,
                     "lr": lr,
+                    "heads_only": heads_only,
                     "loss": d.item(),
                     "img_per_s": rate,
                 }
@@ -426,6 +474,7 @@ def train(
         The run directory; the trained model is in ``run_dir/model``.
     """
     cfg.validate()
+    loaded = resolve(cfg, train_data)  # fine-tuning defaults, data config, warm-up check
     owns_group = not torch.distributed.is_initialized()
     rank, world, dev = setup_distributed(cfg.run.device)
     seed_everything(cfg.run.seed + rank)
@@ -445,10 +494,14 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:  # a fresh start: no curves of an earlier, unsaved attempt
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            atomic_write(run_dir / "config.json", lambda tmp: save_config(cfg, tmp))
         _setup_logging(run_dir, rank)
+        for text in cfg.notes:
+            log.info("config: %s", text)
     data = build_data(cfg, dev, rank, world, train_data, val_data, labels)
-    model, arch = build_student(cfg, data.num_classes, data.spec, log)
+    model, arch = build_student(cfg, data.num_classes, data.spec, log, data.labels, loaded)
+    cfg.student = _describe(cfg, model, arch)
+    if rank == 0 and ckpt is None:
+        atomic_write(run_dir / "config.json", lambda tmp: save_config(cfg, tmp))
     model.to(dev)
     loop, st = _prepare(cfg, data, model, dev, rank, world, run_dir)
     if ckpt is not None:
@@ -468,6 +521,15 @@ def train(
         if owns_group:
             torch.distributed.destroy_process_group()
     return run_dir
+
+
+def _describe(cfg: TrainConfig, model: nn.Module, arch: str) -> str:
+    """What ``cfg.student`` says: the architecture actually trained."""
+    n = sum(p.numel() for p in model.parameters())
+    if isinstance(model, DeiT):
+        return describe(model.config, n, init=cfg.model.init, name=cfg.model.name)
+    origin = f"fine-tuned from {cfg.model.init}: " if cfg.model.init else ""
+    return f"{origin}{arch} ({n / 1e6:.2f}M parameters)"
 
 
 def _start_afresh(path: Path) -> str:
@@ -551,8 +613,14 @@ def _prepare(
         if cfg.optim.lr is not None
         else (cfg.optim.base_lr * cfg.data.batch_size * world / 512)
     )
+    groups = param_groups(
+        model,
+        cfg.optim.weight_decay,
+        cfg.optim.layer_decay,
+        split_heads=cfg.schedule.head_warmup_epochs > 0,
+    )
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay),
+        groups,
         lr=base_lr,
         betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
         eps=cfg.optim.eps,
@@ -576,9 +644,10 @@ def _prepare(
     if cfg.run.compile:
         forward = torch.compile(forward, mode=cfg.run.compile_mode)  # type: ignore[assignment]
     log.info(
-        "student %s: %.2fM parameters, base lr %.3g, %d process(es), device %s",
-        cfg.model.name,
+        "student %s: %.2fM parameters (%.2fM trained), base lr %.3g, %d process(es), device %s",
+        cfg.student or cfg.model.name,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         base_lr,
         world,
         dev,
@@ -731,7 +800,7 @@ def eval_preprocess(data: Data) -> dict[str, Any]:
         }
     return {
         "resize_mode": "shorter",
-        "resize_size": int(s.img_size / 0.875),
+        "resize_size": int(s.img_size / data.crop_pct),
         "crop_size": s.img_size,
         "interpolation": "bicubic",
         **common,

@@ -8,30 +8,65 @@ channels, distillation token).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from deit.checkpoints import load_model
+from deit.checkpoints import LoadedModel, load_model
 from deit.config import VARIANTS, DeiTConfig
 from deit.model import DeiT, resize_pos_embed
 from deit.train.classifiers import build_classifier, is_classifier_dir, load_classifier
 from deit.train.data import InputSpec
+from deit.train.finetune import freeze, label_map
 from deit.train.runconfig import TrainConfig
 
 
 def build_student(
-    cfg: TrainConfig, num_classes: int, spec: InputSpec, log: logging.Logger
+    cfg: TrainConfig,
+    num_classes: int,
+    spec: InputSpec,
+    log: logging.Logger,
+    labels: Sequence[str] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> tuple[nn.Module, str]:
     """The model a run trains, and its architecture name (``"deit"`` or a classifier name).
 
-    With ``cfg.model.init`` the architecture comes from that checkpoint and is adapted to the
-    data (see :func:`finetune_state`); otherwise ``cfg.model.name`` plus its shape fields.
+    With ``cfg.model.init`` the architecture comes from that checkpoint (``loaded``, when the
+    caller already loaded it) and is adapted to the data (see :func:`finetune_state`); the
+    head rows of new classes named like old ones (``labels``) start from the old rows.
+    Otherwise ``cfg.model.name`` plus its shape fields. ``model.freeze`` is applied last.
     """
+    model, arch = _build(cfg, num_classes, spec, log, labels, loaded)
+    m = cfg.model
+    if m.freeze != "none" or m.trainable_blocks is not None:
+        trained = freeze(model, m.freeze, m.trainable_blocks)
+        n_all = sum(p.numel() for p in model.parameters())
+        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info(
+            "frozen (model.freeze=%s, trainable_blocks=%s): training %d tensors, %.3fM of "
+            "%.3fM parameters",
+            m.freeze,
+            m.trainable_blocks,
+            len(trained),
+            n_trained / 1e6,
+            n_all / 1e6,
+        )
+    return model, arch
+
+
+def _build(
+    cfg: TrainConfig,
+    num_classes: int,
+    spec: InputSpec,
+    log: logging.Logger,
+    labels: Sequence[str] | None,
+    loaded: LoadedModel | None,
+) -> tuple[nn.Module, str]:
     m = cfg.model
     if m.init:
-        return _from_checkpoint(cfg, num_classes, spec, log)
+        return _from_checkpoint(cfg, num_classes, spec, log, labels, loaded)
     if m.name not in VARIANTS and m.name != "deit":
         return build_classifier(m.name, num_classes, spec.in_chans, m.pretrained), m.name
     fields = {
@@ -49,7 +84,12 @@ def build_student(
 
 
 def _from_checkpoint(
-    cfg: TrainConfig, num_classes: int, spec: InputSpec, log: logging.Logger
+    cfg: TrainConfig,
+    num_classes: int,
+    spec: InputSpec,
+    log: logging.Logger,
+    labels: Sequence[str] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> tuple[nn.Module, str]:
     init = cfg.model.init
     if Path(init).is_dir() and is_classifier_dir(init):
@@ -67,7 +107,7 @@ def _from_checkpoint(
             ", ".join(skipped) or "nothing",
         )
         return model, config["arch"]
-    loaded = load_model(init)
+    loaded = loaded or load_model(init)
     new = loaded.config.replace(
         img_size=spec.img_size,
         in_chans=spec.in_chans,
@@ -81,7 +121,47 @@ def _from_checkpoint(
     if unexpected or set(missing) - set(notes["reinit"]):
         raise ValueError(f"fine-tuning {init}: missing {missing}, unexpected {unexpected}")
     log.info("fine-tuning DeiT from %s: %s", init, "; ".join(notes["log"]) or "same shape")
+    if labels is not None and loaded.labels:
+        copied = init_head_rows(model, loaded.model.state_dict(), label_map(labels, loaded.labels))
+        if copied:
+            log.info(
+                "head rows (head%s) of %d of %d classes start from the initial model's: %s",
+                " and head_dist" if model.head_dist is not None else "",
+                len(copied),
+                num_classes,
+                ", ".join(f"{labels[i]} <- {loaded.labels[j]}" for i, j in copied.items()),
+            )
+        else:
+            log.info("no class is named like one of the initial model's labels")
     return model, "deit"
+
+
+@torch.no_grad()
+def init_head_rows(model: DeiT, old: dict[str, Tensor], mapping: dict[int, int]) -> dict[int, int]:
+    """Copy the old ``head``/``head_dist`` rows (weight and bias) of matched classes.
+
+    ``mapping`` is new class index -> old class index (:func:`deit.train.finetune.label_map`).
+    Rows of unmatched classes keep what they have (the new init, or the old rows when the
+    class count did not change). A plain old model's ``head`` also seeds ``head_dist``.
+
+    Returns:
+        The mapping actually applied (empty when the old model has no heads of this width).
+    """
+    heads = [("head", model.head)]
+    if model.head_dist is not None:
+        heads.append(("head_dist", model.head_dist))
+    applied = {}
+    for name, layer in heads:
+        src = name if f"{name}.weight" in old else "head"
+        w, b = old.get(f"{src}.weight"), old.get(f"{src}.bias")
+        if w is None or b is None or w.shape[1] != layer.weight.shape[1]:
+            continue
+        for i, j in mapping.items():
+            if j < w.shape[0] and i < layer.weight.shape[0]:
+                layer.weight[i] = w[j]
+                layer.bias[i] = b[j]
+                applied[i] = j
+    return applied
 
 
 def finetune_state(

@@ -1,0 +1,347 @@
+"""Fine-tuning: the recipe that is the default when ``model.init`` is given, and what reads the
+data the way the initial model was trained.
+
+:func:`resolve` is called by ``deit.train.loop.train`` before anything is built. It changes only
+values the user left at their defaults: keys set by a recipe file or a ``section.key=value``
+override (``TrainConfig.explicit``), or changed in Python from the dataclass default, always
+win. Every change is appended to ``cfg.notes`` (saved in ``RUN/config.json``) and logged.
+
+Where the values come from (see ``docs/training.md``, "Fine-tuning"):
+
+* the official DeiT fine-tuning runs (``--finetune``: 30 epochs, small lr, tiny weight decay),
+  BEiT/timm fine-tuning (layer-wise lr decay 0.65-0.75, short warm-up, drop path 0.1) and
+  the paper's transfer experiments (CIFAR, Flowers, Cars, iNat: the ImageNet model fine-tuned
+  with a lower learning rate, no repeated augmentation);
+* augmentation sized to the data: RandAugment, mixup/cutmix and random erasing only when the
+  training set is large, crops kept large on small or low-resolution data;
+* a batch that gives an epoch at least ~16 steps on small folders.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from deit.checkpoints import LoadedModel
+from deit.config import DeiTConfig
+from deit.errors import ConfigError
+from deit.model import DeiT
+from deit.train.data import IMAGE_EXTENSIONS, InputSpec, _label_key
+from deit.train.runconfig import TrainConfig
+
+log = logging.getLogger("deit.train.loop")
+
+SMALL_DATA = 10_000  # training images: below this, no RandAugment / mixup / cutmix / erasing
+LARGE_DATA = 100_000  # at or above this, the from-scratch augmentation strength
+LOW_RES = 64  # pixels: below this, no RandAugment (its ops wipe out 28-32 px images)
+
+
+def is_explicit(cfg: TrainConfig, key: str) -> bool:
+    """Whether ``section.key`` was set by the user (recipe, override, or changed in Python)."""
+    if key in cfg.explicit:
+        return True
+    section, name = key.split(".")
+    return bool(getattr(getattr(cfg, section), name) != getattr(getattr(_DEFAULT, section), name))
+
+
+_DEFAULT = TrainConfig()
+
+
+def set_default(cfg: TrainConfig, key: str, value: Any, why: str) -> bool:
+    """Set ``key`` to ``value`` unless the user set it; note the change. True if changed."""
+    section, name = key.split(".")
+    old = getattr(getattr(cfg, section), name)
+    if is_explicit(cfg, key) or old == value:
+        return False
+    setattr(getattr(cfg, section), name, value)
+    note(cfg, f"{key} = {value!r} (default {old!r}): {why}")
+    return True
+
+
+def note(cfg: TrainConfig, text: str) -> None:
+    """Record ``text`` in ``cfg.notes`` (once)."""
+    if text not in cfg.notes:  # logged by the loop once its train.log is open
+        cfg.notes.append(text)
+
+
+def count_train_images(cfg: TrainConfig, train_data: Any = None) -> int | None:
+    """How many training images the run will see per epoch (before repeated augmentation);
+    None when the source does not say (a streamed dataset, say)."""
+    if train_data is not None:
+        try:
+            n = len(train_data)
+        except TypeError:
+            return None
+    elif cfg.data.dataset == "fashion-mnist":
+        n = 60_000
+    elif cfg.data.dataset != "imagefolder":
+        return None
+    else:
+        root = Path(cfg.data.path)
+        n = sum(
+            1
+            for d in (root.iterdir() if root.is_dir() else ())
+            if d.is_dir()
+            for f in d.rglob("*")
+            if f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+    return min(n, cfg.data.train_subset) if cfg.data.train_subset else n
+
+
+def folder_channels(path: str | Path, sample: int = 16) -> int | None:
+    """1 if the first images of an image folder are all grayscale, 3 if any is colour."""
+    from PIL import Image
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    files = [
+        f
+        for d in sorted(root.iterdir())
+        if d.is_dir()
+        for f in sorted(d.iterdir())[:4]
+        if f.suffix.lower() in IMAGE_EXTENSIONS
+    ][:sample]
+    modes = set()
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                modes.add(im.mode)
+        except Exception:  # unreadable files are the loader's business
+            continue
+    if not modes:
+        return None
+    return 1 if modes <= {"1", "L", "LA", "I", "I;16", "F"} else 3
+
+
+def recipe(cfg: TrainConfig, n_train: int | None, img_size: int) -> None:
+    """Apply the fine-tuning recipe's defaults for ``n_train`` images of ``img_size`` px
+    (``None``: size unknown, the medium-size augmentation and the batch size left alone)."""
+    size = f"{n_train} training images of {img_size} px"
+    if n_train is None:
+        note(cfg, "training-set size unknown: medium-size fine-tuning augmentation")
+        n_train, size = LARGE_DATA - 1, f"an unknown number of images of {img_size} px"
+        cfg.explicit.add("data.batch_size")  # nothing to size it by
+    small, large = n_train < SMALL_DATA, n_train >= LARGE_DATA
+    set_default(cfg, "schedule.epochs", 30, "fine-tuning length (DeiT --finetune runs: 30)")
+    set_default(
+        cfg, "optim.base_lr", 1e-4, "fine-tuning: a 5x lower lr than from scratch (timm/BEiT)"
+    )
+    set_default(cfg, "optim.weight_decay", 0.01, "fine-tuning: weaker decay (transfer runs)")
+    set_default(
+        cfg, "optim.layer_decay", 0.75, "fine-tuning: layer-wise lr decay (BEiT/timm, small ViTs)"
+    )
+    set_default(cfg, "schedule.min_lr", 1e-6, "fine-tuning: the cosine ends near zero")
+    set_default(cfg, "augment.repeated_aug", 1, "fine-tuning: no repeated augmentation")
+    if not large:
+        set_default(
+            cfg,
+            "augment.mixup",
+            0.0 if small else 0.2,
+            f"{size}: little or no mixup for small data",
+        )
+        set_default(cfg, "augment.cutmix", 0.0, f"{size}: no cutmix for small data")
+        set_default(
+            cfg,
+            "augment.random_erasing",
+            0.0 if small else 0.1,
+            f"{size}: little or no erasing for small data",
+        )
+        set_default(
+            cfg,
+            "augment.scale",
+            [0.7, 1.0] if small else [0.35, 1.0],
+            f"{size}: crops keep most of the image",
+        )
+    if small or img_size < LOW_RES:
+        set_default(cfg, "augment.randaugment", "", f"{size}: no RandAugment")
+    elif not large:
+        set_default(cfg, "augment.randaugment", "rand-m6-mstd0.5-inc1", f"{size}: mild RandAugment")
+    if n_train < 16 * 256:
+        floor = 2 ** int(math.log2(max(min(n_train, 8), 1)))  # 8, or what a tiny set holds
+        bs = max(floor, min(256, 2 ** int(math.log2(max(n_train // 16, 1)))))
+        set_default(cfg, "data.batch_size", bs, f"{size}: an epoch of at least ~16 steps")
+
+
+def adjust_warmup(cfg: TrainConfig) -> None:
+    """No schedule that never reaches its learning rate: shorten a default warm-up to 10% of
+    the run (at most 1 epoch when fine-tuning); refuse an explicit one longer than the run."""
+    s = cfg.schedule
+    if cfg.model.init and s.warmup_epochs > min(1.0, 0.1 * s.epochs):
+        set_default(
+            cfg,
+            "schedule.warmup_epochs",
+            round(min(1.0, 0.1 * s.epochs), 3),
+            "fine-tuning: a short warm-up (10% of the run, at most 1 epoch)",
+        )
+    if s.warmup_epochs < s.epochs - s.head_warmup_epochs:
+        return
+    if is_explicit(cfg, "schedule.warmup_epochs"):
+        if s.warmup_epochs > s.epochs - s.head_warmup_epochs:
+            raise ConfigError(
+                f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than the run "
+                f"({s.epochs} epochs{' after the head warm-up' if s.head_warmup_epochs else ''}): "
+                "the learning rate would never reach its value; shorten the warm-up or train longer"
+            )
+        log.warning("schedule.warmup_epochs equals the run's length: lr peaks at the last step")
+        return
+    value = round(0.1 * (s.epochs - s.head_warmup_epochs), 3)
+    set_default(
+        cfg,
+        "schedule.warmup_epochs",
+        value,
+        f"the default warm-up is not shorter than the run ({s.epochs} epochs): 10% of it",
+    )
+    log.warning("schedule.warmup_epochs shortened to %g epochs (%d-epoch run)", value, s.epochs)
+
+
+def data_config_from_model(
+    cfg: TrainConfig, model: LoadedModel | InputSpec, data_channels: int | None = None
+) -> None:
+    """Read the data the way ``model`` (the initial model) was trained: its channels,
+    mean/std, resolution and eval crop become the defaults (as timm takes the data config
+    from a pretrained model). The one place for this logic, whatever the data source.
+
+    Args:
+        cfg: the run config (changed in place, only where the user left defaults).
+        model: the loaded initial model, or the input spec of a CNN run's export.
+        data_channels: the channels the data's images really have (None = unknown); a
+            conversion RGB⇄gray is logged only when they differ from what is used.
+    """
+    if isinstance(model, LoadedModel):
+        spec, pre = InputSpec.of(model), model.preprocess
+        resize = pre.resize_size
+        crop = pre.crop_size[0] if pre.crop_size else spec.img_size
+        side = crop
+        if isinstance(resize, int):
+            side = resize
+        elif resize is not None:
+            side = resize[0]
+        crop_pct: float | None = min(1.0, crop / side)
+    else:
+        spec, crop_pct = model, None
+    why = "as the initial model was trained"
+    set_default(cfg, "data.in_chans", spec.in_chans, why)
+    chans = cfg.data.in_chans or spec.in_chans
+    mean, std = list(spec.mean), list(spec.std)
+    if len(mean) != chans:  # the user chose other channels: the model's statistics adapted
+        avg = [sum(mean) / len(mean)], [sum(std) / len(std)]
+        mean, std = avg[0] * chans, avg[1] * chans
+    set_default(cfg, "data.mean", [round(v, 6) for v in mean], why)
+    set_default(cfg, "data.std", [round(v, 6) for v in std], why)
+    set_default(cfg, "model.img_size", spec.img_size, why)
+    if crop_pct is not None:
+        set_default(cfg, "data.crop_pct", round(crop_pct, 6), why)
+    if data_channels is not None and data_channels != chans:
+        kind = {1: "grayscale", 3: "RGB"}
+        note(
+            cfg,
+            f"the images are {kind.get(data_channels, data_channels)}: converted to "
+            f"{kind.get(chans, chans)} ({chans} channel(s)) when read",
+        )
+    if cfg.data.in_chans != spec.in_chans:
+        note(
+            cfg,
+            f"data.in_chans={cfg.data.in_chans} differs from the model's {spec.in_chans}: "
+            "its patch embedding is converted",
+        )
+
+
+def resolve(cfg: TrainConfig, train_data: Any = None) -> LoadedModel | None:
+    """Resolve the run's defaults in place: with ``model.init`` the data config from the
+    initial model and the fine-tuning recipe; always the warm-up check.
+
+    Returns:
+        The loaded initial DeiT (to build the student from), or None.
+    """
+    loaded = None
+    if cfg.model.init:
+        from deit.train.classifiers import is_classifier_dir, load_classifier
+
+        init = cfg.model.init
+        if Path(init).is_dir() and is_classifier_dir(init):
+            _, config = load_classifier(init)
+            source: LoadedModel | InputSpec = InputSpec.from_dict(config["spec"])
+        else:
+            from deit.checkpoints import load_model
+
+            loaded = source = load_model(init)
+        channels = None
+        if train_data is None and cfg.data.dataset == "imagefolder" and cfg.data.path:
+            channels = folder_channels(cfg.data.path)
+        data_config_from_model(cfg, source, channels)
+        n = count_train_images(cfg, train_data)
+        recipe(cfg, n, cfg.model.img_size or 224)
+    adjust_warmup(cfg)
+    cfg.validate()
+    return loaded
+
+
+def describe(config: DeiTConfig, n_params: int, init: str = "", name: str = "") -> str:
+    """The trained architecture in words, e.g. ``fine-tuned from fashion-mnist (DeiT 96-dim,
+    6 blocks, 3 heads, patch 4, 32 px, 1 channel, distilled, 0.68M parameters)``."""
+    shape = (
+        f"DeiT {config.embed_dim}-dim, {config.depth} blocks, {config.num_heads} heads, "
+        f"patch {config.patch_size}, {config.image_hw[0]} px, {config.in_chans} channel"
+        f"{'s' if config.in_chans > 1 else ''}{', distilled' if config.distilled else ''}, "
+        f"{config.num_classes} classes, {n_params / 1e6:.2f}M parameters"
+    )
+    if init:
+        return f"fine-tuned from {init} ({shape})"
+    return f"{name} ({shape})" if name and name != "deit" else shape
+
+
+# --------------------------------------------------------------------------- the student
+
+
+def label_map(new: Sequence[str], old: Sequence[str]) -> dict[int, int]:
+    """New class index -> old class index, for the new classes whose name matches an old
+    label (ignoring case, spaces and punctuation, as ``deit eval`` matches folders)."""
+    by_key: dict[str, int] = {}
+    for i, label in enumerate(old):
+        by_key.setdefault(_label_key(label), i)
+    return {i: by_key[_label_key(n)] for i, n in enumerate(new) if _label_key(n) in by_key}
+
+
+def is_head(name: str) -> bool:
+    return name.startswith(("head.", "head_dist."))
+
+
+def layer_id(name: str, depth: int) -> int:
+    """BEiT/timm layer index: patch embedding and tokens 0, block i → i + 1, the rest (final
+    norm, heads) depth + 1."""
+    if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def freeze(model: nn.Module, how: str, trainable_blocks: int | None) -> list[str]:
+    """Freeze parameters (``requires_grad = False``); returns the names still trained.
+
+    ``how``: ``none`` (a set ``trainable_blocks`` alone means ``blocks``), ``head_only`` (only
+    ``head``/``head_dist`` train), ``blocks`` (the last ``trainable_blocks`` blocks, the final
+    norm and the heads train).
+    """
+    if how == "none" and trainable_blocks is not None:
+        how = "blocks"
+    if how == "none":
+        return [n for n, _ in model.named_parameters()]
+    if not isinstance(model, DeiT):
+        raise ConfigError(f"model.freeze={how} needs a DeiT student, not {type(model).__name__}")
+    depth = model.config.depth
+    keep_from = depth + 1 if how == "head_only" else depth + 1 - (trainable_blocks or 0)
+    trained = []
+    for name, p in model.named_parameters():
+        lid = layer_id(name, depth)
+        train = is_head(name) or (how == "blocks" and lid >= keep_from)
+        p.requires_grad_(train)
+        if train:
+            trained.append(name)
+    return trained

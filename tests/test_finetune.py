@@ -1,0 +1,328 @@
+"""Fine-tuning: the recipe that is the default with model.init, the data read as the initial
+model was trained, freezing, layer-wise lr decay, head warm-up, head rows from matching labels,
+and, on real Fashion-MNIST, transfer to a small image folder (docs/results/fine-tuning.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deit.checkpoints import load_model
+from deit.config import DeiTConfig
+from deit.errors import ConfigError
+from deit.model import DeiT
+from deit.train.data import FASHION_MNIST_DIR, InputSpec, write_fashion_mnist_folder
+from deit.train.finetune import (
+    adjust_warmup,
+    data_config_from_model,
+    freeze,
+    label_map,
+    recipe,
+    resolve,
+)
+from deit.train.loop import param_groups, train
+from deit.train.runconfig import TrainConfig, load_config
+from deit.train.student import build_student
+
+HAVE_FMNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST,
+    reason="dataset-fashion-mnist not installed (/usr/share/datasets/fashion-mnist)",
+)
+CLASSES = ["Pullover", "Coat", "Shirt"]
+QUIET = ["run.progress=false", "data.num_workers=0"]
+
+
+def _tiny() -> DeiT:
+    return DeiT(DeiTConfig(img_size=28, patch_size=7, embed_dim=16, depth=3, num_heads=2))
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def test_finetune_defaults_and_overrides_win(tmp_path: Path) -> None:
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text("[optim]\nweight_decay = 0.05\n")
+    cfg = load_config(
+        recipe_file, ["model.init=fashion-mnist", "optim.base_lr=3e-4", "augment.mixup=0.8"]
+    )
+    loaded = load_model("fashion-mnist")
+    data_config_from_model(cfg, loaded)
+    recipe(cfg, n_train=1500, img_size=32)
+    adjust_warmup(cfg)
+    # what the user set wins: the override, and the recipe file's value
+    assert cfg.optim.base_lr == 3e-4 and cfg.augment.mixup == 0.8
+    assert cfg.optim.weight_decay == 0.05
+    # the rest is the fine-tuning recipe for small, low-resolution data
+    assert cfg.schedule.epochs == 30 and cfg.schedule.warmup_epochs == 1.0
+    assert cfg.augment.repeated_aug == 1 and cfg.augment.cutmix == 0.0
+    assert cfg.augment.randaugment == "" and cfg.augment.random_erasing == 0.0
+    assert cfg.optim.layer_decay == 0.75 and cfg.data.batch_size == 64
+    # ... and the data is read the way the model was trained
+    assert cfg.data.in_chans == 1 and cfg.model.img_size == 28 and cfg.data.crop_pct == 1.0
+    assert cfg.data.mean == pytest.approx(list(loaded.preprocess.mean), abs=1e-6)
+    # every change is explained; nothing the user set is mentioned
+    noted = {n.split(" ")[0] for n in cfg.notes}
+    assert {"optim.layer_decay", "data.mean", "schedule.warmup_epochs"} <= noted
+    assert not noted & {"optim.base_lr", "augment.mixup", "optim.weight_decay"}
+    # values changed in Python (not through load_config) count as the user's too
+    py = TrainConfig()
+    py.model.init, py.optim.lr = "fashion-mnist", 1e-3
+    recipe(py, n_train=1500, img_size=28)
+    assert py.optim.lr == 1e-3 and py.optim.base_lr == 1e-4
+
+
+def test_large_data_keeps_strong_augmentation_without_repeats() -> None:
+    cfg = load_config(None, ["model.init=x"])
+    recipe(cfg, n_train=200_000, img_size=224)
+    assert cfg.augment.randaugment == "rand-m9-mstd0.5-inc1" and cfg.augment.mixup == 0.8
+    assert cfg.augment.repeated_aug == 1 and cfg.data.batch_size == 256
+    mid = load_config(None, ["model.init=x"])
+    recipe(mid, n_train=20_000, img_size=224)
+    assert mid.augment.randaugment == "rand-m6-mstd0.5-inc1" and mid.augment.mixup == 0.2
+
+
+def test_warmup_longer_than_the_run_is_adjusted_or_refused() -> None:
+    cfg = load_config(None, ["schedule.epochs=4"])  # the default 5-epoch warm-up
+    adjust_warmup(cfg)
+    assert cfg.schedule.warmup_epochs == pytest.approx(0.4)
+    assert any(n.startswith("schedule.warmup_epochs") for n in cfg.notes)
+    explicit = load_config(None, ["schedule.epochs=4", "schedule.warmup_epochs=6"])
+    with pytest.raises(ConfigError, match="warmup_epochs=6 is longer than the run"):
+        adjust_warmup(explicit)
+    fine = load_config(None, ["schedule.epochs=40", "model.init=x"])
+    adjust_warmup(fine)
+    assert fine.schedule.warmup_epochs == 1.0
+
+
+def test_data_config_follows_the_model_and_logs_a_conversion(tmp_path: Path) -> None:
+    rgb = tmp_path / "rgb" / "coat"
+    rgb.mkdir(parents=True)
+    Image.fromarray(np.full((40, 40, 3), (200, 10, 10), np.uint8)).save(rgb / "a.png")
+    cfg = load_config(None, ["model.init=fashion-mnist", "data.dataset=imagefolder"])
+    cfg.data.path = str(tmp_path / "rgb")
+    resolve(cfg)
+    assert cfg.data.in_chans == 1 and cfg.model.img_size == 28
+    assert any("RGB: converted to grayscale" in n for n in cfg.notes)
+    # an explicit choice of channels wins, and the model's statistics are spread over them
+    cfg = load_config(None, ["model.init=fashion-mnist", "data.in_chans=3"])
+    data_config_from_model(cfg, InputSpec((0.3,), (0.4,), 28, 1))
+    assert cfg.data.mean == [0.3] * 3 and cfg.data.std == [0.4] * 3
+    assert any("patch embedding is converted" in n for n in cfg.notes)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_freeze_head_only_and_last_blocks() -> None:
+    model = _tiny()
+    trained = freeze(model, "head_only", None)
+    assert set(trained) == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    model = _tiny()
+    trained = set(freeze(model, "none", 1))  # trainable_blocks alone means "blocks"
+    assert {"blocks.2.attn.qkv.weight", "norm.weight", "head.weight"} <= trained
+    assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed")) for n in trained)
+    assert "cls_token" not in trained
+    groups = param_groups(model, 0.05)
+    assert sum(len(g["params"]) for g in groups) == len(trained)  # frozen ones left out
+
+
+def test_layer_decay_param_groups() -> None:
+    model = _tiny()  # depth 3: patch embed/tokens layer 0, blocks 1..3, norm + heads 4
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    assert scale["patch_embed.proj.weight"] == scale["cls_token"] == 0.5**4
+    assert scale["blocks.0.attn.qkv.weight"] == 0.5**3
+    assert scale["blocks.2.mlp.fc1.weight"] == 0.5
+    assert scale["head.weight"] == scale["norm.weight"] == 1.0
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["blocks.0.attn.qkv.bias"] == 0.0
+    assert len(scale) == len(list(model.parameters()))
+
+
+def test_head_rows_start_from_matching_labels(caplog: pytest.LogCaptureFixture) -> None:
+    loaded = load_model("fashion-mnist")
+    cfg = load_config(None, ["model.init=fashion-mnist"])
+    spec = InputSpec.of(loaded)
+    labels = ["coat", "pullover", "zebra"]
+    assert label_map(labels, loaded.labels) == {0: 4, 1: 2}
+    with caplog.at_level(logging.INFO):
+        model, _ = build_student(cfg, 3, spec, logging.getLogger("t"), labels, loaded)
+    old = loaded.model.state_dict()
+    for head in ("head", "head_dist"):
+        w = getattr(model, head).weight
+        assert torch.equal(w[0], old[f"{head}.weight"][4].float())
+        assert torch.equal(w[1], old[f"{head}.weight"][2].float())
+        assert not any(torch.equal(w[2], r.float()) for r in old[f"{head}.weight"])
+    assert "coat <- Coat, pullover <- Pullover" in caplog.text
+
+
+def _gray_folder(root: Path, classes: list[str], n: int, size: int = 28) -> Path:
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 60, (size, size)) + 60 * c
+            Image.fromarray(pixels.astype(np.uint8), mode="L").save(root / name / f"{i}.png")
+    return root
+
+
+def test_head_warmup_trains_only_the_heads_first(tmp_path: Path) -> None:
+    root = _gray_folder(tmp_path / "data", ["coat", "bag"], 8)
+    common = [
+        "model.init=fashion-mnist",
+        "data.dataset=imagefolder",
+        f"data.path={root}",
+        "data.batch_size=4",
+        "schedule.epochs=2",
+        "schedule.head_warmup_epochs=1",
+        *QUIET,
+    ]
+    start = load_model("fashion-mnist").model.state_dict()
+    run = train(load_config(None, [*common, "run.max_steps=4"]), out_dir=tmp_path / "heads")
+    tuned = load_model(run / "model").model.state_dict()
+    assert torch.equal(tuned["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
+    assert torch.equal(tuned["cls_token"], start["cls_token"])
+    assert not torch.equal(tuned["head.weight"], start["head.weight"][[4, 8]])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["heads_only"] for x in lines if x["kind"] == "train")
+    run = train(load_config(None, common), out_dir=tmp_path / "all")
+    tuned = load_model(run / "model").model.state_dict()
+    assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["student"].startswith("fine-tuned from fashion-mnist (DeiT 96-dim, 6 blocks")
+    assert saved["notes"] and saved["optim"]["layer_decay"] == 0.75
+
+
+def test_random_hf_deit_tiny_at_224_px_to_new_classes(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    config = transformers.DeiTConfig(num_labels=5)  # deit_tiny_distilled_patch16_224's shape
+    config.update({"hidden_size": 192, "num_attention_heads": 3, "intermediate_size": 768})
+    transformers.DeiTForImageClassificationWithTeacher(config).eval().save_pretrained(hf)
+    root = tmp_path / "rgb"
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 255, (230, 250, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg")
+    cfg = load_config(
+        None,
+        [
+            f"model.init={hf}",
+            "data.dataset=imagefolder",
+            f"data.path={root}",
+            "run.max_steps=1",
+            *QUIET,
+        ],
+    )
+    run = train(cfg, out_dir=tmp_path / "run")
+    tuned = load_model(run / "model")
+    assert tuned.config.num_classes == 2 and tuned.config.image_hw == (224, 224)
+    assert tuned.config.in_chans == 3 and tuned.config.embed_dim == 192
+    saved = json.loads((run / "config.json").read_text())
+    assert "192-dim, 12 blocks" in saved["student"] and saved["data"]["in_chans"] == 3
+    assert "re-initialised head.weight" in (run / "train.log").read_text()
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def garments(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Pullover / Coat / Shirt as 32 px gray PNGs: 500 training, 150 held-out per class."""
+    root = tmp_path_factory.mktemp("garments")
+    train_dir = write_fashion_mnist_folder(root / "train", CLASSES, 500, split="train", size=32)
+    val_dir = write_fashion_mnist_folder(root / "val", CLASSES, 150, split="test", size=32)
+    return train_dir, val_dir
+
+
+def restricted_zero_shot(folder: Path) -> float:
+    """The embedded model's accuracy on ``folder``, its prediction restricted to the folder's
+    classes (matched by name), with its own preprocessing."""
+    from deit.transforms import load_image, preprocess_image
+
+    loaded = load_model("fashion-mnist")
+    folders = sorted(d.name for d in folder.iterdir())
+    mapping = label_map(folders, loaded.labels)
+    columns = torch.tensor([mapping[i] for i in range(len(folders))])
+    xs, ys = [], []
+    for i, name in enumerate(folders):
+        for f in sorted((folder / name).iterdir()):
+            xs.append(preprocess_image(load_image(f), loaded.preprocess))
+            ys.append(i)
+    with torch.no_grad():
+        out = loaded.model.eval()(torch.stack(xs))
+    logits = (out.cls_logits + out.dist_logits) / 2
+    return (logits[:, columns].argmax(1) == torch.tensor(ys)).float().mean().item()
+
+
+def _top1(run: Path) -> float:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["kind"] == "epoch"][-1]["val_top1"]
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_transfer_to_a_small_folder_keeps_what_the_model_knows(
+    garments: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """3-8 minutes on 2 shared cores: zero-shot vs fine-tuned vs scratch vs fine-tuned + KD."""
+    train_dir, val_dir = garments
+    zero_shot = restricted_zero_shot(val_dir)
+    assert zero_shot > 0.8
+    data = ["data.dataset=imagefolder", f"data.path={train_dir}", f"data.val_path={val_dir}"]
+    budget = ["schedule.epochs=4", *QUIET]  # the size: the model's 28 px (default)
+    # nothing but the data paths and an epoch count (the 32 px PNGs are read at 28 px)
+    tuned = train(
+        load_config(None, ["model.init=fashion-mnist", *data, *budget]), out_dir=tmp_path / "ft"
+    )
+    assert _top1(tuned) >= zero_shot - 0.01  # within 1 point (4-5 of 450 images) or better
+    # the same student from scratch, same data and budget
+    shape = load_model("fashion-mnist").config
+    scratch_cfg = load_config(
+        None,
+        [
+            "model.name=deit",
+            f"model.patch_size={shape.patch_size}",
+            f"model.embed_dim={shape.embed_dim}",
+            f"model.depth={shape.depth}",
+            f"model.num_heads={shape.num_heads}",
+            "model.img_size=28",
+            *data,
+            *budget,
+        ],
+    )
+    scratch = train(scratch_cfg, out_dir=tmp_path / "scratch")
+    assert _top1(tuned) > _top1(scratch) + 0.1
+    # distillation from a teacher better than the student's starting point: the fine-tuned model
+    kd = train(
+        load_config(
+            None,
+            [
+                "model.init=fashion-mnist",
+                *data,
+                *budget,
+                "distill.kind=hard",
+                f"distill.teacher={tuned / 'model'}",
+            ],
+        ),
+        out_dir=tmp_path / "kd",
+    )
+    assert _top1(kd) >= _top1(tuned) - 0.01
+
+
+def test_restricted_zero_shot_matches_the_model_on_its_classes(tmp_path: Path) -> None:
+    if not HAVE_FMNIST:
+        pytest.skip("dataset-fashion-mnist not installed (/usr/share/datasets/fashion-mnist)")
+    folder = write_fashion_mnist_folder(tmp_path / "v", CLASSES, 20, split="test", size=28)
+    assert sorted(p.name for p in folder.iterdir()) == ["coat", "pullover", "shirt"]
+    assert 0.6 < restricted_zero_shot(folder) <= 1.0
