@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from deit.cli import (
     bench,
     convert,
+    data,
     evaluate,
     explain,
     export,
@@ -29,7 +30,20 @@ from deit.cli import (
 )
 from deit.errors import EXIT_USAGE, DeiTError
 
-COMMANDS = (predict, convert, info, train, evaluate, plot, bench, export, quantize, serve, explain)
+COMMANDS = (
+    predict,
+    convert,
+    info,
+    train,
+    evaluate,
+    plot,
+    bench,
+    export,
+    quantize,
+    serve,
+    explain,
+    data,
+)
 
 # Built-in errors that mean "fix your input or environment", not "bug": one line, exit 2.
 _USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError, ArithmeticError)

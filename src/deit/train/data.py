@@ -137,6 +137,39 @@ def load_fashion_mnist(
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
+def write_fashion_mnist_folder(
+    out: str | Path,
+    classes: Sequence[str],
+    per_class: int,
+    *,
+    split: str = "train",
+    size: int = 28,
+    root: str | Path | None = None,
+) -> Path:
+    """Write Fashion-MNIST images of some classes as an image folder (``out/<class>/*.png``).
+
+    The first ``per_class`` images of each class in ``split``, resized bilinearly to ``size``
+    pixels, gray PNGs; folders are named after the labels (``T-shirt/top`` becomes
+    ``t-shirt-top``). Used to demonstrate and test fine-tuning on "your own" small folder.
+    """
+    from PIL import Image
+
+    out = Path(out)
+    x, y = load_fashion_mnist(split, root)
+    for name in classes:
+        if name not in FASHION_MNIST_CLASSES:
+            raise ValueError(f"{name!r} is not a Fashion-MNIST class ({FASHION_MNIST_CLASSES})")
+        folder = out / re.sub(r"[^0-9a-z]+", "-", name.lower())
+        folder.mkdir(parents=True, exist_ok=True)
+        idx = (y == FASHION_MNIST_CLASSES.index(name)).nonzero().flatten()[:per_class]
+        for i in idx.tolist():
+            image = Image.fromarray(x[i, 0].numpy(), mode="L")
+            if size != image.width:
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            image.save(folder / f"{split}_{i:05d}.png")
+    return out
+
+
 def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
     x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
@@ -465,6 +498,7 @@ class Data:
     labels: list[str]
     spec: InputSpec
     on_device: bool
+    crop_pct: float = 0.875  # image folders: the eval resize is img_size / crop_pct
 
     @property
     def num_classes(self) -> int:
@@ -580,13 +614,18 @@ def build_data(
     """
     if train_data is None and cfg.data.dataset == "fashion-mnist":
         return _tensor_data(cfg, device, rank, world)
+    if train_data is None and cfg.data.dataset in ("hf", "webdataset"):
+        from deit.train.sources import build_source_data  # datasets / webdataset (deit[data])
+
+        return build_source_data(cfg, device, rank, world)
     chans = cfg.data.in_chans or 3
     default_mean = [0.485, 0.456, 0.406] if chans == 3 else [0.5] * chans
     default_std = [0.229, 0.224, 0.225] if chans == 3 else [0.5] * chans
     mean, std = cfg.data.mean or default_mean, cfg.data.std or default_std
     size = _img_size(cfg, 224)
     train_tf = image_train_transform(size, cfg.augment, mean, std)
-    eval_tf = image_eval_transform(size, mean, std)
+    crop_pct = cfg.data.crop_pct or 0.875
+    eval_tf = image_eval_transform(size, mean, std, crop_pct)
     if train_data is None:
         if not cfg.data.path:
             raise ValueError("data.dataset=imagefolder needs data.path (a folder of class folders)")
@@ -613,4 +652,5 @@ def build_data(
         classes,
         spec,
         on_device=False,
+        crop_pct=crop_pct,
     )

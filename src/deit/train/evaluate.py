@@ -229,7 +229,12 @@ def _batches(
             channels=s.in_chans,
         )
         return batches, f"fashion-mnist:{split}"
-    if isinstance(data, str | Path):
+    if isinstance(data, str) and data.split(":")[0] in ("hf", "webdataset"):
+        from deit.train.sources import eval_dataset
+
+        data, data_name = eval_dataset(data, _image_transform(subject), subject.labels, s.in_chans)
+        num_workers = 0  # a streamed/relabelled source is read in order by one process
+    elif isinstance(data, str | Path):
         classes = match_class_folders(data, subject.labels)
         data_name, data = (
             str(data),

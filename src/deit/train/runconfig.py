@@ -40,8 +40,9 @@ class ModelSection:
     ``name`` is a DeiT preset from ``deit.config.VARIANTS``, ``"deit"`` (the default
     DeiTConfig, shaped by the fields below), ``"fmnist_cnn"`` (a small built-in CNN), or
     ``"timm:NAME"`` / ``"torchvision:NAME"``. ``init`` fine-tunes from anything
-    ``deit.checkpoints.load_model`` loads (or a directory a CNN run exported). Fields left at
-    None take the preset's (or the data's) value.
+    ``deit.checkpoints.load_model`` loads (or a directory a CNN run exported); with it the
+    fine-tuning recipe and the initial model's data config become the defaults
+    (``deit.train.finetune``). Fields left at None take the preset's (or the data's) value.
     """
 
     name: str = "deit_tiny_distilled_patch16_224"
@@ -55,6 +56,8 @@ class ModelSection:
     mlp_ratio: float | None = None
     distilled: bool | None = None
     drop_path_rate: float = 0.1  # stochastic depth of the last block (DeiT: 0.1)
+    freeze: str = "none"  # none | head_only (train only head/head_dist) | blocks (see below)
+    trainable_blocks: int | None = None  # freeze=blocks: train the last N blocks, norm, heads
 
 
 @dataclass
@@ -78,6 +81,18 @@ class DataSection:
     mean: list[float] | None = None  # None: the data's own statistics (tensors) or ImageNet
     std: list[float] | None = None
     in_chans: int | None = None  # None: 1 for Fashion-MNIST, 3 for image folders
+    crop_pct: float | None = None  # image-folder eval: resize to size / crop_pct, center crop
+    # (None: 0.875, DeiT's; with model.init: the initial model's own)
+    # dataset=hf (Hugging Face datasets: save_to_disk folder, Parquet/Arrow, imagefolder, Hub
+    # name) or webdataset (tar shards, path = brace pattern); see deit.train.sources
+    split: str = "train"  # hf: training split
+    val_split: str = ""  # hf: validation split ("": validation, valid, val or test)
+    image_column: str = ""  # hf: "" = the datasets.Image column
+    label_column: str = ""  # hf: "" = the datasets.ClassLabel column
+    streaming: bool = False  # hf: stream (IterableDataset) instead of the local Arrow cache
+    revision: str = ""  # hf Hub datasets: branch, tag or commit
+    epoch_samples: int = 0  # streamed sources: samples per epoch (0: all in the shards)
+    shuffle_buffer: int = 1000  # streamed sources: sample-shuffle buffer per worker
 
 
 @dataclass
@@ -91,6 +106,7 @@ class OptimSection:
     eps: float = 1e-8
     clip_grad: float = 0.0  # max global grad norm; 0 = off
     fused: bool = False  # torch's fused AdamW kernel (CUDA)
+    layer_decay: float = 1.0  # layer-wise lr decay (BEiT/timm): lr x decay**(depth + 1 - layer)
 
 
 @dataclass
@@ -101,6 +117,8 @@ class ScheduleSection:
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    head_warmup_epochs: float = 0.0  # train only the heads (at the base lr) for this long,
+    # then everything on the warmup + cosine schedule over the remaining epochs
     fit_to_time: bool = False  # with run.time_limit: shorten ``epochs`` (and the cosine with
     # it) after each epoch so that the run ends within the limit at the measured speed
 
@@ -181,10 +199,18 @@ class TrainConfig:
     augment: AugmentSection = field(default_factory=AugmentSection)
     distill: DistillSection = field(default_factory=DistillSection)
     run: RunSection = field(default_factory=RunSection)
+    # Filled in by the run (``deit.train.finetune.resolve`` and the loop), saved in config.json:
+    student: str = ""  # the architecture actually trained, in words
+    notes: list[str] = field(default_factory=list)  # each default the run changed, and why
+    # The ``section.key`` names set by a recipe file or an override (never changed by the
+    # fine-tuning defaults); not saved.
+    explicit: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (JSON- and TOML-safe apart from None values)."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("explicit")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -206,9 +232,10 @@ class TrainConfig:
             problems.append(f"run.export must be final, ema or best, not {self.run.export!r}")
         if self.run.export == "ema" and not self.run.ema:
             problems.append("run.export=ema needs run.ema=true")
-        if self.data.dataset not in ("fashion-mnist", "imagefolder"):
+        if self.data.dataset not in ("fashion-mnist", "imagefolder", "hf", "webdataset"):
             problems.append(
-                f"data.dataset must be fashion-mnist or imagefolder, not {self.data.dataset!r}"
+                "data.dataset must be fashion-mnist, imagefolder, hf or webdataset, "
+                f"not {self.data.dataset!r}"
             )
         if self.data.batch_size < 1 or self.schedule.epochs < 1:
             problems.append("data.batch_size and schedule.epochs must be positive")
@@ -223,6 +250,7 @@ class TrainConfig:
             "data.val_subset": self.data.val_subset,
             "data.eval_batch_size": self.data.eval_batch_size,
             "data.num_workers": self.data.num_workers,
+            "data.epoch_samples": self.data.epoch_samples,
             "augment.crop_padding": self.augment.crop_padding,
             "schedule.warmup_epochs": self.schedule.warmup_epochs,
             "run.eval_every": self.run.eval_every,
@@ -231,6 +259,25 @@ class TrainConfig:
             "run.time_limit": self.run.time_limit,
         }
         problems += [f"{key} must be >= 0, not {v}" for key, v in counts.items() if v < 0]
+        if self.model.freeze not in ("none", "head_only", "blocks"):
+            problems.append(
+                f"model.freeze must be none, head_only or blocks, not {self.model.freeze!r}"
+            )
+        if self.model.trainable_blocks is not None and self.model.trainable_blocks < 0:
+            problems.append(
+                f"model.trainable_blocks must be >= 0, not {self.model.trainable_blocks}"
+            )
+        if self.model.freeze == "blocks" and self.model.trainable_blocks is None:
+            problems.append("model.freeze=blocks needs model.trainable_blocks")
+        if not 0.0 < self.optim.layer_decay <= 1.0:
+            problems.append(f"optim.layer_decay {self.optim.layer_decay} is not in (0, 1]")
+        if not 0.0 <= self.schedule.head_warmup_epochs < self.schedule.epochs:
+            problems.append(
+                f"schedule.head_warmup_epochs {self.schedule.head_warmup_epochs} must be >= 0 "
+                f"and shorter than schedule.epochs ({self.schedule.epochs})"
+            )
+        if self.data.crop_pct is not None and not 0.0 < self.data.crop_pct <= 1.0:
+            problems.append(f"data.crop_pct {self.data.crop_pct} is not in (0, 1]")
         if not 0.0 <= self.distill.alpha <= 1.0:
             problems.append(f"distill.alpha {self.distill.alpha} is not in [0, 1]")
         if problems:
@@ -289,11 +336,18 @@ def set_value(cfg: TrainConfig, dotted: str, value: Any) -> None:
             f"unknown config key {dotted!r} (known in [{section_name}]: {', '.join(hints)})"
         )
     setattr(section, key, _check_value(value, hints[key], dotted))
+    cfg.explicit.add(dotted)
 
 
 def apply_dict(cfg: TrainConfig, d: dict[str, Any]) -> None:
     """Apply a nested ``{section: {key: value}}`` dict onto ``cfg`` with full checking."""
     for section_name, values in d.items():
+        if section_name == "student":  # written by a run (config.json): kept as it was
+            cfg.student = _check_value(values, str, "student")
+            continue
+        if section_name == "notes":
+            cfg.notes = _check_value(values, list[str], "notes")
+            continue
         if not isinstance(values, dict):
             raise ConfigKeyError(f"config entry {section_name!r} must be a [section] table")
         for key, value in values.items():
