@@ -400,7 +400,7 @@ def test_each_source_learns_as_well_as_the_folder(tmp_path: Path) -> None:
         "data.in_chans=1",
         "data.batch_size=100",
         "data.num_workers=0",
-        "schedule.epochs=2",
+        "schedule.epochs=3",
         "schedule.warmup_epochs=0",
         "optim.lr=2e-3",
         "augment.randaugment=",
@@ -439,5 +439,7 @@ def test_each_source_learns_as_well_as_the_folder(tmp_path: Path) -> None:
             "val_top1"
         ]
     assert top1["folder"] > 0.6, top1  # it learns (chance is 0.1)
+    # Seeds 0, 1, 2 of this setup measured folder 72.2/72.4/73.6%, save_to_disk 70.0/65.8/74.4%,
+    # shards 72.2/71.6/73.4% (docs/training.md): the sources differ by seed noise, up to 6.6 pts.
     for acc in top1.values():
-        assert abs(acc - top1["folder"]) < 0.06, top1  # seed noise on 500 images, 2 epochs
+        assert abs(acc - top1["folder"]) < 0.08, top1
