@@ -51,7 +51,11 @@ _USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError, ArithmeticError)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``deit`` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="deit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="deit",
+        description="DeiT image classification: predict, train and distill, evaluate, export, "
+        "quantize, serve.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP)

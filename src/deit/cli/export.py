@@ -23,7 +23,7 @@ from deit.inference import expand_paths
 from deit.model import HEADS
 
 NAME = "export"
-HELP = "export to ONNX or torch.export and verify on real images"
+HELP = "export to ONNX, torch.export or OpenVINO and verify on real images"
 SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "openvino": ".xml"}
 
 

@@ -14,6 +14,7 @@ from deit.cli._args import (
 )
 from deit.errors import EXIT_INPUT_FAILED, UsageError
 from deit.inference import expand_paths
+from deit.runtime import require
 
 NAME = "predict"
 HELP = "classify image files, folders or globs"
@@ -84,13 +85,12 @@ def run_ray(args: argparse.Namespace) -> int:
         raise UsageError("--engine ray writes its results to a file: give --out X.jsonl|X.parquet")
     if args.compile or args.fast or args.labels or args.revision or args.preprocess != "auto":
         raise UsageError("--engine ray takes the model as it is: drop the loading/speed options")
-    import ray.data
-
+    ray_data = require("ray.data", "ray[data]", "ray")
     # The command prints its own summary: Ray's per-step progress logs would drown it.
     for name in ("ray", "ray.data", "ray.data._internal"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.data.DataContext.get_current().print_on_execution_start = False
+    ray_data.DataContext.get_current().enable_progress_bars = False
+    ray_data.DataContext.get_current().print_on_execution_start = False
     counts = predict_to_file(
         args.model,
         args.paths,
