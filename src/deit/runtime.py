@@ -213,9 +213,3 @@ def atomic_write(path: str | Path, write: Callable[[Path], T]) -> T:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
     with atomic_path(path) as tmp:
         return write(tmp)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary sibling, then rename)."""
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-    return Path(path)

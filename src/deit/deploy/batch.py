@@ -34,7 +34,7 @@ from deit.checkpoints import DEFAULT_MODEL
 from deit.errors import ImageLoadError, UsageError
 from deit.inference import Classifier, expand_paths, load_any
 from deit.runtime import atomic_write, require
-from deit.transforms import load_image, preprocess_image
+from deit.transforms import PreprocessConfig, load_image, preprocess_image
 
 log = logging.getLogger("deit.deploy.batch")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
@@ -42,16 +42,21 @@ OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 
 class Preprocess:
     """``map_batches`` callable: decode and preprocess the batch's ``path`` column (or its
-    ``file`` column when the paths to show differ from the files to read).
+    ``file`` column when the paths to show differ from the files to read), as a model's
+    :class:`PreprocessConfig` says (given, or read from a model source).
 
     Returns ``path``, ``pixels`` (N, C, H, W float32; zeros where an image failed) and
     ``error`` (``""`` for the good ones), so failures travel as rows.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, fast_decode: bool = False, **load: Any) -> None:
-        loaded = load_any(model, **load)
-        self.cfg, self.fast_decode = loaded.preprocess, fast_decode
-        self.shape = (loaded.preprocess.channels, *loaded.preprocess.input_size)
+    def __init__(
+        self, preprocess: PreprocessConfig | str = DEFAULT_MODEL, fast_decode: bool = False
+    ) -> None:
+        cfg = preprocess
+        if not isinstance(cfg, PreprocessConfig):
+            cfg = load_any(cfg).preprocess
+        self.cfg, self.fast_decode = cfg, fast_decode
+        self.shape = (cfg.channels, *cfg.input_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
@@ -217,7 +222,9 @@ def predict_to_file(
     done = done_paths(out) if resume else set()
     todo = [p for p in paths if p not in done]
     counts = {"inputs": len(paths), "skipped": len(paths) - len(todo), "written": 0, "errors": 0}
-    load_any(model)  # a bad model fails here, in one line, before a cluster starts
+    # A bad model fails here, in one line, before a cluster starts; the preprocessing workers
+    # get its (small) PreprocessConfig instead of each loading the weights again.
+    preprocess = load_any(model).preprocess
     writer = _Writer(out, resume)
     try:
         if not todo:
@@ -232,7 +239,7 @@ def predict_to_file(
         ds = ray.data.from_items(items, override_num_blocks=blocks)
         ds = ds.map_batches(
             Preprocess,
-            fn_constructor_args=(model, fast_decode),
+            fn_constructor_args=(preprocess, fast_decode),
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(

@@ -31,7 +31,7 @@ from deit.deploy.export import (
     export_metadata,
     load_inputs,
 )
-from deit.deploy.quantize import interleaved_median_ms, load_labelled
+from deit.deploy.quantize import interleaved_median_ms, load_labelled, ms, pct
 from deit.errors import UsageError
 from deit.model import Head, HeadLogits
 from deit.openvino_model import (
@@ -205,8 +205,6 @@ def quantize_openvino(
 
 def format_openvino_report(r: OpenVinoQuantReport) -> str:
     """The report as a few lines of text."""
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    ms = lambda v: "n/a" if v is None else f"{v:.2f} ms"  # noqa: E731
     lines = [
         f"wrote {r.path} (NNCF int8, {r.calibration_samples} calibration images)",
         f"on {r.data}, {r.num_samples} images: top-1 agreement with the fp32 IR: int8 "
@@ -222,17 +220,10 @@ def format_openvino_report(r: OpenVinoQuantReport) -> str:
     return "\n".join(lines)
 
 
-def remove_ir(path: str | Path) -> None:
-    """Delete an IR's ``.xml`` and ``.bin`` (missing files are fine)."""
-    for p in (Path(path), Path(path).with_suffix(".bin")):
-        p.unlink(missing_ok=True)
-
-
 __all__ = [
     "OpenVinoQuantReport",
     "export_openvino",
     "format_openvino_report",
     "quantize_ir",
     "quantize_openvino",
-    "remove_ir",
 ]

@@ -301,9 +301,17 @@ def quantize_model(
 # --------------------------------------------------------------------------- CLI
 
 
+def pct(value: float | None) -> str:
+    """A fraction as a percentage for the reports, ``n/a`` when not measured."""
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def ms(value: float | None) -> str:
+    """Milliseconds for the reports, ``n/a`` when not measured."""
+    return "n/a" if value is None else f"{value:.2f} ms"
+
+
 def format_quant_report(r: QuantReport) -> str:
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    ms = lambda v: "n/a" if v is None else f"{v:.2f} ms"  # noqa: E731
     lines = [
         f"wrote {r.path}: {r.int8_mb:.1f} MB int8 (fp32 {r.fp32_mb:.1f} MB)",
         f"on {r.data}, {r.num_samples} images: top-1 agreement int8 vs fp32 {pct(r.agreement)}, "

@@ -22,6 +22,7 @@ sample into a :class:`~deit.train.data.BadSample`, which the training loop count
 
 from __future__ import annotations
 
+import abc
 import glob
 import io
 import json
@@ -235,7 +236,7 @@ class HFImages(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- streaming
 
 
-class _EpochStream(torch.utils.data.IterableDataset):
+class _EpochStream(torch.utils.data.IterableDataset, abc.ABC):
     """Base of the streamed sources: an epoch is ``epoch_samples`` samples over all ranks.
 
     Each rank yields ``epoch_samples // world`` samples (rounded down to whole batches when
@@ -279,8 +280,9 @@ class _EpochStream(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return self._per_rank()
 
+    @abc.abstractmethod
     def _stream(self, epoch_pass: int, worker: int, workers: int) -> Iterator[Any]:
-        raise NotImplementedError
+        """One worker's samples for one pass over the data (``epoch_pass`` seeds the order)."""
 
     def samples(self, worker: int = 0, workers: int = 1) -> Iterator[Any]:
         """This rank's samples for worker ``worker`` of ``workers`` in the current epoch."""
