@@ -370,6 +370,8 @@ class Classifier:
             return str(e)
         except OSError as e:  # e.g. permission denied, a directory passed as a file
             return f"cannot read file: {e.strerror or e}"
+        except MemoryError:  # this image alone: the others of its batch are still answered
+            return "out of memory while preprocessing this image"
 
     def predict_files(
         self,

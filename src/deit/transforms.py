@@ -548,9 +548,47 @@ def resized_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, i
     return int(cfg.resize_size * width / height), cfg.resize_size  # type: ignore[return-value,operator]
 
 
+def check_resize(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """:func:`resized_size`, refusing a resize that would make a side longer than ``MAX_SIZE``.
+
+    Only ``"shorter"`` can: a 1 x 8,192 image (8,192 pixels) resized to a shorter side of 256
+    would be 256 x 2,097,152 pixels, gigabytes before the crop. Such an image is refused
+    before anything is allocated; every other resize is bounded by the config's sizes (or is
+    no resize at all).
+
+    Raises:
+        ImageTooLargeError: The resized image would exceed ``MAX_SIZE`` px on a side.
+    """
+    new_w, new_h = resized_size(width, height, cfg)
+    if (new_w, new_h) != (width, height) and max(new_w, new_h) > MAX_SIZE:
+        raise ImageTooLargeError(
+            f"image too elongated: {width}x{height} pixels would be resized to {new_w}x{new_h} "
+            f"(limit {MAX_SIZE} px per side)"
+        )
+    return new_w, new_h
+
+
+def preprocess_pixels(width: int, height: int, cfg: PreprocessConfig) -> int:
+    """Pixels that preprocessing a ``width`` x ``height`` image with ``cfg`` holds at most.
+
+    The sum of the decoded image, its resized copy (when the resize changes its size: the
+    whole resized image, before its crop, since some resizes are not computed crop-only) and
+    the output. This is what a pixel budget should count: a 1 x 8,192 image costs 8,192
+    decoded pixels but 537 million once resized to a shorter side of 256. Images that
+    :func:`check_resize` refuses get their full cost too (they never reach that far).
+    """
+    if width <= 0 or height <= 0:
+        return 0
+    new_w, new_h = resized_size(width, height, cfg)
+    resized = 0 if (new_w, new_h) == (width, height) else new_w * new_h
+    out_h, out_w = cfg.crop_size if cfg.crop_size is not None else (new_h, new_w)
+    return width * height + resized + out_h * out_w
+
+
 def resize_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """Resize per ``cfg.resize_mode`` with the configured PIL filter."""
-    size = resized_size(*img.size, cfg)
+    """Resize per ``cfg.resize_mode`` with the configured PIL filter (bounded, see
+    :func:`check_resize`)."""
+    size = check_resize(*img.size, cfg)
     if size == img.size:
         return img
     return img.resize(size, INTERPOLATIONS[cfg.interpolation])
@@ -566,7 +604,7 @@ def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """
     if cfg.crop_size is None:
         return np.asarray(resize_image(img, cfg))
-    size = resized_size(*img.size, cfg)
+    size = check_resize(*img.size, cfg)
     (ch, cw), (new_w, new_h) = cfg.crop_size, size
     top = crop_offset(new_h, ch, cfg.crop_rounding)
     left = crop_offset(new_w, cw, cfg.crop_rounding)

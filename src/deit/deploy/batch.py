@@ -70,6 +70,8 @@ class Preprocess:
                 errors.append("")
             except ImageLoadError as e:
                 errors.append(str(e))
+            except MemoryError:  # this image alone; the batch goes on
+                errors.append("out of memory while preprocessing this image")
         return {"path": np.array(paths), "pixels": pixels, "error": np.array(errors)}
 
 
