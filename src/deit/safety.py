@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import logging
@@ -58,6 +59,21 @@ _PT2_MARKERS = frozenset(
         ".storage_alignment",
     }
 )
+# Folders and name endings of the records torch.export.load reads (or skips on purpose).
+_PT2_FOLDERS = (
+    "models/",
+    "data/weights/",
+    "data/constants/",
+    "data/sample_inputs/",
+    "data/aotinductor/",
+    "data/executorch/",
+    "data/mtia",
+    "extra/",
+    ".data/",
+    "xl_model_weights/",
+)
+_PAYLOAD_FOLDERS = ("data/weights/", "data/constants/")  # raw tensors, described by configs
+_PT2_SUFFIXES = ("_config.json", ".json", ".pt")
 _MAX_JSON_BYTES = 256 << 20  # a model.json of a huge graph is a few MB
 _MAX_EXPANSION = 16  # declared contents / bytes on disk (PyTorch stores entries uncompressed)
 _PICKLE_SCAN_BYTES = 64 << 20
@@ -179,21 +195,54 @@ def _check_expansion(z: zipfile.ZipFile, what: str, stored_bytes: int) -> None:
 
 
 def _archive_entries(z: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
-    """Entries by their name inside the archive's one top-level folder."""
+    """Entries by their name inside the archive's one top-level folder.
+
+    PyTorch's zip reader (miniz) finds a record by its name *ignoring case*, and which of two
+    such entries it returns depends on where they sit in the archive. So the names checked
+    here must be the names PyTorch reads: two entries equal under case folding are refused,
+    and so is an entry whose name matches a record PyTorch reads only once case is ignored
+    (``data/weights/model_weights_config.JSON``).
+    """
     _check_expansion(z, str(path), path.stat().st_size)
     entries: dict[str, zipfile.ZipInfo] = {}
+    folded: dict[str, str] = {}
     roots = set()
     for info in z.infolist():
         root, _, name = info.filename.partition("/")
         roots.add(root)
         if name in entries:  # readers disagree on which copy wins: never guess
             raise UnsafeFileError(f"{path} holds entry {name!r} twice; refused")
+        if name.casefold() in folded:
+            raise UnsafeFileError(
+                f"{path} holds entries {folded[name.casefold()]!r} and {name!r}, one record to "
+                "PyTorch (it ignores case); refused"
+            )
+        _check_record_case(name, path)
         entries[name] = info
+        folded[name.casefold()] = name
     if len(roots) != 1:
         raise CheckpointError(
             f"{path} is not a torch.export archive (entries in {len(roots)} folders)"
         )
     return entries
+
+
+def _check_record_case(name: str, path: Path) -> None:
+    """Refuse a name that is one of PyTorch's records (or in one of its folders, or of one of
+    its kinds) only when case is ignored: PyTorch would read it, the check would not."""
+    folded = name.casefold()
+    for known in (*_PT2_MARKERS, *_PT2_FOLDERS):
+        if folded.startswith(known) and not name.startswith(known):
+            break
+    else:
+        suffixes = [s for s in _PT2_SUFFIXES if folded.endswith(s) and not name.endswith(s)]
+        if not suffixes:
+            return
+        known = suffixes[0]
+    raise UnsafeFileError(
+        f"{path} holds entry {name!r}, which differs from PyTorch's {known!r} only in case "
+        "(PyTorch would read it as one of its records); refused"
+    )
 
 
 def _json_entry(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> Any:
@@ -310,10 +359,15 @@ def check_pt2(path: str | Path) -> None:
     """Refuse a ``torch.export`` archive that ``torch.export.load`` would run code from.
 
     Reads only the zip's directory, its JSON entries and its (weights-only) example inputs.
+    Names are compared as PyTorch finds them (ignoring case, see :func:`_archive_entries`).
+    Every JSON file in the weights and constants folders is checked as a payload config,
+    whatever its name, and every other file there must be raw tensor bytes that a checked
+    config describes: nothing in the archive is left that a config could have PyTorch unpickle.
 
     Raises:
         UnsafeFileError: pickled weights, constants or objects, compiled AOTInductor code,
-            guard code, or strings that would be evaluated.
+            guard code, strings that would be evaluated, entries whose names differ from
+            PyTorch's records only in case, or payload files no config describes.
         ResourceLimitError: entries that decompress to far more than the file holds.
         CheckpointError: not a torch.export archive.
     """
@@ -330,47 +384,68 @@ def check_pt2(path: str | Path) -> None:
                 f"{path} is not a torch.export archive of this PyTorch (no archive_format pt2): "
                 "re-export it with torch.export.save"
             )
-        models = [n for n in entries if n.startswith("models/")]
-        if not models:
+        if not any(n.startswith("models/") for n in entries):
             raise CheckpointError(f"{path} holds no exported program (models/*.json)")
+        payloads: dict[str, zipfile.ZipInfo] = {}
+        described: set[str] = set()
         for name, info in entries.items():
-            if name in _PT2_MARKERS or name.startswith((".data/", "extra/")):
-                continue
-            if name.startswith("models/"):
-                if not name.endswith(".json"):
-                    raise UnsafeFileError(f"{path}: unexpected entry {name!r}; refused")
-                _check_graph_json(_json_entry(z, info, path), path, name)
-            elif name.startswith("data/aotinductor/"):
-                _refuse(path, f"holds compiled AOTInductor code ({name})")
-            elif name.startswith(("data/weights/", "data/constants/")):
-                if name.endswith("_config.json"):
-                    _check_payload_config(_json_entry(z, info, path), path, name)
+            if name.startswith(_PAYLOAD_FOLDERS):
+                if name.endswith(".json"):  # any config PyTorch could read, whatever its name
+                    described |= _check_payload_config(_json_entry(z, info, path), path, name)
                 elif name.endswith(".pt"):  # the legacy format: one pickle of all weights
                     _refuse(path, f"holds pickled legacy weights ({name})")
-            elif name.startswith("data/sample_inputs/"):
-                if info.file_size > _PICKLE_SCAN_BYTES:
-                    raise CheckpointError(f"{path}: {name} is {info.file_size:,} bytes; refused")
-                _check_sample_inputs(z.read(info), path, name)
-            elif name.startswith(("data/executorch/", "data/mtia", "xl_model_weights/")):
-                continue  # never read by torch.export.load
-            else:  # e.g. the pre-2.8 layout, whose state dict is one pickle
-                _refuse(path, f"holds entry {name!r}, which is not read as data")
+                else:
+                    payloads[name] = info
+            else:
+                _check_other_entry(z, name, info, path)
+        for name in payloads:
+            if name.casefold() not in described:
+                _refuse(path, f"holds {name!r}, which no payload config reads as tensor bytes")
 
 
-def _check_payload_config(cfg: Any, path: Path, name: str) -> None:
-    """``data/{weights,constants}/*_config.json``: every entry must be raw tensor bytes."""
+def _check_other_entry(z: zipfile.ZipFile, name: str, info: zipfile.ZipInfo, path: Path) -> None:
+    """An entry outside the payload folders: the graph, example inputs, markers, extras."""
+    if name in _PT2_MARKERS or name.startswith((".data/", "extra/")):
+        return
+    if name.startswith("models/"):
+        if not name.endswith(".json"):
+            raise UnsafeFileError(f"{path}: unexpected entry {name!r}; refused")
+        _check_graph_json(_json_entry(z, info, path), path, name)
+    elif name.startswith("data/aotinductor/"):
+        _refuse(path, f"holds compiled AOTInductor code ({name})")
+    elif name.startswith("data/sample_inputs/"):
+        if info.file_size > _PICKLE_SCAN_BYTES:
+            raise CheckpointError(f"{path}: {name} is {info.file_size:,} bytes; refused")
+        _check_sample_inputs(z.read(info), path, name)
+    elif not name.startswith(("data/executorch/", "data/mtia", "xl_model_weights/")):
+        # e.g. the pre-2.8 layout, whose state dict is one pickle (the skipped folders are
+        # never read by torch.export.load)
+        _refuse(path, f"holds entry {name!r}, which is not read as data")
+
+
+def _check_payload_config(cfg: Any, path: Path, name: str) -> set[str]:
+    """A JSON file of ``data/{weights,constants}/``: every entry must be raw tensor bytes.
+
+    Returns:
+        The entries it describes, as case-folded names inside the archive's folder (how
+        PyTorch finds them).
+    """
     payloads = cfg.get("config") if isinstance(cfg, dict) else None
     if not isinstance(payloads, dict):
         raise CheckpointError(f"{path}: {name} is not a payload config")
+    is_constant = name.startswith("data/constants/")
+    folder = _PAYLOAD_FOLDERS[1] if is_constant else _PAYLOAD_FOLDERS[0]  # PyTorch joins these
+    described: set[str] = set()
     for fqn, meta in payloads.items():
         if not isinstance(meta, dict):
             raise CheckpointError(f"{path}: {name} entry {fqn!r} is malformed")
         file = str(meta.get("path_name", ""))
-        is_constant = name.startswith("data/constants/")
-        if meta.get("use_pickle") or (is_constant and not file.startswith("tensor_")):
+        if meta.get("use_pickle") is not False or (is_constant and not file.startswith("tensor_")):
             _refuse(path, f"holds a pickled entry ({name}: {fqn!r} -> {file}, use_pickle)")
         if not _KEY_NAME.fullmatch(str(fqn)) or not _KEY_NAME.fullmatch(file):
             raise UnsafeFileError(f"{path}: {name} names {str(fqn)[:60]!r}, not a plain name")
+        described.add(f"{folder}{file}".casefold())
+    return described
 
 
 def load_exported_program(
@@ -394,11 +469,38 @@ def load_exported_program(
         if not trust_code:
             raise UnsafeFileError(f"{e}: {hint}" if hint else str(e)) from None
         log.warning("%s; loaded anyway: trust_code is set", str(e).removesuffix("; refused"))
+    with _torch_export_log() as logged:
+        try:
+            return torch.export.load(str(path))
+        except Exception as e:  # torch raises RuntimeError, AssertionError, ValueError, ...
+            cause = next((r.exc_info[1] for r in logged if r.exc_info and r.exc_info[1]), e)
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise CheckpointError(f"cannot load torch.export file {path}: {first[:200]}") from e
+
+
+class _Hold(logging.Filter):
+    """A logger filter that keeps the records it sees instead of letting them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _torch_export_log() -> Iterator[list[logging.LogRecord]]:
+    """Hold what ``torch.export`` logs while it loads a file: on a failure it logs the whole
+    traceback as a warning, then raises "check the warnings above". The caller turns the
+    held error into its one-line message; only this logger, only for this call."""
+    logger, hold = logging.getLogger("torch.export"), _Hold()
+    logger.addFilter(hold)
     try:
-        return torch.export.load(str(path))
-    except Exception as e:  # torch raises RuntimeError, AssertionError, ValueError, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot load torch.export file {path}: {first[:200]}") from e
+        yield hold.records
+    finally:
+        logger.removeFilter(hold)
 
 
 def load_exported_module(
