@@ -36,7 +36,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("python_multipart")
 
-from deit.deploy.serve import app as app_module  # noqa: E402
+from deit.deploy.serve import core as core_module  # noqa: E402
 from deit.deploy.serve.app import ServerThread, ServeSettings, create_app  # noqa: E402
 
 MiB = 1024 * 1024
@@ -147,7 +147,7 @@ def test_the_decode_budget_answers_503_with_retry_after(
 ) -> None:
     """While one request's large images are being decoded (slowed down here), another large
     one waits ``busy_wait_s`` then gets 503 + Retry-After; a small one still gets through."""
-    real, decoding = app_module.load_image, threading.Event()
+    real, decoding = core_module.load_image, threading.Event()
 
     def slow_load_image(data: bytes, **kwargs: Any) -> Any:
         img = real(data, **kwargs)
@@ -156,7 +156,7 @@ def test_the_decode_budget_answers_503_with_retry_after(
             time.sleep(2.0)
         return img
 
-    monkeypatch.setattr(app_module, "load_image", slow_load_image)
+    monkeypatch.setattr(core_module, "load_image", slow_load_image)
     url = serve_with(
         max_pixels=10_000_000,
         max_request_pixels=20_000_000,
@@ -361,20 +361,22 @@ def test_page_head_static_headers_no_docs_and_no_paths(
     serve_with: Callable[..., str], model_dir: Path
 ) -> None:
     url = serve_with()
+    html = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}  # what a browser sends
     with httpx.Client(base_url=url, timeout=30) as client:
-        head = client.head("/")
+        head = client.head("/", headers=html)
         assert head.status_code == 200 and head.content == b""
         assert head.headers["content-type"].startswith("text/html")
+        assert client.get("/").json() == {"status": "alive"}  # KServe v1 liveness for clients
         assert client.head("/static/app.js").status_code == 200
-        for path in ("/", "/static/app.js", "/static/style.css", "/healthz"):
-            r = client.get(path)
+        for path in ("/", "/static/app.js", "/static/style.css", "/healthz", "/metrics"):
+            r = client.get(path, headers=html)
             assert r.status_code == 200
             assert "default-src 'self'" in r.headers["content-security-policy"], path
             assert r.headers["x-content-type-options"] == "nosniff", path
         assert client.get("/docs").status_code == 404  # Swagger UI would load a CDN script
         assert client.get("/openapi.json").json()["info"]["title"] == "deit"
         info = client.get("/v1/model").json()
-        assert info["source"] == model_dir.name
+        assert info["source"] == f"{model_dir.parent.name}/{model_dir.name}"  # folder + parent
         assert str(model_dir) not in client.get("/v1/model").text
         assert info["limits"]["max_request_pixels"] == ServeSettings().max_request_pixels
 

@@ -1,28 +1,33 @@
-"""HTTP server: classification with dynamic batching, attention maps and a web page.
+"""HTTP server: classification with dynamic batching, attention maps, a web page, and the
+protocols standard clients speak, all over one inference core.
 
-Endpoints (FastAPI on uvicorn; uploads are ``multipart/form-data``):
+Endpoints (FastAPI on uvicorn):
 
-    GET  /                     the web page (``web/``: HTML, JS and CSS, no CDN); also HEAD
-    GET  /static/...           the page's script, stylesheet and sample images
+    GET  /                     the web page (``web/``: HTML, JS and CSS, no CDN) for a client
+                               that accepts ``text/html``; else KServe v1's ``{"status": "alive"}``
+    POST /                     the Hugging Face inference convention (:mod:`.protocols`)
+    GET  /static/...           the page's script and stylesheet
     GET  /openapi.json         the API schema (no /docs: Swagger UI would come from a CDN)
     GET  /healthz              liveness and batching counters
+    GET  /metrics              Prometheus metrics (:mod:`.metrics`)
     GET  /v1/model             model name, config, labels, preprocessing, limits, batching counters
-    POST /v1/classify          one image (field ``file``), ``top_k`` as query or form field
+    GET  /v1/samples[/{i}]     the sample images that fit the model (:mod:`.page`)
+    POST /v1/classify          one image (multipart field ``file``), ``top_k`` as query or field
     POST /v1/classify/batch    several images (field ``files``); per-file results or errors
     POST /v1/explain           attention rollout: ``format=png`` (overlay) or ``json`` (maps)
+    /v2/..., /v1/models/...    Open Inference Protocol v2 and KServe v1 (:mod:`.protocols`)
 
-Concurrent requests are batched: each upload is decoded and preprocessed in a thread pool as
-it arrives, then queued; one worker takes up to ``max_batch`` queued images, waiting at most
-``max_wait_ms`` after the first, runs the model once on the stack and hands each request its
-row. Decoding thus overlaps inference, and unreadable uploads are answered before they reach
-the queue. The model runs in one dedicated thread, so the event loop keeps serving meanwhile.
+Every route goes through :class:`~deit.deploy.serve.core.InferenceCore`: uploads are decoded
+and preprocessed in a thread pool as they arrive, then batched (one model thread, up to
+``max_batch`` images, waiting at most ``max_wait_ms`` after the first). Attention maps have
+their own thread and bounded queue, so they never delay classifications.
 
 Errors are JSON ``{"error": "..."}``: 413 for an upload over ``max_upload_mb``, more than
 ``max_files`` files, an image over ``max_pixels`` or a request over ``max_request_pixels``;
 415 for a non-image or a missing multipart body, 400 for an empty or malformed upload, 422 for
 a truncated/corrupt image or bad parameters, 503 (with ``Retry-After``) when the queue, the
-server's upload budget or its decode budget is full. The server binds 127.0.0.1 unless told
-otherwise.
+server's upload budget, its decode budget or the explain queue is full. The server binds
+127.0.0.1 unless told otherwise.
 
 Hostile load is bounded by two server-wide budgets shared by the requests in flight (see
 :mod:`deit.deploy.serve.limits`): upload bytes held in memory (``max_inflight_upload_mb``), and
@@ -36,86 +41,35 @@ finish, then are cancelled.
 """
 
 import asyncio
-import io
-import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal
 
-import numpy as np
-from torch import Tensor
-
+from deit import __version__
 from deit.checkpoints import as_loaded
-from deit.deploy.serve.batching import DynamicBatcher
-from deit.deploy.serve.limits import RETRY_AFTER_S, Budget, Reservation
+from deit.deploy.serve.core import Classified, InferenceCore, top_predictions
+from deit.deploy.serve.limits import RETRY_AFTER_S, Reservation
+from deit.deploy.serve.metrics import ServeMetrics, route_of
+from deit.deploy.serve.page import check_model_name, display_name, model_name, page_samples
+from deit.deploy.serve.protocols import add_huggingface_routes, add_v2_routes
+from deit.deploy.serve.settings import ServeSettings
 from deit.deploy.serve.uploads import ApiError, Uploads, parse_top_k, read_uploads
-from deit.errors import BusyError, DeiTError
-from deit.explain import explain_payload, rollout_maps
+from deit.errors import DeiTError
 from deit.inference import Classifier
 from deit.runtime import require
-from deit.transforms import load_image, preprocess_image
 
-T = TypeVar("T")
+__all__ = ["LOOPBACK", "ServeSettings", "ServerThread", "create_app", "display_name", "serve"]
+
 WEB_DIR = Path(__file__).parent / "web"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKENS: dict[str, Literal["cls", "dist", "both"]] = {"cls": "cls", "dist": "dist", "both": "both"}
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """Server limits and batching. Sizes in MiB; pixels are width x height (from the header).
-
-    Per request: ``max_upload_mb`` per file, ``max_files`` files, ``max_pixels`` per image and
-    ``max_request_pixels`` for all of a request's images (413 beyond). Server-wide, over all
-    requests in flight: ``max_inflight_upload_mb`` of upload bytes held and
-    ``max_inflight_pixels`` queued for or in decoding; a request that finds a budget spent
-    waits up to ``busy_wait_s``, then gets 503 with ``Retry-After``. ``allowed_hosts``:
-    ``Host`` header values accepted (``*`` = any). ``shutdown_timeout_s``: how long requests
-    in flight may finish after SIGTERM/SIGINT before they are cancelled.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_upload_mb: float = 10.0
-    max_pixels: int = 50_000_000
-    max_request_pixels: int = 100_000_000
-    max_files: int = 32
-    max_queue: int = 1024
-    max_inflight_upload_mb: float = 512.0
-    max_inflight_pixels: int = 100_000_000
-    busy_wait_s: float = 5.0
-    shutdown_timeout_s: float = 10.0
-    allowed_hosts: tuple[str, ...] = ("*",)
-    decode_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    default_top_k: int = 5
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-    @property
-    def max_inflight_upload_bytes(self) -> int:
-        return int(self.max_inflight_upload_mb * 1024 * 1024)
-
-
-def display_name(source: str) -> str:
-    """What the page and ``/v1/model`` show of a model's source: a file or folder's name (never
-    its absolute path), a Hub id or embedded model's name as is."""
-    path = Path(source)
-    try:
-        local = path.is_absolute() or path.exists()
-    except OSError:
-        local = False
-    return (path.name or source) if local else source
-
-
-def _model_info(clf: Any, settings: ServeSettings, stats: dict[str, Any]) -> dict[str, Any]:
+def _model_info(core: InferenceCore, name: str, stats: dict[str, Any]) -> dict[str, Any]:
+    clf, settings = core.clf, core.settings
     loaded = clf.loaded
     return {
+        "name": name,
         "source": display_name(loaded.source),
         "format": loaded.format,
         "config": loaded.config.to_dict(),
@@ -135,180 +89,44 @@ def _model_info(clf: Any, settings: ServeSettings, stats: dict[str, Any]) -> dic
             "max_files": settings.max_files,
             "max_inflight_upload_mb": settings.max_inflight_upload_mb,
             "max_inflight_pixels": settings.max_inflight_pixels,
+            "max_explain_concurrent": settings.max_explain_concurrent,
+            "max_explain_queue": settings.max_explain_queue,
         },
         "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms, **stats},
     }
 
 
-class _Service:
-    """What the endpoints do, apart from HTTP: budgets, decoding, batching, explaining.
+async def _upload_form(
+    core: InferenceCore, request: Any, held: Reservation, field_name: str, max_files: int = 1
+) -> tuple[Uploads, int]:
+    """The request's multipart files (within the byte budget ``held``) and its ``top_k``."""
+    form = await read_uploads(
+        request,
+        field_name=field_name,
+        max_file_bytes=core.settings.max_upload_bytes,
+        max_files=max_files,
+        budget=held,
+    )
+    k = parse_top_k(
+        request.query_params.get("top_k", form.fields.get("top_k")),
+        core.settings.default_top_k,
+        len(core.labels),
+    )
+    return form, k
 
-    The thread pools and the batcher exist while the app runs (:meth:`start`/:meth:`stop`,
-    called by the app's lifespan).
-    """
 
-    def __init__(self, clf: Classifier, settings: ServeSettings) -> None:
-        self.clf, self.settings = clf, settings
-        self.pools: dict[str, ThreadPoolExecutor] = {}
-        wait = settings.busy_wait_s
-        self.upload_budget = Budget(settings.max_inflight_upload_bytes, "upload bytes", wait_s=wait)
-        self.pixel_budget = Budget(settings.max_inflight_pixels, "pixels to decode", wait_s=wait)
-        self.batcher: DynamicBatcher | None = None
-
-    def start(self) -> DynamicBatcher:
-        s = self.settings
-        self.pools["model"] = ThreadPoolExecutor(1, thread_name_prefix="deit-model")
-        self.pools["decode"] = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="deit-io")
-        self.pools["peek"] = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="deit-hdr")
-        self.batcher = DynamicBatcher(
-            self.clf.logits,
-            self.pools["model"],
-            max_batch=s.max_batch,
-            max_wait_ms=s.max_wait_ms,
-            max_queue=s.max_queue,
-        )
-        self.batcher.start()
-        return self.batcher
-
-    async def stop(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.stop()
-        for pool in self.pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    async def run_in(self, pool: str, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.pools[pool], fn, *args)
-
-    def decode(self, data: bytes) -> tuple[Any, Tensor]:
-        img = load_image(
-            data, max_pixels=self.settings.max_pixels, fast_decode=self.clf.fast_decode
-        )
-        return img, preprocess_image(img, self.clf.loaded.preprocess)
-
-    def header_pixels(self, files: list[tuple[str, bytes]]) -> list[int]:
-        """Each image's width x height from its header, without decoding; 0 for the images
-        that ``load_image`` refuses from the header anyway (unreadable, over max_pixels)."""
-        from PIL import Image
-
-        sizes = []
-        for _, data in files:
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    pixels = img.size[0] * img.size[1]
-            except Exception:  # not an image, corrupt, or PIL's decompression-bomb check
-                pixels = 0
-            sizes.append(pixels if pixels <= self.settings.max_pixels else 0)
-        return sizes
-
-    async def reserve_pixels(self, files: list[tuple[str, bytes]], held: Reservation) -> list[int]:
-        """Each file's pixels, all taken from the decode budget (413 over the request limit,
-        503 if the server stays too busy); each is given back once that file is decoded."""
-        sizes = await self.run_in("peek", self.header_pixels, files)
-        total, limit = sum(sizes), self.settings.max_request_pixels
-        if total > limit:
-            raise ApiError(
-                413,
-                f"the images of this request hold {total} pixels in all, more than the limit "
-                f"of {limit}; send fewer or smaller images",
-            )
-        await held.grow(total)
-        return sizes
-
-    async def upload_form(
-        self, request: Any, held: Reservation, field_name: str, max_files: int = 1
-    ) -> tuple[Uploads, int]:
-        """The request's files (within the byte budget ``held``) and its ``top_k``."""
-        form = await read_uploads(
-            request,
-            field_name=field_name,
-            max_file_bytes=self.settings.max_upload_bytes,
-            max_files=max_files,
-            budget=held,
-        )
-        k = parse_top_k(
-            request.query_params.get("top_k", form.fields.get("top_k")),
-            self.settings.default_top_k,
-            len(self.clf.labels),
-        )
-        return form, k
-
-    async def classify_one(
-        self, data: bytes, k: int, pixels: int, held: Reservation
-    ) -> list[dict[str, Any]]:
-        assert self.batcher is not None, "the app is not running"
-        try:
-            _, x = await self.run_in("decode", self.decode, data)
-        finally:
-            held.shrink(pixels)  # decoded (or failed): its pixels are free for others
-        try:
-            row = await self.batcher.submit(x)
-        except BusyError as e:
-            raise BusyError(f"server busy ({e}), retry later") from None
-        return [asdict(p) for p in self.clf.topk(row[None], k)[0]]
-
-    async def classify(self, request: Any) -> dict[str, Any]:
-        async with self.upload_budget.hold() as held_bytes, self.pixel_budget.hold() as held_px:
-            form, k = await self.upload_form(request, held_bytes, "file")
-            sizes = await self.reserve_pixels(form.files, held_px)
-            name, data = form.files[0]
-            start = time.perf_counter()
-            preds = await self.classify_one(data, k, sizes[0], held_px)
-        ms = round(1000 * (time.perf_counter() - start), 3)
-        return {"filename": name, "predictions": preds, "time_ms": ms}
-
-    async def classify_batch(self, request: Any) -> dict[str, Any]:
-        async with self.upload_budget.hold() as held_bytes, self.pixel_budget.hold() as held_px:
-            form, k = await self.upload_form(request, held_bytes, "files", self.settings.max_files)
-            sizes = await self.reserve_pixels(form.files, held_px)
-            outcomes = await asyncio.gather(
-                *(
-                    self.classify_one(data, k, pixels, held_px)
-                    for (_, data), pixels in zip(form.files, sizes)
-                ),
-                return_exceptions=True,
-            )
-        results: list[dict[str, Any]] = []
-        for (name, _), out in zip(form.files, outcomes):
-            if isinstance(out, DeiTError):
-                results.append({"filename": name, "error": str(out), "status": out.http_status})
-            elif isinstance(out, BaseException):
-                raise out
-            else:
-                results.append({"filename": name, "predictions": out})
-        return {"results": results}
-
-    async def explain(self, request: Any) -> tuple[bytes | dict[str, Any], str]:
-        """The attention-rollout answer and its format (``png`` or ``json``)."""
-        loaded = self.clf.loaded
-        async with self.upload_budget.hold() as held_bytes, self.pixel_budget.hold() as held_px:
-            form, _ = await self.upload_form(request, held_bytes, "file")
-            params = {**form.fields, **request.query_params}
-            token, fmt = params.get("token", "both"), params.get("format", "json")
-            if token not in ("cls", "dist", "both") or fmt not in ("json", "png"):
-                raise ApiError(422, "token must be cls, dist or both; format json or png")
-            if loaded.format in ("onnx", "openvino"):
-                raise ApiError(
-                    422, f"explain needs a PyTorch model; this server runs {loaded.format}"
-                )
-            if token == "dist" and not loaded.config.distilled:
-                raise ApiError(422, "this model has no distillation token")
-            await self.reserve_pixels(form.files, held_px)  # held until the answer is built
-            img, pixels = await self.run_in("decode", self.decode, form.files[0][1])
-
-            def run() -> dict[str, np.ndarray]:
-                ref = loaded.model  # the fp32 eager model, whatever precision serves
-                maps = rollout_maps(ref, pixels[None].to(next(ref.parameters()).device), token)
-                return {k: v[0].numpy() for k, v in maps.items()}
-
-            maps = await self.run_in("model", run)
-            body = await self.run_in("decode", explain_payload, img, loaded.preprocess, maps, fmt)
-        return body, fmt
+def _file_answer(name: str, out: Classified | DeiTError, labels: list[str], k: int) -> dict:
+    """One file's entry in a JSON answer: predictions and extra fields, or its error."""
+    if isinstance(out, DeiTError):
+        return {"filename": name, "error": str(out), "status": out.http_status}
+    return {"filename": name, "predictions": top_predictions(out, labels, k), **out.extras}
 
 
 def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     """The FastAPI application serving ``model`` (a ``Classifier``, loaded model or source).
 
-    ``app.state.batcher.stats`` holds the batching counters once the app has started.
+    ``app.state.batcher.stats`` holds the batching counters once the app has started;
+    ``app.state.core`` is the inference core and ``app.state.metrics`` the Prometheus metrics.
     """
     require_server()
     from contextlib import asynccontextmanager
@@ -320,51 +138,92 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
 
     settings = settings or ServeSettings()
     clf = model if isinstance(model, Classifier) else _classifier(model)
-    service = _Service(clf, settings)
+    name = check_model_name(settings.name or model_name(clf.loaded.source))
+    metrics = ServeMetrics(settings.max_batch)
+    core = InferenceCore(clf, settings, observe=metrics.observe_batch)
+    samples = page_samples(clf.loaded)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        app.state.batcher = service.start()
+        app.state.batcher = core.start()
         try:
             yield
         finally:
-            await service.stop()
+            await core.stop()
 
     # No /docs: Swagger UI loads its script from a CDN. The schema stays at /openapi.json.
-    app = FastAPI(title="deit", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.settings = settings
+    app = FastAPI(
+        title="deit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    app.state.settings, app.state.core, app.state.metrics = settings, core, metrics
     if "*" not in settings.allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
-    app.add_middleware(_edge_middleware())  # outermost: sees every response
+    app.add_middleware(_edge_middleware(metrics, settings.served_by))  # outermost
     _add_error_handlers(app)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
         return {"status": "ok", "batching": request.app.state.batcher.stats.to_dict()}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/model")
     async def model_info(request: Request) -> dict[str, Any]:
-        return _model_info(clf, settings, request.app.state.batcher.stats.to_dict())
+        return _model_info(core, name, request.app.state.batcher.stats.to_dict())
+
+    @app.get("/v1/samples")
+    async def sample_list() -> list[dict[str, str]]:
+        return [{"title": s.title, "url": f"v1/samples/{i}"} for i, s in enumerate(samples)]
+
+    @app.get("/v1/samples/{index}")
+    async def sample_image(index: int) -> FileResponse:
+        if not 0 <= index < len(samples):
+            raise ApiError(404, f"no sample {index}")
+        return FileResponse(samples[index].path)
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict[str, Any]:
-        return await service.classify(request)
+        async with core.budgets() as (held_bytes, held_px):
+            form, k = await _upload_form(core, request, held_bytes, "file")
+            start = time.perf_counter()
+            [out] = await core.classify_files(form.files, held_px)
+        if isinstance(out, DeiTError):
+            raise out
+        answer = _file_answer(form.files[0][0], out, core.labels, k)
+        return {**answer, "time_ms": round(1000 * (time.perf_counter() - start), 3)}
 
     @app.post("/v1/classify/batch")
     async def classify_batch(request: Request) -> dict[str, Any]:
-        return await service.classify_batch(request)
+        async with core.budgets() as (held_bytes, held_px):
+            form, k = await _upload_form(core, request, held_bytes, "files", settings.max_files)
+            outcomes = await core.classify_files(form.files, held_px)
+        files = [n for n, _ in form.files]
+        return {"results": [_file_answer(n, o, core.labels, k) for n, o in zip(files, outcomes)]}
 
     @app.post("/v1/explain")
     async def explain_endpoint(request: Request) -> Response:
-        body, fmt = await service.explain(request)
-        if fmt == "png":
+        async with core.explain_gate.admit(), core.budgets() as (held_bytes, held_px):
+            form, _ = await _upload_form(core, request, held_bytes, "file")
+            params = {**form.fields, **request.query_params}
+            token, fmt = params.get("token", "both"), params.get("format", "json")
+            if token not in TOKENS or fmt not in ("json", "png"):
+                raise ApiError(422, "token must be cls, dist or both; format json or png")
+            body = await core.explain(form.files[0][1], held_px, TOKENS[token], fmt)
+        if isinstance(body, bytes):
             return Response(body, media_type="image/png")
         return JSONResponse(body)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html")
+    async def index(request: Request) -> Response:
+        if "text/html" in request.headers.get("accept", ""):
+            return FileResponse(WEB_DIR / "index.html")
+        return JSONResponse({"status": "alive"})  # KServe v1 liveness
 
+    add_huggingface_routes(app, core)
+    add_v2_routes(app, core, name, __version__)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
 
@@ -410,16 +269,26 @@ SECURITY_HEADERS = {
 }
 
 
-def _edge_middleware() -> Any:
-    """The outermost ASGI middleware: :data:`SECURITY_HEADERS` on every HTTP response (the
-    page, its static files, the API and error answers alike), and a request cancelled by the
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _edge_middleware(metrics: ServeMetrics, served_by: str | None) -> Any:
+    """The outermost ASGI middleware: :data:`SECURITY_HEADERS` (and ``X-Served-By`` when
+    ``served_by`` is set) on every HTTP response (the page, its static files, the API and
+    error answers alike), each request counted in ``metrics``, and a request cancelled by the
     shutdown deadline logged in one line (answered 503 if nothing was sent yet) instead of
-    uvicorn's traceback."""
+    uvicorn's traceback. Request headers (``Authorization`` among them) are never logged."""
     import logging
 
     from starlette.datastructures import MutableHeaders
 
     log = logging.getLogger("uvicorn.error")
+    extra = {**SECURITY_HEADERS, **({"X-Served-By": served_by} if served_by else {})}
 
     class Edge:
         def __init__(self, app: Any) -> None:
@@ -429,14 +298,14 @@ def _edge_middleware() -> Any:
             if scope["type"] != "http":
                 await self.app(scope, receive, send)
                 return
-            started = False
+            status, start = 0, time.perf_counter()
 
             async def send_with_headers(message: Any) -> None:
-                nonlocal started
+                nonlocal status
                 if message["type"] == "http.response.start":
-                    started = True
+                    status = message["status"]
                     headers = MutableHeaders(scope=message)
-                    for name, value in SECURITY_HEADERS.items():
+                    for name, value in extra.items():
                         headers.setdefault(name, value)
                 await send(message)
 
@@ -444,7 +313,7 @@ def _edge_middleware() -> Any:
                 await self.app(scope, receive, send_with_headers)
             except asyncio.CancelledError:  # uvicorn's shutdown deadline; the task ends here
                 log.info("%s %s: cancelled at shutdown", scope["method"], scope["path"])
-                if not started:
+                if not status:
                     body = b'{"error":"server shutting down"}'
                     await send_with_headers(
                         {
@@ -458,6 +327,9 @@ def _edge_middleware() -> Any:
                         }
                     )
                     await send({"type": "http.response.body", "body": body})
+            finally:
+                seconds = time.perf_counter() - start
+                metrics.observe_request(route_of(scope), scope["method"], status or 500, seconds)
 
     return Edge
 

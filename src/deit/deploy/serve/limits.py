@@ -5,11 +5,16 @@ decoding) that all requests draw from. A request takes what it needs through a
 :class:`Reservation`; when the budget is spent it waits up to ``wait_s`` for others to give
 some back, then is refused with 503 and a ``Retry-After`` header. A request that needs more
 than the whole budget could never run and is refused with 413 at once.
+
+:func:`pixel_cost` prices an image for the pixel budgets; a :class:`Gate` bounds how many
+requests of one kind (attention maps) run and wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import TracebackType
 
 from deit.deploy.serve.uploads import ApiError
@@ -101,3 +106,55 @@ class Reservation:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.shrink(self.held)
+
+
+def pixel_cost(width: int, height: int) -> int:
+    """What one image of ``width`` x ``height`` (from its header) costs in the pixel budgets.
+
+    The one place the server prices an image: the per-image and per-request limits and the
+    server-wide decode budget all count this.
+    """
+    return width * height
+
+
+class Gate:
+    """At most ``concurrency`` requests of one kind running and ``queue`` more waiting.
+
+    A request is admitted (:meth:`admit`, before it reads its upload) or refused at once with
+    503 and ``Retry-After`` when ``concurrency + queue`` are already admitted; admitted requests
+    then take turns (:meth:`turn`) for the part that needs the gate. Attention maps
+    (``/v1/explain``) go through one, so a flood of them waits here instead of in the batcher's
+    model thread, where it would delay every classification.
+    """
+
+    def __init__(self, concurrency: int, queue: int, what: str) -> None:
+        if concurrency < 1 or queue < 0:
+            raise ValueError(f"{what}: concurrency must be >= 1 and queue >= 0")
+        self.capacity, self.what = concurrency + queue, what
+        self.admitted = 0
+        self._turns = asyncio.Semaphore(concurrency)
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold a place until the ``async with`` ends.
+
+        Raises:
+            ApiError: 503 (``Retry-After``) when every place is taken.
+        """
+        if self.admitted >= self.capacity:
+            raise ApiError(
+                503,
+                f"server busy: {self.admitted} {self.what} requests in flight, retry later",
+                retry_after=RETRY_AFTER_S,
+            )
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait for one of the ``concurrency`` turns and hold it until the block ends."""
+        async with self._turns:
+            yield

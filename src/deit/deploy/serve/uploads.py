@@ -7,6 +7,8 @@ the request limit, one file passes ``max_file_bytes``, a text field passes 4 KiB
 outnumber ``max_files``. Every byte received is also counted against the server's upload
 budget (a :class:`~deit.deploy.serve.limits.Reservation`), which answers 503 when the requests
 in flight already hold too much. A client that hangs up mid-upload is logged in one line.
+:func:`read_body` reads a whole non-multipart body (raw image bytes, JSON) under the same
+rules, for the standard protocols' routes.
 """
 
 from __future__ import annotations
@@ -217,6 +219,36 @@ async def read_uploads(
     if not uploads.files:
         raise ApiError(422, f"no file in form field {field_name!r}")
     return uploads
+
+
+async def read_body(request: Any, *, limit: int, budget: Reservation | None = None) -> bytes:
+    """The whole body of ``request``, refused (413) as soon as it passes ``limit`` bytes.
+
+    A ``Content-Length`` over the limit is refused before anything is read; every chunk is
+    counted against ``budget`` (503 when the server's upload budget is spent).
+
+    Raises:
+        ApiError: 413 too large, 400 empty, 503 budget spent; :class:`ClientGone` on hang-up.
+    """
+    from starlette.requests import ClientDisconnect
+
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"body of {length} bytes is larger than the limit of {limit}")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                raise ApiError(413, f"body larger than {limit} bytes")
+            if budget is not None:
+                await budget.grow(len(chunk))
+            body += chunk
+    except ClientDisconnect:
+        log.info("%s: client disconnected after %d bytes of its body", request.url.path, len(body))
+        raise ClientGone("client disconnected during the upload") from None
+    if not body:
+        raise ApiError(400, "empty body: send an image")
+    return bytes(body)
 
 
 def parse_top_k(value: Any, default: int, num_classes: int) -> int:
