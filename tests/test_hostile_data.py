@@ -7,7 +7,9 @@ Each test here failed on the code before its fix; docs/security.md says what eac
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import tracemalloc
 from pathlib import Path
 
@@ -87,3 +89,251 @@ def test_predict_answers_the_others_of_a_batch_with_an_elongated_image(
     assert rows[2]["error"] is None and len(rows[2]["predictions"]) == 3
     assert "too elongated" in rows[1]["error"] and not rows[1]["predictions"]
     assert code == 1 and "1 of 3 inputs failed" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- items 3 and 7
+
+datasets = pytest.importorskip("datasets")
+pytest.importorskip("webdataset")
+
+from deit.train import packing, shards, sources  # noqa: E402  (needs the optional packages above)
+from deit.train.data import FASHION_MNIST_CLASSES, BadSample  # noqa: E402
+
+
+def _png(value: int = 128, size: int = 28) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (size, size), value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sparse_member(name: str, declared: int) -> bytes:
+    """A GNU ``S`` (sparse) tar entry, as ``tar --sparse`` writes one for a file of
+    ``declared`` bytes that is all holes but its last 512: a header and one data block."""
+    info = tarfile.TarInfo(name)
+    info.size = 512
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[386:398] = f"{declared - 512:011o}\0".encode()  # the one data region: offset,
+    header[398:410] = f"{512:011o}\0".encode()  # and length
+    header[483:495] = f"{declared:011o}\0".encode()  # the real size
+    header[148:156] = b"        "
+    header[148:156] = f"{sum(header):06o}\0 ".encode()  # the checksum
+    return bytes(header) + b"\1" * 512
+
+
+def _shard(path: Path, members: list[tuple[str, bytes]], raw: bytes = b"") -> Path:
+    """A tar of ``members``, with ``raw`` (already tar-formatted entries) first."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(raw + buf.getvalue())
+    return path
+
+
+def _samples(pattern: str, classes: list[str] | None = None) -> list[object]:
+    ds = sources.WebDatasetShards(
+        pattern, 1, labels=classes or FASHION_MNIST_CLASSES, train=False, shuffle_buffer=0
+    )
+    return list(ds.samples())
+
+
+def test_a_sparse_member_is_refused_unread_and_the_shard_goes_on(tmp_path: Path) -> None:
+    declared = 3 * 2**30  # 3 GB of holes in a 2.5 KB shard
+    shard = _shard(
+        tmp_path / "s-000000.tar",
+        [("000000.cls", b"1"), ("000001.png", _png()), ("000001.cls", b"2")],
+        raw=_sparse_member("000000.png", declared),
+    )
+    assert shard.stat().st_size < 16 * 1024
+    tracemalloc.start()
+    try:
+        got = _samples(str(shard))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+    assert isinstance(got[0], BadSample) and "sparse" in got[0].reason
+    assert got[0].path == "s-000000.tar:000000"
+    assert not isinstance(got[1], BadSample) and got[1][1] == 2  # type: ignore[index]
+
+
+def test_a_member_over_the_cap_is_refused_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 2**20)
+    zeros = tmp_path / "z-000000.tar.gz"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        _add(tar, "000000.png", _png())
+        _add(tar, "000000.cls", b"0")
+        _add(tar, "000001.png", bytes(4 * 2**20))  # 4 MiB of zeros: 4 KB compressed
+        _add(tar, "000001.cls", b"0")
+        _add(tar, "000002.png", _png())
+    zeros.write_bytes(buf.getvalue())
+    got = _samples(str(zeros))
+    assert len(got) == 2 and not isinstance(got[0], BadSample)
+    assert isinstance(got[1], BadSample) and "declares 4194304 bytes" in got[1].reason
+    assert "rest of the shard skipped" in got[1].reason
+
+
+def test_decompression_is_bounded_by_the_shard_size(tmp_path: Path) -> None:
+    zeros = tmp_path / "z.tar.gz"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for i in range(64):  # 64 x 256 KiB of zeros, each under the member cap
+            _add(tar, f"{i:06d}.png", bytes(256 * 1024))
+    zeros.write_bytes(buf.getvalue())
+    got = list(shards.iter_shard(str(zeros), {"png"}, max_ratio=100, ratio_grace_bytes=2**20))
+    assert isinstance(got[-1], BadSample) and "inflates" in got[-1].reason
+    assert len(got) < 10  # stopped after about 1 MiB, not 16 MiB
+
+
+def test_a_shard_that_is_no_tar_is_one_bad_sample(tmp_path: Path) -> None:
+    (tmp_path / "x.tar").write_bytes(b"\x1f\x8b" + bytes(600))
+    (got,) = list(shards.iter_shard(str(tmp_path / "x.tar"), {"png"}))
+    assert isinstance(got, BadSample) and "unreadable shard" in got.reason
+
+
+def test_labels_out_of_range_or_not_integers_are_bad_samples(tmp_path: Path) -> None:
+    members = []
+    labels = {"a": b"3", "b": b"99", "c": b"-1", "d": b"3.9", "e": b"true", "f": b" 7\n"}
+    for key, cls in labels.items():
+        members += [(f"{key}.png", _png()), (f"{key}.cls", cls)]
+    for key, label in {"g": 3.9, "h": True, "i": 5, "j": "4"}.items():
+        members += [(f"{key}.png", _png()), (f"{key}.json", json.dumps({"label": label}).encode())]
+    _shard(tmp_path / "l-000000.tar", members)
+    got = {
+        (s.path.split(":")[1] if isinstance(s, BadSample) else None): s
+        for s in _samples(str(tmp_path / "l-000000.tar"))
+    }
+    assert set(got) >= {"b", "c", "d", "e", "g", "h"}
+    assert "out of range" in got["b"].reason and "out of range" in got["c"].reason  # type: ignore[union-attr]
+    assert "not an integer" in got["g"].reason and "not an integer" in got["h"].reason  # type: ignore[union-attr]
+    good = [s[1] for s in _samples(str(tmp_path / "l-000000.tar")) if not isinstance(s, BadSample)]
+    assert good == [3, 7, 5, 4]
+
+
+def _fm_folder(root: Path, names: dict[str, int], per_class: int = 4) -> Path:
+    from deit.train.data import load_fashion_mnist
+
+    x, y = load_fashion_mnist("test")
+    for folder, label in names.items():
+        (root / folder).mkdir(parents=True)
+        for n, i in enumerate((y == label).nonzero().flatten()[:per_class].tolist()):
+            Image.fromarray(x[i, 0].numpy(), mode="L").save(root / folder / f"{n}.png")
+    return root
+
+
+def test_eval_relabels_shards_whose_class_names_differ_from_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Folder names spelled differently from the model's labels and in another order.
+    folder = _fm_folder(tmp_path / "folder", {"trouser": 1, "T-shirt_top": 0, "bag": 8})
+    packing.pack(str(folder), tmp_path / "shards", shard_size=5, split="test")
+    args = ["eval", "--model", "fashion-mnist", "--device", "cpu", "--json"]
+    assert main([*args, "--data", str(folder)]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main([*args, "--data", f"webdataset:{tmp_path / 'shards'}/test-*.tar"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["num_samples"] == want["num_samples"] == 12
+    assert got["top1"] == want["top1"] and got["confusion"] == want["confusion"]
+
+
+def test_eval_counts_out_of_range_labels_as_bad_samples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    members = [("0.png", _png()), ("0.cls", b"99"), ("1.png", _png()), ("1.cls", b"-1")]
+    members += [("2.png", _png()), ("2.cls", b"1")]
+    _shard(tmp_path / "e-000000.tar", members)
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": FASHION_MNIST_CLASSES}))
+    data = f"webdataset:{tmp_path / 'e-000000.tar'}"
+    code = main(["eval", "--model", "fashion-mnist", "--device", "cpu", "--json", "--data", data])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["num_samples"] == 1 and len(report["bad_samples"]) == 2
+    assert "Traceback" not in err and code in (0, 1)
+
+
+# --------------------------------------------------------------------------- item 8
+
+
+def test_packing_again_replaces_the_split_and_keeps_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _fm_folder(tmp_path / "folder", {"Trouser": 1, "Bag": 8}, per_class=5)
+    out = tmp_path / "out"
+    args = ["data", "pack", str(folder), str(out), "--shard-size", "3"]
+    assert main([*args, "--split", "test"]) == 0
+    assert main(args) == 0
+    assert "10 samples, 2 classes in 4 shards" in capsys.readouterr().out
+    assert main([*args[:-1], "5"]) == 0  # again, in larger shards
+    assert "10 samples, 2 classes in 2 shards" in capsys.readouterr().out
+    meta = json.loads((out / "classes.json").read_text())
+    on_disk = sorted(p.name for p in out.iterdir() if p.suffix == ".tar")
+    assert sorted(meta["shards"]) == on_disk  # the old train-000002/3 are gone
+    assert on_disk == [f"test-00000{i}.tar" for i in range(4)] + [
+        "train-000000.tar",
+        "train-000001.tar",
+    ]
+    assert meta["samples"] == 20 and meta["splits"]["train"]["samples"] == 10
+    assert len(_samples(str(out / "train-*.tar"), ["Bag", "Trouser"])) == 10  # not read twice
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_a_failed_pack_leaves_the_folder_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _fm_folder(tmp_path / "folder", {"Trouser": 1, "Bag": 8}, per_class=5)
+    packing.pack(str(folder), tmp_path / "out", shard_size=4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    written = []
+
+    def killed(items: object, tmp: Path, split: str, shard_size: int) -> None:
+        (tmp / f"{split}-000000.tar").write_bytes(b"half a shard")
+        written.append(tmp)
+        raise KeyboardInterrupt  # what a kill leaves, short of the process dying
+
+    monkeypatch.setattr(packing, "_write_shards", killed)
+    with pytest.raises(KeyboardInterrupt):
+        packing.pack(str(folder), tmp_path / "out", shard_size=2)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert written and not written[0].exists()
+    with pytest.raises(KeyboardInterrupt):  # a first pack that fails leaves no folder at all
+        packing.pack(str(folder), tmp_path / "new", shard_size=2)
+    assert not (tmp_path / "new").exists()
+
+
+def test_percent_signs_and_odd_split_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _fm_folder(tmp_path / "folder", {"Trouser": 1}, per_class=2)
+    out = tmp_path / "100% %d %s"
+    assert main(["data", "pack", str(folder), str(out), "--split", "a%d%%"]) == 0
+    assert (out / "a%d%%-000000.tar").is_file() and (out / "classes.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["100% %d %s", "folder"]  # nothing stray
+    for split in ("../x", ".hidden", ""):
+        assert main(["data", "pack", str(folder), str(out), "--split", split]) == 2
+        err = capsys.readouterr().err
+        assert "split name" in err and "Traceback" not in err
+    assert not (tmp_path / "x-000000.tar").exists()
+
+
+def test_other_splits_with_other_classes_are_not_mixed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = _fm_folder(tmp_path / "a", {"Trouser": 1, "Bag": 8}, per_class=2)
+    b = _fm_folder(tmp_path / "b", {"Coat": 4}, per_class=2)
+    assert main(["data", "pack", str(a), str(tmp_path / "out"), "--split", "test"]) == 0
+    assert main(["data", "pack", str(b), str(tmp_path / "out")]) == 2
+    assert "other classes" in capsys.readouterr().err
+    (tmp_path / "out" / "notes").mkdir()
+    assert main(["data", "pack", str(a), str(tmp_path / "out")]) == 2
+    assert "pack into a new or empty folder" in capsys.readouterr().err

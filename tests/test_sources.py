@@ -25,6 +25,7 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("webdataset")
 
 from deit.train import sources  # noqa: E402  (needs the optional packages above)
+from deit.train.packing import pack  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").exists()
@@ -91,9 +92,7 @@ def store(fm: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[
     for split, ds in dd.items():
         ds.to_parquet(str(root / "parquet" / f"{split}.parquet"))
     for split in ("train", "test"):  # 12 train shards: divisible among 2 ranks x 2 workers
-        sources.pack(
-            str(root / "disk"), root / "wds" / f"{split}-%06d.tar", shard_size=25, split=split
-        )
+        pack(str(root / "disk"), root / "wds", shard_size=25, split=split)
     return {"root": root, "disk": root / "disk", "parquet": root / "parquet", "wds": root / "wds"}
 
 
@@ -384,9 +383,9 @@ def test_each_source_learns_as_well_as_the_folder(tmp_path: Path) -> None:
     dd.save_to_disk(str(tmp_path / "disk"))
     for split, ds in dd.items():
         ds.to_parquet(str(tmp_path / f"{split}.parquet"))
-        sources.pack(
+        pack(
             str(tmp_path / "disk"),
-            tmp_path / "wds" / f"{split}-%06d.tar",
+            tmp_path / "wds",
             shard_size=250,
             split=split,
         )

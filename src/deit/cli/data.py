@@ -33,23 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deit.train.sources import pack
+    from deit.train.packing import pack
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.action != "pack":
         raise UsageError(f"unknown action {args.action!r}")
     out = Path(args.out_dir)
     meta = pack(
-        args.source,
-        out / f"{args.split}-%06d.tar",
-        shard_size=args.shard_size,
-        split=args.split,
-        channels=args.channels,
+        args.source, out, shard_size=args.shard_size, split=args.split, channels=args.channels
     )
-    first, last = min(meta["shards"], default=""), max(meta["shards"], default="")
+    shards = sorted(meta["shards"])
+    where = f"{out}/{shards[0]} .. {shards[-1]}" if shards else str(out)
     print(
-        f"{meta['samples']} samples, {len(meta['classes'])} classes in {len(meta['shards'])} "
-        f"shards {out}/{first} .. {last}"
+        f"{meta['samples']} samples, {len(meta['classes'])} classes in {len(shards)} "
+        f"shard{'s' * (len(shards) != 1)} {where}"
         + (f" ({meta['bad']} unreadable skipped)" if meta["bad"] else "")
     )
     return 0

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import abc
 import glob
-import io
 import json
 import logging
 import math
+import numbers
 import os
 import random
+import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from itertools import count
@@ -39,12 +40,14 @@ from typing import Any
 import torch
 
 from deit.errors import ConfigError, UsageError
-from deit.train.data import BadSample, ImageFolder
+from deit.train.data import BadSample
+from deit.train.shards import iter_shard
 
 log = logging.getLogger("deit.train.sources")
 
 CLASSES_FILE = "classes.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
+_SAMPLE_KEYS = frozenset((*IMAGE_KEYS, "cls", "json"))  # the members a sample reads
 _TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -227,8 +230,9 @@ class HFImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int] | BadSample:
         try:
             row = self.ds[int(i)]
+            label = check_label(row[self.label_column], len(self.classes))
             image = _decode(row[self.image_column], self.channels)
-            return (self.transform(image) if self.transform else image), int(row[self.label_column])
+            return (self.transform(image) if self.transform else image), label
         except Exception as e:  # an unreadable row is reported, never fatal
             return BadSample(f"{self.name}[{i}]", f"{type(e).__name__}: {e}")
 
@@ -360,12 +364,28 @@ def count_samples(shards: Sequence[str]) -> int:
     return total
 
 
-def _label_of(sample: dict[str, Any]) -> int:
+def check_label(value: Any, num_classes: int) -> int:
+    """``value`` as a class index in ``[0, num_classes)``: an integer (not a bool, not a float
+    such as 3.9, which would be truncated) or the decimal text of one.
+
+    Raises:
+        ValueError: anything else (the readers make that sample a :class:`BadSample`).
+    """
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"label {value!r} is not an integer class index")
+    if not 0 <= int(value) < num_classes:
+        raise ValueError(f"label {int(value)} is out of range for {num_classes} classes")
+    return int(value)
+
+
+def _label_of(sample: dict[str, Any], num_classes: int) -> int:
     if "cls" in sample:
-        return int(bytes(sample["cls"]).decode().strip())
+        return check_label(bytes(sample["cls"]).decode("utf-8"), num_classes)
     if "json" in sample:
         meta = json.loads(bytes(sample["json"]))
-        return int(meta["label"] if isinstance(meta, dict) else meta)
+        return check_label(meta["label"] if isinstance(meta, dict) else meta, num_classes)
     raise ValueError("no cls or json label")
 
 
@@ -421,21 +441,23 @@ class WebDatasetShards(_EpochStream):
     def _stream(self, epoch_pass: int, worker: int, workers: int) -> Iterator[Any]:
         wds = _need("webdataset")
         mine = self.shard_order(epoch_pass)[self.rank :: self.world][worker::workers]
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(
-            iter([{"url": u} for u in mine])
-        )
+        samples: Iterator[Any] = (s for u in mine for s in iter_shard(u, _SAMPLE_KEYS))
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}/{self.epoch}/{epoch_pass}/{self.rank}/{worker}")
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
                 samples
             )
         for s in samples:
+            if isinstance(s, BadSample):  # refused by the shard reader
+                yield s
+                continue
             key = f"{Path(str(s.get('__url__', ''))).name}:{s.get('__key__')}"
             try:
                 raw = next((s[k] for k in IMAGE_KEYS if k in s), None)
                 if raw is None:
                     raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) in the sample")
-                yield _decode(bytes(raw), self.channels), _label_of(s)
+                label = _label_of(s, len(self.classes))
+                yield _decode(bytes(raw), self.channels), label
             except Exception as e:
                 yield BadSample(key, f"{type(e).__name__}: {e}")
 
@@ -487,8 +509,8 @@ class HFStream(_EpochStream):
             rows = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(rows)
         for i, row in enumerate(rows):
             try:
-                image = _decode(row[self.image_column], self.channels)
-                yield image, int(row[self.label_column])
+                label = check_label(row[self.label_column], len(self.classes))
+                yield _decode(row[self.image_column], self.channels), label
             except Exception as e:
                 yield BadSample(f"stream[{i}]", f"{type(e).__name__}: {e}")
 
@@ -676,103 +698,18 @@ def eval_dataset(
 
 
 class _Relabel(torch.utils.data.IterableDataset):
-    """Maps a source's class indices to a model's (map-style sources are iterated in order)."""
+    """Maps a source's class indices to a model's (map-style sources are iterated in order;
+    every ``Dataset`` has a ``__getitem__``, so the kind is told by the class)."""
 
     def __init__(self, ds: Any, mapping: list[int]) -> None:
         self.ds, self.mapping = ds, mapping
 
     def __iter__(self) -> Iterator[Any]:
-        for item in self.ds if not hasattr(self.ds, "__getitem__") else _each(self.ds):
+        iterable = isinstance(self.ds, torch.utils.data.IterableDataset)
+        for item in self.ds if iterable else _each(self.ds):
             yield item if isinstance(item, BadSample) else (item[0], self.mapping[item[1]])
 
 
 def _each(ds: Any) -> Iterator[Any]:
     for i in range(len(ds)):
         yield ds[i]
-
-
-# --------------------------------------------------------------------------- writer
-
-
-def _pack_items(source: Any, split: str, channels: int | None) -> tuple[Iterator[Any], list[str]]:
-    """(iterator of (PIL image or BadSample, label), classes) of a folder or datasets source."""
-    if (
-        isinstance(source, str | Path)
-        and Path(source).is_dir()
-        and not any((Path(source) / f).is_file() for f in ("dataset_dict.json", "state.json"))
-    ):
-        folder = ImageFolder(source, channels=channels or 3)
-        if channels is None:  # keep each image's own mode (gray stays gray)
-            from deit.transforms import load_image
-
-            def items() -> Iterator[Any]:
-                for path, label in folder.samples:
-                    try:
-                        yield load_image(path), label
-                    except Exception as e:
-                        yield BadSample(path, f"{type(e).__name__}: {e}"), label
-
-            return items(), folder.classes
-        return ((folder[i], folder.samples[i][1]) for i in range(len(folder))), folder.classes
-    if isinstance(source, str | Path):
-        picked = _pick_split(_load_hf(str(source)), split)
-        if picked is None:
-            raise ConfigError(f"{source} has no split {split!r}")
-        source = picked[0]
-    ds = HFImages(source, channels=channels or 3)
-    return ((ds[i], ds.ds[i][ds.label_column]) for i in range(len(ds))), ds.classes
-
-
-def pack(
-    source: Any,
-    out_pattern: str | Path,
-    *,
-    shard_size: int = 1000,
-    split: str = "train",
-    channels: int | None = None,
-) -> dict[str, Any]:
-    """Write WebDataset shards (``png`` + ``cls``) and ``classes.json`` beside them.
-
-    Args:
-        source: an image folder (class folders), a ``datasets`` path (``save_to_disk``
-            folder, Parquet, ...) or a ``datasets.Dataset``.
-        out_pattern: shard name pattern, e.g. ``out/train-%06d.tar``; a folder gives
-            ``folder/{split}-%06d.tar``.
-        shard_size: samples per shard.
-        split: the split of a ``datasets`` source.
-        channels: convert images to 1 or 3 channels (None: keep gray images gray).
-
-    Returns:
-        ``classes.json``'s content: classes, samples, per-shard counts. Unreadable images are
-        skipped and counted in ``bad``.
-    """
-    wds = _need("webdataset")
-    if shard_size < 1:
-        raise UsageError(f"shard size must be positive, not {shard_size}")
-    out = str(out_pattern)
-    if "%" not in out:
-        out = str(Path(out) / f"{split}-%06d.tar")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    items, classes = _pack_items(source, split, channels)
-    sizes: dict[str, int] = {}
-    n = bad = 0
-    with wds.ShardWriter(out, maxcount=shard_size, verbose=0) as sink:
-        for item, label in items:
-            if isinstance(item, BadSample):
-                bad += 1
-                log.warning("skipping %s: %s", item.path, item.reason)
-                continue
-            image = item[0] if isinstance(item, tuple) else item
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            sink.write({"__key__": f"{n:09d}", "png": buf.getvalue(), "cls": str(int(label))})
-            name = Path(sink.fname).name
-            sizes[name] = sizes.get(name, 0) + 1
-            n += 1
-    meta = {"classes": list(classes), "samples": n, "bad": bad, "shards": sizes}
-    f = Path(out).parent / CLASSES_FILE
-    old = json.loads(f.read_text()) if f.is_file() else None
-    if isinstance(old, dict) and old.get("classes") == meta["classes"]:  # another split
-        meta["shards"] = {**old.get("shards", {}), **sizes}
-    f.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-    return meta
