@@ -401,3 +401,50 @@ def test_new_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["serve", "-m", model, "--shutdown-timeout", "-1"]) == 2
     assert main(["serve", "-m", model, "--max-inflight-upload-mb", "1"]) == 2
     assert "at least --max-upload-mb" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- explain (#24 item 9)
+
+
+def test_a_flood_of_explain_requests_does_not_starve_classify(
+    serve_with: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 concurrent /v1/explain requests whose rollout takes 50 ms each (a model heavier
+    than the tiny one): a /v1/classify sent while they run is answered at once, because
+    explain has its own thread and bounded queue; explains past the queue get 503."""
+    import asyncio
+
+    real, started = core_module.rollout_maps, threading.Event()
+
+    def slow_rollout(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_module, "rollout_maps", slow_rollout)
+    url = serve_with(max_explain_concurrent=1, max_explain_queue=8)
+    image = png(28, 28)
+
+    def classify_once() -> tuple[float, int]:
+        start = time.monotonic()
+        r = httpx.post(f"{url}/v1/classify", files={"file": ("x.png", image)}, timeout=60)
+        return time.monotonic() - start, r.status_code
+
+    async def scenario() -> tuple[list[httpx.Response], float, int]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            files = {"file": ("x.png", image)}
+            flood = [
+                asyncio.ensure_future(client.post("/v1/explain", files=files)) for _ in range(100)
+            ]
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            answer = await asyncio.to_thread(classify_once)  # its own client and connection
+            return await asyncio.gather(*flood), *answer
+
+    explains, classify_s, status = asyncio.run(scenario())
+    assert status == 200 and classify_s < 1.0, classify_s  # 5 s behind the explains before
+    codes = [r.status_code for r in explains]
+    assert set(codes) == {200, 503} and codes.count(200) >= 9, codes
+    busy = next(r for r in explains if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "explain" in busy.json()["error"]

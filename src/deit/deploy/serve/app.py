@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from deit import __version__
 from deit.checkpoints import as_loaded
-from deit.deploy.serve.core import Classified, InferenceCore, top_predictions
+from deit.deploy.serve.core import Annotator, Classified, InferenceCore, top_predictions
 from deit.deploy.serve.limits import RETRY_AFTER_S, Reservation
 from deit.deploy.serve.metrics import ServeMetrics, route_of
 from deit.deploy.serve.page import check_model_name, display_name, model_name, page_samples
@@ -122,8 +122,13 @@ def _file_answer(name: str, out: Classified | DeiTError, labels: list[str], k: i
     return {"filename": name, "predictions": top_predictions(out, labels, k), **out.extras}
 
 
-def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
+def create_app(
+    model: Any, settings: ServeSettings | None = None, annotate: Annotator | None = None
+) -> Any:
     """The FastAPI application serving ``model`` (a ``Classifier``, loaded model or source).
+
+    ``annotate`` adds extra fields to each image's answer on every route (see
+    :mod:`deit.deploy.serve.core`).
 
     ``app.state.batcher.stats`` holds the batching counters once the app has started;
     ``app.state.core`` is the inference core and ``app.state.metrics`` the Prometheus metrics.
@@ -140,7 +145,7 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     clf = model if isinstance(model, Classifier) else _classifier(model)
     name = check_model_name(settings.name or model_name(clf.loaded.source))
     metrics = ServeMetrics(settings.max_batch)
-    core = InferenceCore(clf, settings, observe=metrics.observe_batch)
+    core = InferenceCore(clf, settings, observe=metrics.observe_batch, annotate=annotate)
     samples = page_samples(clf.loaded)
 
     @asynccontextmanager
@@ -350,7 +355,9 @@ class ServerThread:
         ...     httpx.get(server.url + "/healthz").json()
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
         import threading
 
         uvicorn = require_server()
@@ -359,7 +366,7 @@ class ServerThread:
             app,
             host=host,
             port=port,
-            log_level="warning",
+            log_level=log_level,
             lifespan="on",
             timeout_graceful_shutdown=settings.shutdown_timeout_s,
         )

@@ -238,7 +238,7 @@ class InferenceCore:
         if not np.isfinite(pixels).all():
             raise ApiError(422, "pixels hold NaN or infinite values")
         await self._reserve([pixel_cost(shape[2], shape[1])] * len(pixels), held)
-        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        x = torch.tensor(pixels, dtype=torch.float32)  # a copy: the body's buffer is read-only
         return list(await asyncio.gather(*(self.submit(row) for row in x)))
 
     # ----------------------------------------------------------------------- attention maps
