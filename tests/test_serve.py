@@ -246,3 +246,47 @@ def test_the_serve_command_end_to_end(tmp_path: Path, photo: bytes) -> None:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert f"on http://127.0.0.1:{port}/" in err
+
+
+def test_page_names_and_samples(tmp_path: Path) -> None:
+    """Names: Hub id as is, a file by its name, a folder with its parent, the embedded model
+    by its name; protocol names URL-safe. Samples: the model's own data first, then bundled
+    photos whose class the model has, else none."""
+    import dataclasses
+
+    from PIL import Image
+
+    from deit.deploy.serve.page import check_model_name, display_name, model_name, page_samples
+    from deit.errors import UsageError
+
+    folder = save_tiny_model(tmp_path / "run" / "model")
+    weights = tmp_path / "deit_tiny.pth"
+    weights.write_bytes(b"")
+    assert display_name(str(folder)) == "run/model" and model_name(str(folder)) == "run-model"
+    assert display_name(str(weights)) == "deit_tiny.pth" and model_name(str(weights)) == "deit_tiny"
+    assert display_name("facebook/deit-tiny-patch16-224") == "facebook/deit-tiny-patch16-224"
+    assert model_name("facebook/deit-tiny-patch16-224") == "facebook-deit-tiny-patch16-224"
+    assert model_name(str(load_model("fashion-mnist").source)) == "fashion-mnist"
+    with pytest.raises(UsageError, match="letters, digits"):
+        check_model_name("../x")
+
+    loaded = load_model(folder)
+    assert page_samples(loaded) == []  # numbered classes: no photo fits
+    assert [s.title for s in page_samples(load_model("fashion-mnist"))] == [
+        "Ankle boot",
+        "Pullover",
+    ]
+    imagenet = dataclasses.replace(loaded, labels=["tabby, tabby cat", "espresso", "x"])
+    assert [s.title for s in page_samples(imagenet)] == ["Cat", "Coffee"]
+    data = tmp_path / "data"
+    for label in ("class-1", "class-7", "not-a-label"):
+        (data / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(data / label / "a.png")
+    trained = dataclasses.replace(
+        loaded, metadata={"train_config": {"data": {"path": str(data), "val_path": ""}}}
+    )
+    own = page_samples(trained)
+    assert [(s.title, s.path) for s in own] == [
+        ("class-1", data / "class-1" / "a.png"),
+        ("class-7", data / "class-7" / "a.png"),
+    ]

@@ -39,9 +39,20 @@ from deit.deploy.serve.app import ServerThread, ServeSettings, create_app  # noq
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    loaded = load_model(save_tiny_model(tmp_path_factory.mktemp("model")))
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[str]:
+    loaded = load_model(model_dir)
     with ServerThread(create_app(loaded, ServeSettings(max_upload_mb=2))) as running:
+        yield running.url
+
+
+@pytest.fixture(scope="module")
+def fmnist_server() -> Iterator[str]:
+    with ServerThread(create_app("fashion-mnist", ServeSettings(max_upload_mb=2))) as running:
         yield running.url
 
 
@@ -88,12 +99,17 @@ def test_upload_shows_label_bars_and_attention(
     assert all(u.startswith((server, "data:", "blob:")) for u in requests), requests  # no CDN
 
 
-def test_sample_button_and_bad_upload(page: Any, server: str) -> None:
+def test_sample_button_and_bad_upload(page: Any, fmnist_server: str) -> None:
     expect = sync_api.expect
-    page.goto(server + "/")
+    page.goto(fmnist_server + "/")
+    expect(page.locator("#model-info")).to_contain_text("fashion-mnist · distilled DeiT")
+    expect(page).to_have_title(re.compile("^fashion-mnist"))
+    buttons = page.locator("#sample-list button")
+    expect(buttons).to_have_text(["Ankle boot", "Pullover"])  # Fashion-MNIST's own images
     page.get_by_role("button", name="Ankle boot").click()
     expect(page.locator("#preview-name")).to_have_text("fmnist-ankle-boot.png")
     expect(page.locator("#predictions li")).to_have_count(5)
+    expect(page.locator("#status")).to_contain_text("Prediction: Ankle boot")
 
     bad = {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not an image"}
     page.set_input_files("#file-input", files=[bad])
@@ -101,3 +117,17 @@ def test_sample_button_and_bad_upload(page: Any, server: str) -> None:
     expect(status).to_have_class(re.compile("error"))
     expect(status).to_contain_text("not an image file")
     expect(page.locator("#predictions li")).to_have_count(0)
+
+
+def test_a_folder_is_named_with_its_parent_and_no_wrong_samples(
+    page: Any, server: str, model_dir: Path
+) -> None:
+    """The issue: a folder called ``model`` showed as "model · distilled DeiT", and a digits
+    model offered a cat and a cup. A model with numbered classes gets no samples at all."""
+    expect = sync_api.expect
+    page.goto(server + "/")
+    info = page.locator("#model-info")
+    expect(info).to_contain_text(f"{model_dir.parent.name}/{model_dir.name} · distilled DeiT")
+    expect(page.locator("#predictions-title")).to_be_visible()
+    expect(page.locator("#samples")).to_be_hidden()
+    assert page.locator("#sample-list button").count() == 0

@@ -181,7 +181,10 @@ def create_app(
 
     @app.get("/v1/samples")
     async def sample_list() -> list[dict[str, str]]:
-        return [{"title": s.title, "url": f"v1/samples/{i}"} for i, s in enumerate(samples)]
+        return [
+            {"title": s.title, "file": s.path.name, "url": f"v1/samples/{i}"}
+            for i, s in enumerate(samples)
+        ]
 
     @app.get("/v1/samples/{index}")
     async def sample_image(index: int) -> FileResponse:

@@ -150,14 +150,35 @@ async function classify(file) {
   }
 }
 
-async function loadSample(name, title) {
+async function loadSample(url, name, title) {
   try {
-    const response = await fetch(`static/samples/${encodeURIComponent(name)}`);
+    const response = await fetch(url);
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const blob = await response.blob();
     await classify(new File([blob], name, { type: blob.type }));
   } catch (err) {
     setStatus(`Could not load the sample "${title}": ${err.message}`, true);
+  }
+}
+
+// The samples the server offers for this model (images that fit it; none rather than wrong ones).
+async function showSamples() {
+  try {
+    const samples = await (await fetch("v1/samples")).json();
+    const list = $("sample-list");
+    list.replaceChildren();
+    for (const sample of samples) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = sample.title;
+      button.addEventListener("click", () => loadSample(sample.url, sample.file, sample.title));
+      const item = document.createElement("li");
+      item.append(button);
+      list.append(item);
+    }
+    $("samples").hidden = samples.length === 0;
+  } catch (err) {
+    $("samples").hidden = true;
   }
 }
 
@@ -167,6 +188,7 @@ async function showModelInfo() {
     const c = info.config;
     const params = (info.parameters / 1e6).toFixed(1);
     const kind = info.distilled ? "distilled DeiT" : "DeiT";
+    document.title = `${info.source} · DeiT image classifier`;
     $("model-info").textContent =
       `${info.source} · ${kind}, ${params}M parameters, ${c.img_size} px input, ` +
       `${info.num_labels} classes`;
@@ -199,13 +221,11 @@ document.addEventListener("DOMContentLoaded", () => {
     const file = e.target.files[0];
     if (file) classify(file);
   });
-  for (const button of document.querySelectorAll("[data-sample]")) {
-    button.addEventListener("click", () => loadSample(button.dataset.sample, button.textContent));
-  }
   for (const radio of document.querySelectorAll('input[name="token"]')) {
     radio.addEventListener("change", drawAttention);
   }
   $("opacity").addEventListener("input", drawAttention);
   setUpDropZone();
   showModelInfo();
+  showSamples();
 });
