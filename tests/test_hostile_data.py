@@ -337,3 +337,56 @@ def test_other_splits_with_other_classes_are_not_mixed(
     (tmp_path / "out" / "notes").mkdir()
     assert main(["data", "pack", str(a), str(tmp_path / "out")]) == 2
     assert "pack into a new or empty folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- item 10: Ray output
+
+
+def test_resume_drops_lines_that_are_no_record_and_counts_them(tmp_path: Path) -> None:
+    from deit.deploy.batch import _Writer, done_paths, read_jsonl
+
+    out = tmp_path / "out.jsonl"
+    good = [json.dumps({"path": f"p{i}", "predictions": [], "error": None}) for i in range(3)]
+    torn = json.dumps({"path": "p3 é", "predictions": []}, ensure_ascii=False).encode()
+    torn = torn[: torn.index("é".encode()) + 1]  # ends inside the two bytes of "é"
+    out.write_bytes(
+        b"\n".join([good[0].encode(), b"12", b'"p9"', b"[1, 2]", b'{"path": 5}', good[1].encode()])
+        + b"\n\n"
+        + good[2].encode()
+        + b"\n"
+        + torn
+    )
+    assert done_paths(out) == {"p0", "p1", "p2"}
+    assert read_jsonl(out)[1] == 5
+    writer = _Writer(out, resume=True)
+    assert writer.dropped == 5
+    writer.write([{"path": "p3", "predictions": [], "error": None}])
+    writer.close()
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [
+        "p0",
+        "p1",
+        "p2",
+        "p3",
+    ]
+
+
+def test_parquet_output_after_a_killed_writer(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    from deit.deploy.batch import _Writer, done_paths
+    from deit.errors import UsageError
+
+    out = tmp_path / "out.parquet"
+    rows = [{"path": f"p{i}", "predictions": [], "error": None} for i in range(6)]
+    writer = _Writer(out, resume=False)
+    writer.write(rows[:2])
+    writer.write(rows[2:4])
+    (out / ".part-00002.parquet.1a2b3c4d.tmp").write_bytes(b"PAR1 half")  # killed mid-write
+    (out / "part-00000.parquet").unlink()  # and a part removed by hand: numbering has a gap
+    writer = _Writer(out, resume=True)
+    assert not list(out.glob(".*.tmp"))
+    writer.write(rows[4:])
+    assert sorted(p.name for p in out.iterdir()) == ["part-00001.parquet", "part-00002.parquet"]
+    assert done_paths(out) == {"p2", "p3", "p4", "p5"}  # nothing overwritten
+    (out / "part-00003.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UsageError, match=r"part-00003\.parquet: unreadable Parquet part"):
+        done_paths(out)

@@ -106,7 +106,8 @@ def run_ray(args: argparse.Namespace) -> int:
     )
     print(
         f"deit predict: {counts['written']} written to {args.out} ({counts['errors']} errors), "
-        f"{counts['skipped']} of {counts['inputs']} already there",
+        f"{counts['skipped']} of {counts['inputs']} already there"
+        + (f"; {counts['dropped']} lines that held no record dropped" if counts["dropped"] else ""),
         file=sys.stderr,
     )
     return EXIT_INPUT_FAILED if counts["errors"] else 0

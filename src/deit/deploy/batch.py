@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -115,42 +116,88 @@ def records(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
 # --------------------------------------------------------------------------- output files
 
 
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The record on one output line, or None: not UTF-8 (a line torn inside a character),
+    not JSON, not an object, or without a string ``path``."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        return None
+    return record
+
+
+def read_jsonl(out: Path) -> tuple[list[bytes], int]:
+    """(the record lines of a ``.jsonl`` output, without their newlines; how many other
+    non-empty lines were dropped: the torn last line of a killed run, or anything else that
+    is no record). Lines are read as bytes, so a line torn inside a character drops alone."""
+    good: list[bytes] = []
+    dropped = 0
+    if not out.is_file():
+        return good, dropped
+    with out.open("rb") as f:
+        for line in f:
+            line = line.rstrip(b"\r\n")
+            if _record(line) is not None:
+                good.append(line)
+            elif line.strip():
+                dropped += 1
+    return good, dropped
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(out.glob("part-*.parquet")) if out.is_dir() else []
+
+
 def done_paths(out: Path) -> set[str]:
-    """Paths already in ``out`` (a ``.jsonl`` file or a ``.parquet`` folder of parts)."""
+    """Paths already in ``out`` (a ``.jsonl`` file or a ``.parquet`` folder of parts).
+
+    Raises:
+        UsageError: a Parquet part that can't be read (named; nothing a killed run leaves,
+            since parts are written atomically).
+    """
     if out.suffix == ".jsonl":
-        if not out.is_file():
-            return set()
-        done = set()
-        for line in out.read_text().splitlines():
-            try:
-                done.add(json.loads(line)["path"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # the torn last line of a killed run
-        return done
+        return {_record(line)["path"] for line in read_jsonl(out)[0]}  # type: ignore[index]
     pq = require("pyarrow.parquet", "pyarrow", "ray")
-    parts = sorted(out.glob("part-*.parquet")) if out.is_dir() else []
-    return {
-        p for part in parts for p in pq.read_table(part, columns=["path"]).column(0).to_pylist()
-    }
+    done: set[str] = set()
+    for part in _parts(out):
+        try:
+            paths = pq.read_table(part, columns=["path"]).column(0).to_pylist()
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, KeyError, ...
+            raise UsageError(
+                f"{part}: unreadable Parquet part ({type(e).__name__}: {e}); "
+                "move it away and resume"
+            ) from e
+        done.update(p for p in paths if isinstance(p, str))
+    return done
 
 
 class _Writer:
     """Appends records to ``out`` as they come: JSON lines (flushed per batch; a torn last
-    line of a killed run is dropped on resume), or Parquet parts written atomically."""
+    line of a killed run is dropped on resume), or Parquet parts written atomically (the
+    temporary file of a killed run is removed on the next run). ``dropped`` counts the lines
+    a resume dropped."""
 
     def __init__(self, out: Path, resume: bool) -> None:
-        self.out = out
+        self.out, self.dropped = out, 0
         if out.suffix == ".jsonl":
-            if resume and out.is_file():
-                good = [ln for ln in out.read_text().splitlines() if _is_record(ln)]
-                atomic_write(out, lambda tmp: tmp.write_text("".join(f"{ln}\n" for ln in good)))
+            if resume and out.is_file():  # rewritten whole: a torn line may lack its newline
+                good, self.dropped = read_jsonl(out)
+                if self.dropped:
+                    log.warning("%s: dropped %d lines that are no record", out, self.dropped)
+                lines = b"".join(g + b"\n" for g in good)
+                atomic_write(out, lambda tmp: tmp.write_bytes(lines))
             self.file: Any = out.open("a" if resume else "w", encoding="utf-8")
         else:
             out.mkdir(parents=True, exist_ok=True)
+            for tmp in out.glob(".part-*.parquet.*.tmp"):  # what a killed run left
+                tmp.unlink(missing_ok=True)
             if not resume:
-                for part in out.glob("part-*.parquet"):
+                for part in _parts(out):
                     part.unlink()
-            self.part = len(list(out.glob("part-*.parquet")))
+            numbers = [int(m.group(1)) for p in _parts(out) if (m := _PART.fullmatch(p.name))]
+            self.part = max(numbers, default=-1) + 1  # after the last, even with gaps
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -177,11 +224,7 @@ class _Writer:
             self.file.close()
 
 
-def _is_record(line: str) -> bool:
-    try:
-        return "path" in json.loads(line)
-    except json.JSONDecodeError:
-        return False
+_PART = re.compile(r"part-([0-9]+)\.parquet")
 
 
 # --------------------------------------------------------------------------- the job
@@ -212,7 +255,8 @@ def predict_to_file(
         resume: skip the paths ``out`` already holds (from an interrupted run).
 
     Returns:
-        Counts: ``inputs``, ``skipped`` (already done), ``written``, ``errors``.
+        Counts: ``inputs``, ``skipped`` (already done), ``written``, ``errors`` and
+        ``dropped`` (lines of a ``.jsonl`` being resumed that held no record).
     """
     ray = require("ray", "ray[data]", "ray")
     out = Path(out)
@@ -223,11 +267,18 @@ def predict_to_file(
     paths = expand_paths(inputs)
     done = done_paths(out) if resume else set()
     todo = [p for p in paths if p not in done]
-    counts = {"inputs": len(paths), "skipped": len(paths) - len(todo), "written": 0, "errors": 0}
+    counts = {
+        "inputs": len(paths),
+        "skipped": len(paths) - len(todo),
+        "written": 0,
+        "errors": 0,
+        "dropped": 0,
+    }
     # A bad model fails here, in one line, before a cluster starts; the preprocessing workers
     # get its (small) PreprocessConfig instead of each loading the weights again.
     preprocess = load_any(model).preprocess
     writer = _Writer(out, resume)
+    counts["dropped"] = writer.dropped
     try:
         if not todo:
             return counts
