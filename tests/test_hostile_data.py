@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deit.checkpoints import save_model
@@ -390,3 +391,64 @@ def test_parquet_output_after_a_killed_writer(tmp_path: Path) -> None:
     (out / "part-00003.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UsageError, match=r"part-00003\.parquet: unreadable Parquet part"):
         done_paths(out)
+
+
+# --------------------------------------------------------------------------- item 10: config
+
+BAD_VALUES = {
+    "run.time_limit=nan": "run.time_limit must be finite",
+    "schedule.warmup_epochs=nan": "schedule.warmup_epochs must be finite",
+    "optim.weight_decay=nan": "optim.weight_decay must be finite",
+    "optim.weight_decay=inf": "optim.weight_decay must be finite",
+    "augment.label_smoothing=2": "augment.label_smoothing 2.0 is not in [0, 1)",
+    "augment.hflip=1.5": "augment.hflip 1.5 is not in [0, 1]",
+    "augment.random_erasing=-0.1": "augment.random_erasing -0.1 is not in [0, 1]",
+    "augment.mixup_prob=3": "augment.mixup_prob 3.0 is not in [0, 1]",
+    "augment.mixup=-1": "augment.mixup -1.0 is not in [0, inf)",
+    "augment.scale=[2,1]": "augment.scale must be [min, max]",
+    "augment.scale=[0.5]": "augment.scale must be [min, max]",
+    "optim.betas=[0.9,1.5]": "optim.betas must be two values",
+    "distill.tau=0": "distill.tau 0.0 is not in (0, inf)",
+    "run.ema_decay=nan": "run.ema_decay must be finite",
+    "data.mean=[]": "data.mean has 0 values for 1 channels",
+    "data.mean=[nan]": "data.mean must be finite",
+    "data.std=[0.5,0]": "data.std has 2 values for 1 channels",
+    "data.std=[0]": "data.std values must be > 0",
+    "data.in_chans=0": "data.in_chans 0 is not in [1, 4096]",
+}
+
+
+@pytest.mark.parametrize("override", sorted(BAD_VALUES))
+def test_config_values_must_be_finite_and_in_range(override: str) -> None:
+    from deit.errors import ConfigError
+    from deit.train.runconfig import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert BAD_VALUES[override] in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_lengths_follow_the_channels() -> None:
+    from deit.errors import ConfigError
+    from deit.train.runconfig import load_config
+
+    ok = ["data.dataset=imagefolder", "data.path=x", "data.mean=[0.5,0.5,0.5]", "data.std=[0.2]"]
+    load_config(None, ok)
+    with pytest.raises(ConfigError, match=r"data\.mean has 2 values for 3 channels"):
+        load_config(None, [*ok[:2], "data.mean=[0.5,0.5]"])
+    load_config(None, ["data.in_chans=3", "data.mean=[0.1,0.2,0.3]"])  # Fashion-MNIST as RGB
+
+
+def test_a_given_std_is_the_one_the_model_gets(tmp_path: Path) -> None:
+    from deit.train.data import FASHION_MNIST_DIR, build_data
+    from deit.train.runconfig import load_config
+
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist not installed")
+    cfg = load_config(None, ["data.std=[0.25]", "data.train_subset=64", "data.val_subset=64"])
+    data = build_data(cfg, torch.device("cpu"))
+    assert data.spec.std == (0.25,)
+    assert data.spec.mean[0] == pytest.approx(0.286, abs=0.01)  # the data's own mean
+    rgb = load_config(None, ["data.in_chans=3", "data.mean=[0.5]", "data.std=[0.25]"])
+    spec = build_data(rgb, torch.device("cpu")).spec
+    assert spec.mean == (0.5,) * 3 and spec.std == (0.25,) * 3

@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deit.checkpoints import LoadedModel
+from deit.errors import ConfigError
 from deit.train.augment import (
     image_eval_transform,
     image_train_transform,
     random_crop_flip,
     random_erasing,
 )
-from deit.transforms import IMAGE_EXTENSIONS
+from deit.transforms import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("deit.train.data")
 
@@ -174,6 +175,40 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
     x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
     return x.mean(dim=1).tolist(), x.std(dim=1).tolist()
+
+
+def normalization(
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    channels: int,
+    default_mean: Sequence[float],
+    default_std: Sequence[float],
+) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std a run normalises with, and saves with its model.
+
+    ``mean`` and ``std`` (``data.mean``/``data.std``) each replace their default on their own:
+    a ``std`` given without a ``mean`` is used, not the default's. One value stands for every
+    channel.
+
+    Raises:
+        ConfigError: a length that is neither 1 nor ``channels``.
+    """
+    out = []
+    for name, given, default in (("mean", mean, default_mean), ("std", std, default_std)):
+        values = [float(v) for v in (default if given is None else given)]
+        if len(values) == 1:
+            values *= channels
+        if len(values) != channels:
+            raise ConfigError(f"data.{name} has {len(values)} values for {channels} channels")
+        out.append(values)
+    return out[0], out[1]
+
+
+def image_defaults(channels: int) -> tuple[list[float], list[float]]:
+    """Mean and std for image data without statistics: ImageNet's (RGB), else 0.5."""
+    if channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [0.5] * channels, [0.5] * channels
 
 
 def repeated_indices(
@@ -563,10 +598,10 @@ def _tensor_data(cfg: Any, device: torch.device, rank: int, world: int) -> Data:
         x, y = x[: d.train_subset], y[: d.train_subset]
     if d.val_subset:
         vx, vy = vx[: d.val_subset], vy[: d.val_subset]
-    mean, std = channel_stats(x) if d.mean is None else (d.mean, d.std or [0.5] * len(d.mean))
     chans = d.in_chans or x.shape[1]
-    if len(mean) == 1 and chans > 1:  # gray statistics for the replicated channels
-        mean, std = mean * chans, std * chans
+    # The data's own statistics where not given (gray ones repeat for replicated channels).
+    stats = channel_stats(x) if d.mean is None or d.std is None else ([0.0], [1.0])
+    mean, std = normalization(d.mean, d.std, chans, *stats)
     size = _img_size(cfg, x.shape[-1])
     common = {
         "mean": mean,
@@ -619,9 +654,7 @@ def build_data(
 
         return build_source_data(cfg, device, rank, world)
     chans = cfg.data.in_chans or 3
-    default_mean = [0.485, 0.456, 0.406] if chans == 3 else [0.5] * chans
-    default_std = [0.229, 0.224, 0.225] if chans == 3 else [0.5] * chans
-    mean, std = cfg.data.mean or default_mean, cfg.data.std or default_std
+    mean, std = normalization(cfg.data.mean, cfg.data.std, chans, *image_defaults(chans))
     size = _img_size(cfg, 224)
     train_tf = image_train_transform(size, cfg.augment, mean, std)
     crop_pct = cfg.data.crop_pct or 0.875

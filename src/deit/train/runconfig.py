@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -280,8 +281,76 @@ class TrainConfig:
             problems.append(f"data.crop_pct {self.data.crop_pct} is not in (0, 1]")
         if not 0.0 <= self.distill.alpha <= 1.0:
             problems.append(f"distill.alpha {self.distill.alpha} is not in [0, 1]")
+        problems += _value_problems(self)
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))
+
+
+# Ranges of numeric fields: (low, high, low included, high included); None fields are skipped.
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "model.mlp_ratio": (0.0, math.inf, False, False),
+    "model.drop_path_rate": (0.0, 1.0, True, False),
+    "data.in_chans": (1, 4096, True, True),
+    "optim.lr": (0.0, math.inf, False, False),
+    "optim.base_lr": (0.0, math.inf, False, False),
+    "optim.weight_decay": (0.0, math.inf, True, False),
+    "optim.eps": (0.0, math.inf, False, False),
+    "optim.clip_grad": (0.0, math.inf, True, False),
+    "schedule.warmup_lr": (0.0, math.inf, True, False),
+    "schedule.min_lr": (0.0, math.inf, True, False),
+    "augment.hflip": (0.0, 1.0, True, True),
+    "augment.random_erasing": (0.0, 1.0, True, True),
+    "augment.mixup": (0.0, math.inf, True, False),
+    "augment.cutmix": (0.0, math.inf, True, False),
+    "augment.mixup_prob": (0.0, 1.0, True, True),
+    "augment.mixup_switch_prob": (0.0, 1.0, True, True),
+    "augment.label_smoothing": (0.0, 1.0, True, False),
+    "distill.tau": (0.0, math.inf, False, False),
+    "run.ema_decay": (0.0, 1.0, True, True),
+}
+_POSITIVE_LISTS = ("data.std", "distill.teacher_std")  # divisors: every value > 0
+
+
+def _value_problems(cfg: TrainConfig) -> list[str]:
+    """Every float finite (NaN passes ``<`` checks), numbers in their ranges, and the
+    normalisation lists consistent with the channels."""
+    problems = []
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values) or isinstance(values, type):
+            continue
+        for key, value in dataclasses.asdict(values).items():
+            name = f"{section.name}.{key}"
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                problems.append(f"{name} must be finite, not {value}")
+                continue
+            if name in _RANGES and value is not None:
+                low, high, low_in, high_in = _RANGES[name]
+                above = value >= low if low_in else value > low
+                below = value <= high if high_in else value < high
+                if not (above and below):
+                    where = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+                    problems.append(f"{name} {value} is not in {where}")
+            if name in _POSITIVE_LISTS and value is not None and not all(v > 0 for v in value):
+                problems.append(f"{name} values must be > 0, not {value}")
+    scale = cfg.augment.scale
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        problems.append(f"augment.scale must be [min, max] with 0 < min <= max <= 1, not {scale}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        problems.append(f"optim.betas must be two values in [0, 1), not {betas}")
+    d, t = cfg.data, cfg.distill
+    chans = d.in_chans or (1 if d.dataset == "fashion-mnist" else 3)
+    for name, value, n in (
+        ("data.mean", d.mean, chans),
+        ("data.std", d.std, chans),
+        ("distill.teacher_mean", t.teacher_mean, t.teacher_in_chans or 3),
+        ("distill.teacher_std", t.teacher_std, t.teacher_in_chans or 3),
+    ):
+        if value is not None and len(value) not in (1, n):
+            problems.append(f"{name} has {len(value)} values for {n} channels (give 1 or {n})")
+    return problems
 
 
 def _check_value(value: Any, annotation: Any, key: str) -> Any:

@@ -622,12 +622,18 @@ def source_datasets(cfg: Any, rank: int = 0, world: int = 1) -> tuple[Any, Any, 
 def build_stream_data(cfg: Any, train: Any, val: Any, labels: list[str]) -> Any:
     """``deit.train.data.Data`` for streamed sources: transforms as for image folders."""
     from deit.train.augment import image_eval_transform, image_train_transform
-    from deit.train.data import Data, InputSpec, _img_size, collate_skip_bad
+    from deit.train.data import (
+        Data,
+        InputSpec,
+        _img_size,
+        collate_skip_bad,
+        image_defaults,
+        normalization,
+    )
 
     d = cfg.data
     chans = d.in_chans or 3
-    mean = d.mean or ([0.485, 0.456, 0.406] if chans == 3 else [0.5] * chans)
-    std = d.std or ([0.229, 0.224, 0.225] if chans == 3 else [0.5] * chans)
+    mean, std = normalization(d.mean, d.std, chans, *image_defaults(chans))
     size = _img_size(cfg, 224)
     crop_pct = d.crop_pct or 0.875
     train.transform = image_train_transform(size, cfg.augment, mean, std)
