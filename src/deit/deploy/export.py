@@ -47,6 +47,9 @@ from deit.deploy.ort_graph import build_ort_graph
 from deit.errors import CheckpointError, ExportError, ImageLoadError, UnsafeFileError
 from deit.model import DeiT, Head, HeadLogits
 from deit.onnx_model import OnnxRunner, read_onnx_metadata
+from deit.ood import METADATA_KEY as OOD_METADATA
+from deit.ood import OUTPUT_NAME as OOD_OUTPUT
+from deit.ood import OODStats, ScoredLogits, find_stats
 from deit.openvino_model import ir_logits, read_openvino_metadata
 from deit.runtime import atomic_path, ensure_free_space, require, tensor_bytes
 from deit.safety import check_pt2, load_exported_module
@@ -78,9 +81,13 @@ def _example(loaded: LoadedModel, batch: int) -> Tensor:
     return torch.randn(batch, loaded.config.in_chans, h, w)
 
 
-def export_metadata(loaded: LoadedModel, head: Head, dynamic_batch: bool) -> dict[str, str]:
-    """String key/values stored in exported files (labels, preprocessing, config, head)."""
-    return {
+def export_metadata(
+    loaded: LoadedModel, head: Head, dynamic_batch: bool, ood: OODStats | None = None
+) -> dict[str, str]:
+    """String key/values stored in exported files (labels, preprocessing, config, head; with
+    ``ood``, the out-of-distribution score's method and threshold: the graph then computes
+    the score as its second output, ``ood_score``)."""
+    meta = {
         "deit.head": head,
         "deit.dynamic_batch": json.dumps(dynamic_batch),
         "deit.labels": json.dumps(loaded.labels, ensure_ascii=False),
@@ -88,6 +95,9 @@ def export_metadata(loaded: LoadedModel, head: Head, dynamic_batch: bool) -> dic
         "deit.config": json.dumps(loaded.config.to_dict()),
         "deit.source": loaded.source,
     }
+    if ood is not None:
+        meta[OOD_METADATA] = json.dumps(ood.describe())
+    return meta
 
 
 def add_onnx_metadata(path: str | Path, metadata: dict[str, str]) -> None:
@@ -147,6 +157,13 @@ def _prepare(
     return loaded, wrapper, out, example, dynamic
 
 
+def _scored(wrapper: HeadLogits, ood: OODStats | None) -> torch.nn.Module:
+    """The module to trace: the head's logits, and the fitted score when there is one."""
+    if ood is None:
+        return wrapper
+    return ScoredLogits(wrapper.model, ood, wrapper.head).eval()  # type: ignore[arg-type]
+
+
 def export_onnx(
     model_or_loaded: LoadedModel | DeiT | Any,
     out: str | Path,
@@ -155,6 +172,7 @@ def export_onnx(
     dynamic_batch: bool = False,
     opset: int | None = None,
     fused: bool = False,
+    with_ood: bool = True,
 ) -> Path:
     """Write an ONNX model (one file, weights inside) with input ``pixel_values``.
 
@@ -167,6 +185,9 @@ def export_onnx(
             the fused graph is opset 20).
         fused: Write the graph for ONNX Runtime with its fused ``Attention`` operator
             (:mod:`deit.deploy.ort_graph`): faster there, but it runs in ONNX Runtime only.
+            That graph has no out-of-distribution output (the file is then uncalibrated).
+        with_ood: when the model folder holds fitted statistics (``ood.safetensors``), add
+            the score as a second output, ``ood_score`` (logits stay the first).
 
     Returns:
         The written path.
@@ -196,15 +217,16 @@ def export_onnx(
             f"DeiT's ONNX graph needs opset {MIN_OPSET} or later (LayerNormalization), not {opset}"
         )
     loaded, wrapper, out, example, dynamic = _prepare(model_or_loaded, out, head, dynamic_batch)
+    ood = find_stats(loaded) if with_ood else None
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                wrapper,
+                _scored(wrapper, ood),
                 (example,),
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[OUTPUT_NAME] + ([OOD_OUTPUT] if ood is not None else []),
                 dynamic_shapes=dynamic,
                 external_data=False,
                 verbose=False,
@@ -223,7 +245,7 @@ def export_onnx(
             raise ExportError(
                 f"the exporter could not convert to opset {opset} (it wrote {written})"
             )
-        add_onnx_metadata(tmp, export_metadata(loaded, head, dynamic_batch))
+        add_onnx_metadata(tmp, export_metadata(loaded, head, dynamic_batch, ood))
     return out
 
 

@@ -10,6 +10,7 @@ accuracies are fractions in [0, 1].
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deit.checkpoints import load_model
-from deit.inference import EXPORTED_SUFFIXES, load_any
+from deit.checkpoints import load_model, save_model
+from deit.errors import UsageError
+from deit.inference import EXPORTED_SUFFIXES, Classifier, expand_paths, load_any
+from deit.ood import OODStats, auroc, collect, fit_features, fpr_at_tpr, msp_score, num_prefix_of
 from deit.runtime import resolve_device
 from deit.train.classifiers import is_classifier_dir, load_classifier, logits_of
 from deit.train.data import (
@@ -207,6 +210,17 @@ def _image_transform(subject: _Subject) -> Any:
     return image_eval_transform(s.img_size, s.mean, s.std)
 
 
+def _fashion_mnist_part(data: str) -> tuple[str, slice]:
+    """``fashion-mnist[:train|test][[start:stop]]`` as (split, rows); test by default."""
+    m = re.fullmatch(r"fashion-mnist(?::(train|test))?(?:\[(\d*):(\d*)\])?", data)
+    if m is None:
+        raise UsageError(
+            f"{data!r}: use fashion-mnist[:train|test], optionally with rows [start:stop]"
+        )
+    start, stop = (int(v) if v else None for v in m.group(2, 3))
+    return m.group(1) or "test", slice(start, stop)
+
+
 def _batches(
     data: Any,
     subject: _Subject,
@@ -217,8 +231,9 @@ def _batches(
 ) -> tuple[Any, str]:
     s = subject.spec
     if isinstance(data, str) and data.split(":")[0] == "fashion-mnist":
-        split = data.split(":")[1] if ":" in data else "test"
+        split, rows = _fashion_mnist_part(data)
         x, y = load_fashion_mnist(split, data_root)
+        x, y = x[rows], y[rows]
         batches = DeviceBatches(
             x.to(device),
             y.to(device),
@@ -228,7 +243,7 @@ def _batches(
             img_size=s.img_size,
             channels=s.in_chans,
         )
-        return batches, f"fashion-mnist:{split}"
+        return batches, data if "[" in data else f"fashion-mnist:{split}"
     if isinstance(data, str) and data.split(":")[0] in ("hf", "webdataset"):
         from deit.train.sources import eval_dataset
 
@@ -339,3 +354,172 @@ def evaluate(
     if confusion_matrix:
         save_confusion_matrix(report.confusion, report.labels, confusion_matrix)
     return report
+
+
+# --------------------------------------------------------------------------- out of distribution
+
+
+def calibrate(
+    model_or_source: Any,
+    data: Any = "fashion-mnist:train",
+    *,
+    val_data: Any = None,
+    val_fraction: float = 0.1,
+    out: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    num_workers: int = 0,
+    data_root: str | None = None,
+    seed: int = 0,
+) -> tuple[OODStats, Path]:
+    """Fit a model's out-of-distribution statistics on labelled data and save them with it.
+
+    Args:
+        model_or_source: a DeiT checkpoint (anything :func:`deit.checkpoints.load_model`
+            reads) or a ``LoadedModel``.
+        data: the labelled in-distribution data, with ``deit eval``'s syntax
+            (``fashion-mnist[:train|test][[start:stop]]``, an image folder, ``hf:``, ...).
+        val_data: held-out data for the threshold (95% of it is accepted); None holds out
+            ``val_fraction`` of ``data`` (a seeded random draw) instead.
+        out: the model folder to write ``ood.safetensors`` into; default the model's own
+            folder. A model that is not a folder (a file, a Hub id) is saved there whole.
+        limit: fit on at most this many images of ``data``.
+
+    Returns:
+        The statistics and the folder now holding them.
+    """
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"val_fraction must lie in (0, 1), not {val_fraction}")
+    dev = resolve_device(device)
+    loaded = model_or_source
+    if isinstance(model_or_source, str | Path):
+        if Path(model_or_source).suffix.lower() in EXPORTED_SUFFIXES:
+            raise UsageError(
+                f"{model_or_source}: calibrate the model it was exported from, then export again"
+            )
+        loaded = load_model(model_or_source, device=dev)
+    subject = _load_subject(loaded, dev)
+    k = num_prefix_of(subject.model)  # type: ignore[arg-type]  # a DeiT: checked by load_model
+
+    def features(source: Any, cap: int | None) -> tuple[Tensor, Tensor, str]:
+        batches, name = _batches(source, subject, batch_size, dev, num_workers, data_root)
+        f, y, _ = collect(subject.model, batches, k, device=dev, limit=cap)
+        return f, y, name
+
+    feats, labels, name = features(data, limit)
+    if val_data is not None:
+        val_feats, _, val_name = features(val_data, None)
+    else:
+        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
+        cut = max(1, round(val_fraction * len(feats)))
+        val_feats, val_name = feats[order[:cut]], f"{val_fraction:.0%} of {name} (seed {seed})"
+        feats, labels = feats[order[cut:]], labels[order[cut:]]
+    stats = fit_features(
+        feats,
+        labels,
+        val_feats,
+        len(subject.labels),
+        k,
+        data=f"fit on {name}, threshold on {val_name}",
+    )
+    folder = Path(out) if out is not None else Path(subject.source)
+    if not (folder / "config.json").is_file():
+        if out is None:
+            raise UsageError(f"{subject.source} is not a model folder: give --out FOLDER")
+        save_model(
+            subject.model,  # type: ignore[arg-type]
+            folder,
+            labels=subject.labels,
+            preprocess=subject.preprocess,
+        )
+    stats.save(folder)
+    return stats, folder
+
+
+@dataclass
+class OODReport:
+    """``deit eval --ood``: how well the score separates ``data`` from the images of ``ood``
+    (OOD = positive; FPR@95 = share of in-distribution images flagged when 95% of the OOD ones
+    are caught), for the model's score and for the max softmax."""
+
+    source: str
+    data: str
+    ood: str
+    method: str
+    threshold: float
+    num_in: int
+    num_out: int
+    auroc: float
+    fpr95: float
+    msp_auroc: float
+    msp_fpr95: float
+    in_flagged: float  # share of in-distribution images the model calls unusual
+    out_flagged: float  # share of OOD images it calls unusual
+    top1: float  # accuracy on the in-distribution data
+    unreadable: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_ood(
+    model_or_source: Any,
+    data: Any,
+    ood: str | Path,
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+    num_workers: int = 0,
+    data_root: str | None = None,
+) -> OODReport:
+    """Score ``data`` (in distribution, ``deit eval``'s syntax) and every image under the
+    folder or glob ``ood`` with the model's out-of-distribution score; AUROC and FPR@95 for
+    it and for the max softmax, and the share flagged at the model's threshold."""
+    dev = resolve_device(device)
+    loaded = (
+        load_any(model_or_source) if isinstance(model_or_source, str | Path) else model_or_source
+    )
+    exported = getattr(loaded, "format", "") in ("onnx", "openvino")
+    clf = Classifier(loaded, "cpu" if exported else dev)
+    subject = _load_subject(loaded, clf.device)
+    batches, data_name = _batches(data, subject, batch_size, clf.device, num_workers, data_root)
+    scores: dict[str, list[float]] = {"in": [], "out": [], "in_msp": [], "out_msp": []}
+    flagged = {"in": 0, "out": 0}
+    hits = 0
+    for batch in batches:
+        if not len(batch[1]):
+            continue
+        logits, verdicts = clf.logits_and_ood(batch[0])
+        hits += int((logits.argmax(-1) == batch[1].cpu()).sum())
+        scores["in"] += [v.score for v in verdicts]
+        scores["in_msp"] += msp_score(logits).tolist()
+        flagged["in"] += sum(v.unusual for v in verdicts)
+    paths = expand_paths([ood])
+    unreadable = 0
+    for r in clf.predict_files(paths, top_k=1, batch_size=batch_size):
+        if r.ood is None:
+            unreadable += 1
+            continue
+        scores["out"].append(r.ood.score)
+        scores["out_msp"].append(1.0 - r.predictions[0].score)
+        flagged["out"] += r.ood.unusual
+    if not scores["out"]:
+        raise UsageError(f"{ood}: no readable images to score")
+    return OODReport(
+        source=subject.source,
+        data=data_name,
+        ood=str(ood),
+        method=clf.calibration.method,
+        threshold=clf.calibration.threshold,
+        num_in=len(scores["in"]),
+        num_out=len(scores["out"]),
+        auroc=auroc(scores["in"], scores["out"]),
+        fpr95=fpr_at_tpr(scores["in"], scores["out"]),
+        msp_auroc=auroc(scores["in_msp"], scores["out_msp"]),
+        msp_fpr95=fpr_at_tpr(scores["in_msp"], scores["out_msp"]),
+        in_flagged=flagged["in"] / max(1, len(scores["in"])),
+        out_flagged=flagged["out"] / len(scores["out"]),
+        top1=hits / max(1, len(scores["in"])),
+        unreadable=unreadable,
+    )

@@ -1,0 +1,314 @@
+"""The out-of-distribution score (issue 26): fit and score math against a NumPy reference,
+the 95% threshold, AUROC/FPR, the stored file and its refusal of lying headers, the
+uncalibrated fallback, predict's text and JSON, ONNX/OpenVINO parity, calibrate, eval --ood."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deit.checkpoints import load_model
+from deit.cli import main
+from deit.errors import CheckpointError
+from deit.inference import Classifier
+from deit.ood import (
+    MAHALANOBIS,
+    MSP_UNCALIBRATED,
+    FeatureTap,
+    OODStats,
+    auroc,
+    fit_mahalanobis,
+    fit_ood,
+    fpr_at_tpr,
+    load_ood,
+    threshold_at,
+)
+
+from .deploy_helpers import LABELS, save_tiny_model
+
+
+def _reference_scores(
+    feats: np.ndarray, labels: np.ndarray, queries: np.ndarray, shrinkage: float
+) -> np.ndarray:
+    """Class means, one shared covariance (+ ridge), squared distance to the nearest mean / D,
+    written independently with NumPy."""
+    classes = np.unique(labels)
+    means = np.stack([feats[labels == c].mean(0) for c in classes])
+    centered = feats - means[np.searchsorted(classes, labels)]
+    cov = centered.T @ centered / len(feats)
+    cov += np.eye(len(cov)) * shrinkage * np.trace(cov) / len(cov)
+    prec = np.linalg.inv(cov)
+    diffs = queries[:, None, :] - means[None]  # (Q, C, D)
+    d2 = np.einsum("qcd,de,qce->qc", diffs, prec, diffs)
+    return d2.min(1) / feats.shape[1]
+
+
+def test_mahalanobis_matches_a_numpy_reference() -> None:
+    rng = np.random.default_rng(0)
+    d, n = 6, 300
+    mix = rng.normal(size=(d, d))
+    labels = rng.integers(0, 3, size=n)
+    feats = rng.normal(size=(n, d)) @ mix + labels[:, None] * 2.0
+    queries = rng.normal(size=(40, d)) * 3
+    for shrinkage in (1e-4, 0.1):
+        center, whiten, means = fit_mahalanobis(
+            torch.from_numpy(feats),
+            torch.from_numpy(labels),
+            4,
+            shrinkage,  # class 3 absent
+        )
+        assert means.shape == (3, d)
+        stats = OODStats(center, whiten, means, threshold=0.0, num_prefix=1)
+        got = stats.scorer()(torch.from_numpy(queries).float()).double().numpy()
+        want = _reference_scores(feats, labels, queries, shrinkage)
+        np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
+def test_threshold_accepts_95_percent() -> None:
+    scores = torch.randperm(100).float()
+    t = threshold_at(scores)
+    assert t == 94.0 and int((scores <= t).sum()) == 95
+    many = torch.rand(1013, generator=torch.Generator().manual_seed(1))
+    accepted = float((many <= threshold_at(many)).float().mean())
+    assert 0.95 <= accepted < 0.95 + 1 / 1013 + 1e-9
+
+
+def test_auroc_and_fpr_match_their_definitions() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 20, size=57).astype(float)  # ties on purpose
+    b = rng.integers(5, 30, size=43).astype(float)
+    pairs = (b[None, :] > a[:, None]).mean() + 0.5 * (b[None, :] == a[:, None]).mean()
+    assert auroc(a, b) == pytest.approx(pairs)
+    assert auroc(a, a) == pytest.approx(0.5)
+    cut = max(t for t in np.unique(b) if (b >= t).mean() >= 0.95)
+    assert fpr_at_tpr(a, b) == pytest.approx((a >= cut).mean())
+    assert fpr_at_tpr(np.zeros(5), np.ones(5)) == 0.0
+
+
+def _gray_images(folder: Path, per_class: int = 6, classes: int = 10) -> Path:
+    """Class folders named like LABELS; each class a different stripe pattern plus noise."""
+    rng = np.random.default_rng(3)
+    for c in range(classes):
+        sub = folder / LABELS[c]
+        sub.mkdir(parents=True)
+        for i in range(per_class):
+            base = np.zeros((32, 32, 3), dtype=np.float64)
+            base[:, c * 3 : c * 3 + 4] = 200
+            img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(sub / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny distilled model with statistics fitted by `deit calibrate` on an image folder."""
+    root = tmp_path_factory.mktemp("ood")
+    model = save_tiny_model(root / "model")
+    data = _gray_images(root / "data")
+    assert main(["calibrate", "--model", str(model), "--data", str(data), "--device", "cpu"]) == 0
+    return model, data
+
+
+def test_calibrate_writes_statistics_the_classifier_uses(
+    calibrated: tuple[Path, Path], sample_images: list[Path]
+) -> None:
+    model, _ = calibrated
+    stats = load_ood(model)
+    assert stats.num_prefix == 2 and stats.dim == 128 and stats.means.shape == (10, 128)
+    assert stats.info["val_samples"] == 6 and stats.info["train_samples"] == 54
+    clf = Classifier.from_pretrained(model, device="cpu")
+    results = clf.predict([str(p) for p in sample_images[:3]])
+    loaded = load_model(model)
+    x = torch.stack(_pixels(clf, sample_images[:3]))
+    with torch.no_grad(), FeatureTap(loaded.model, 2) as tap:
+        loaded.model(x)
+    want = stats.scorer()(tap.features)
+    for r, w in zip(results, want.tolist(), strict=True):
+        assert r.ood.method == MAHALANOBIS
+        assert r.ood.score == pytest.approx(w, rel=1e-5)
+        assert r.ood.unusual == (w > stats.threshold)
+
+
+def _pixels(clf: Classifier, paths: list[Path]) -> list[torch.Tensor]:
+    from deit.transforms import load_image, preprocess_image
+
+    return [preprocess_image(load_image(str(p)), clf.loaded.preprocess) for p in paths]
+
+
+def test_models_without_statistics_get_the_uncalibrated_max_softmax(
+    tmp_path: Path, sample_images: list[Path]
+) -> None:
+    clf = Classifier.from_pretrained(save_tiny_model(tmp_path / "m"), device="cpu")
+    for r in clf.predict([str(p) for p in sample_images[:3]]):
+        assert r.ood.method == MSP_UNCALIBRATED
+        assert r.ood.score == pytest.approx(1 - r[0].score, abs=1e-6)
+        assert r.ood.unusual == (r[0].score < 0.5)
+
+
+def test_predict_text_and_json_carry_the_verdict(
+    calibrated: tuple[Path, Path], tmp_path: Path, sample_images: list[Path], capsys
+) -> None:
+    model, _ = calibrated
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    for f in model.iterdir():
+        (strict / f.name).write_bytes(f.read_bytes())
+    stats = load_ood(model)
+    stats.threshold = -1.0  # every image is unusual
+    stats.save(strict)
+    photo = str(sample_images[0])
+    assert main(["predict", "-m", str(strict), photo, "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "unusual: this image is unlike the model's training data" in text
+    assert main(["predict", "-m", str(strict), photo, "--device", "cpu", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record["ood"]) == {"score", "unusual", "method"}
+    assert record["ood"]["unusual"] is True and record["ood"]["method"] == MAHALANOBIS
+    stats.threshold = 1e9  # none is
+    stats.save(strict)
+    assert main(["predict", "-m", str(strict), photo, "--device", "cpu"]) == 0
+    assert "unusual" not in capsys.readouterr().out
+
+
+def test_statistics_round_trip(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    stats = OODStats(
+        torch.randn(8, generator=g),
+        torch.randn(8, 8, generator=g),
+        torch.randn(3, 8, generator=g),
+        threshold=1.25,
+        num_prefix=2,
+        info={"data": "x"},
+    )
+    back = load_ood(stats.save(tmp_path))
+    assert back.threshold == 1.25 and back.num_prefix == 2 and back.info == {"data": "x"}
+    for name in ("center", "whiten", "means"):
+        assert torch.equal(getattr(back, name), getattr(stats, name))
+    q = torch.randn(5, 8, generator=g)
+    assert torch.equal(back.scorer()(q), stats.scorer()(q))
+
+
+def _write_raw(path: Path, header: dict, data: bytes = b"") -> Path:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def _honest_header(dim: int = 4, classes: int = 2) -> dict:
+    meta = {
+        "format": "deit-ood",
+        "version": 1,
+        "method": MAHALANOBIS,
+        "threshold": 1.0,
+        "num_prefix": 1,
+        "dim": dim,
+        "classes": classes,
+        "info": {},
+    }
+    header: dict = {"__metadata__": {"deit.ood": json.dumps(meta)}}
+    offset = 0
+    for name, shape in (("center", [dim]), ("whiten", [dim, dim]), ("means", [classes, dim])):
+        size = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    return header
+
+
+def test_lying_files_are_refused_before_allocating(tmp_path: Path) -> None:
+    honest = _honest_header()
+    body = np.ones(4 + 16 + 8, dtype=np.float32).tobytes()
+    assert load_ood(_write_raw(tmp_path / "ok.safetensors", honest, body)).dim == 4
+
+    huge = _honest_header(dim=1 << 20)  # 4 TiB of whitening matrix claimed by a tiny file
+    with pytest.raises(CheckpointError, match="does not fit the file|too large|dim must be"):
+        load_ood(_write_raw(tmp_path / "huge.safetensors", huge, body))
+    big_tensor = json.loads(json.dumps(honest))
+    big_tensor["whiten"]["shape"] = [1 << 16, 1 << 16]
+    with pytest.raises(CheckpointError, match="malformed or too large"):
+        load_ood(_write_raw(tmp_path / "big.safetensors", big_tensor, body))
+    with pytest.raises(CheckpointError, match="does not fit the file"):
+        load_ood(_write_raw(tmp_path / "short.safetensors", honest, body[:-4]))
+    (tmp_path / "len.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(CheckpointError, match="header of"):
+        load_ood(tmp_path / "len.safetensors")
+    mismatch = json.loads(json.dumps(honest))
+    meta = json.loads(mismatch["__metadata__"]["deit.ood"])
+    meta["classes"] = 3
+    mismatch["__metadata__"]["deit.ood"] = json.dumps(meta)
+    with pytest.raises(CheckpointError, match="its header says"):
+        load_ood(_write_raw(tmp_path / "mis.safetensors", mismatch, body))
+    nan = np.ones(28, dtype=np.float32)
+    nan[5] = np.nan
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_ood(_write_raw(tmp_path / "nan.safetensors", honest, nan.tobytes()))
+
+
+def test_statistics_of_another_model_are_refused(calibrated: tuple[Path, Path], tmp_path) -> None:
+    model, _ = calibrated
+    other = save_tiny_model(tmp_path / "plain", distilled=False)  # one token: 64 features
+    load_ood(model).save(other)
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        Classifier.from_pretrained(other, device="cpu")
+
+
+def test_fit_ood_from_loaders_matches_calibrate_math(calibrated: tuple[Path, Path]) -> None:
+    """The API `deit train` calls: fit on one set of batches, threshold on another."""
+    loaded = load_model(calibrated[0])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 3, 32, 32, generator=g), torch.arange(60) % 10
+    stats = fit_ood(loaded.model, [(x[:30], y[:30]), (x[30:50], y[30:50])], [(x[50:], y[50:])])
+    assert stats.info["train_samples"] == 50 and stats.info["val_samples"] == 10
+    with torch.no_grad(), FeatureTap(loaded.model, 2) as tap:
+        loaded.model(x[50:])
+    val = stats.scorer()(tap.features)
+    assert int((val <= stats.threshold).sum()) >= 9.5  # 95% of 10, rounded up
+
+
+def test_exports_give_the_eager_score(
+    calibrated: tuple[Path, Path], tmp_path: Path, sample_images: list[Path]
+) -> None:
+    pytest.importorskip("onnxruntime")
+    model, _ = calibrated
+    paths = [str(p) for p in sample_images]
+    eager = Classifier.from_pretrained(model, device="cpu").predict(paths)
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", "-m", str(model), "--out", str(onnx_path), "--dynamic-batch"]) == 0
+    import onnx
+
+    outputs = [o.name for o in onnx.load(str(onnx_path)).graph.output]
+    assert outputs == ["logits", "ood_score"]
+    exported = [Classifier.from_pretrained(onnx_path).predict(paths)]
+    if __import__("importlib").util.find_spec("openvino") is not None:
+        from deit.deploy.openvino import export_openvino
+
+        xml = export_openvino(load_model(model), tmp_path / "m.xml")
+        exported.append(Classifier.from_pretrained(xml).predict(paths))
+        fast = Classifier.from_pretrained(model, device="cpu", fast=True)
+        exported.append(fast.predict(paths))
+    for results in exported:
+        for e, r in zip(eager, results, strict=True):
+            assert r.ood.method == MAHALANOBIS
+            assert r.ood.score == pytest.approx(e.ood.score, rel=1e-4, abs=1e-5)
+            assert r.ood.unusual == e.ood.unusual
+            assert r[0].index == e[0].index
+
+
+def test_eval_ood_reports_auroc_and_fpr(
+    calibrated: tuple[Path, Path], sample_images: list[Path], capsys
+) -> None:
+    model, data = calibrated
+    photos = str(sample_images[0].parent)
+    args = ["eval", "--model", str(model), "--data", str(data), "--ood", photos, "--device", "cpu"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "AUROC" in text and "FPR at 95% TPR" in text and "max softmax" in text
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_in"] == 60 and report["num_out"] == len(sample_images)
+    assert report["method"] == MAHALANOBIS and 0.0 <= report["auroc"] <= 1.0
