@@ -92,6 +92,13 @@ class ImageTooLargeError(ImageLoadError):
     http_status = 413
 
 
+class NonFiniteOutputError(DeiTError, ValueError):
+    """A model whose output for an input is not a finite number (NaN or infinity): corrupt
+    weights, or an input it overflows on. An error for that input, never a score."""
+
+    http_status = 422
+
+
 class MissingDependencyError(DeiTError, ImportError):
     """An optional package that this feature needs is not installed."""
 

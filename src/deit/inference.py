@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
-from deit.errors import MissingDependencyError, UsageError
+from deit.errors import MissingDependencyError, NonFiniteOutputError, UsageError
 from deit.onnx_model import load_onnx
 from deit.openvino_model import OpenVinoModel, load_openvino
 from deit.runtime import DTYPES, PRECISIONS, quantize_int8, resolve_device
@@ -67,13 +67,22 @@ class FileResult:
 
 
 EXPORTED_SUFFIXES = {".onnx": "ONNX", ".xml": "OpenVINO"}  # files that carry their settings
+NON_FINITE = "not a finite number (NaN or infinity: corrupt weights, or an overflow)"
 
 
-def load_any(source: str | Path = DEFAULT_MODEL, **load_kwargs: Any) -> LoadedModel:
+def finite_rows(logits: Tensor) -> list[bool]:
+    """Whether each row of ``logits`` is finite: a NaN is an error, never a ``nan%`` score."""
+    return [bool(ok) for ok in torch.isfinite(logits).all(dim=-1).tolist()]
+
+
+def load_any(
+    source: str | Path = DEFAULT_MODEL, *, engine: bool = True, **load_kwargs: Any
+) -> LoadedModel:
     """:func:`deit.checkpoints.load_model`, or for a file of ``deit export`` / ``deit quantize``
     its engine's loader: :func:`deit.onnx_model.load_onnx` for ``.onnx``,
     :func:`deit.openvino_model.load_openvino` for an OpenVINO ``.xml`` (such files carry their
-    own labels and preprocessing)."""
+    own labels and preprocessing). ``engine=False`` reads an exported file's metadata only:
+    nothing is compiled, and its model is the DeiT of its config on the meta device."""
     suffix = Path(str(source)).suffix.lower()
     if suffix in EXPORTED_SUFFIXES:
         unused = {k: v for k, v in load_kwargs.items() if v not in (None, "auto")}
@@ -82,7 +91,9 @@ def load_any(source: str | Path = DEFAULT_MODEL, **load_kwargs: Any) -> LoadedMo
                 f"an exported {EXPORTED_SUFFIXES[suffix]} file carries its own settings; "
                 f"drop {sorted(unused)}"
             )
-        return load_onnx(source) if suffix == ".onnx" else load_openvino(source)
+        if suffix == ".onnx":
+            return load_onnx(source, engine=engine)
+        return load_openvino(source, engine=engine)
     return load_model(source, **load_kwargs)
 
 
@@ -358,7 +369,13 @@ class Classifier:
                 self.loaded.preprocess,
                 fast_decode=self.fast_decode,
             )
-            results.extend(self.topk(self.logits(batch), top_k))
+            logits = self.logits(batch)
+            bad = [i for i, ok in enumerate(finite_rows(logits)) if not ok]
+            if bad:
+                raise NonFiniteOutputError(
+                    f"the model's output for image {start + bad[0]} is {NON_FINITE}"
+                )
+            results.extend(self.topk(logits, top_k))
         return results
 
     def _load(self, path: str) -> Tensor | str:
@@ -422,6 +439,10 @@ class Classifier:
         if self.device.type == "cuda":  # page-locked, so the copy overlaps with the host
             pixels = pixels.pin_memory()
         logits = self.logits(pixels)
-        for (path, _), preds in zip(batch, self.topk(logits, top_k)):
+        rows = zip(batch, self.topk(logits, top_k), finite_rows(logits), strict=True)
+        for (path, _), preds, finite in rows:
             bar.update(1)
+            if not finite:  # this image alone: the others of its batch are still answered
+                yield FileResult(path, [], f"the model's output is {NON_FINITE}")
+                continue
             yield FileResult(path, preds)

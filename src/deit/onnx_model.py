@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from deit.checkpoints import LoadedModel
 from deit.config import DeiTConfig
 from deit.errors import ExportError
-from deit.model import DeiTOutput
+from deit.graph_limits import check_logits, check_onnx_graph
+from deit.model import DeiT, DeiTOutput
 from deit.runtime import require
 from deit.transforms import PreprocessConfig
 
@@ -84,33 +85,54 @@ class OnnxModel(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> DeiTOutput:
         logits = torch.from_numpy(self.runner(pixel_values))
+        check_logits(self.path, logits, len(pixel_values), self.config.num_classes)
         return DeiTOutput(logits=logits, cls_logits=logits, dist_logits=None)
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The ``deit.*`` metadata of an ``.onnx`` file ({} if none); the weights are not read."""
+def read_onnx(path: str | Path) -> Any:
+    """An ``.onnx`` file's ``ModelProto``, without its external data (never read)."""
     onnx = require("onnx", "onnx", "export")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
         raise ExportError(f"cannot read {path}: not an ONNX model ({type(e).__name__})") from e
+
+
+def onnx_metadata(proto: Any) -> dict[str, str]:
+    """The ``deit.*`` metadata of a ``ModelProto`` ({} if none)."""
     return {p.key: p.value for p in proto.metadata_props if p.key.startswith("deit.")}
 
 
-def load_onnx(path: str | Path, threads: int | None = None) -> LoadedModel:
-    """An exported ``.onnx`` file with its labels and preprocessing, ready for a ``Classifier``.
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``deit.*`` metadata of an ``.onnx`` file ({} if none); nothing is run."""
+    return onnx_metadata(read_onnx(path))
+
+
+def load_onnx(path: str | Path, threads: int | None = None, *, engine: bool = True) -> LoadedModel:
+    """An exported ``.onnx`` file with its labels and preprocessing, ready for a ``Classifier``
+    (``engine=False``: its metadata only, see :func:`shapes_only`).
+
+    The graph is checked before ONNX Runtime compiles it (:func:`check_onnx_graph`): what its
+    nodes would allocate is bounded, and its logits output must fit the metadata.
 
     Raises:
-        ExportError: The file is missing, unreadable, or carries no ``deit.*`` metadata.
+        ExportError: The file is missing, unreadable, carries no ``deit.*`` metadata, or its
+            graph does not fit it.
+        ResourceLimitError: a graph that would allocate past the limits.
     """
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"ONNX file not found: {path}")
-    meta = read_onnx_metadata(path)
+    proto = read_onnx(path)
+    meta = onnx_metadata(proto)
     config, preprocess, labels = exported_settings(meta, path, "`deit export` or `deit quantize`")
     dynamic = meta.get("deit.dynamic_batch", "false") == "true"
+    if engine:
+        check_onnx_graph(proto, path, config)
+    del proto  # ONNX Runtime reads the file itself
+    model = OnnxModel(path, config, dynamic, threads) if engine else shapes_only(config)
     return LoadedModel(
-        model=OnnxModel(path, config, dynamic, threads),  # type: ignore[arg-type]
+        model=model,  # type: ignore[arg-type]
         config=config,
         preprocess=preprocess,
         labels=labels,
@@ -118,6 +140,13 @@ def load_onnx(path: str | Path, threads: int | None = None) -> LoadedModel:
         format="onnx",
         metadata={k: v for k, v in meta.items() if k not in ("deit.labels", "deit.config")},
     )
+
+
+def shapes_only(config: DeiTConfig) -> DeiT:
+    """The DeiT an exported file's metadata describes, on the meta device: its parameters'
+    shapes (what ``deit info`` counts) and no memory; nothing of the file is compiled."""
+    with torch.device("meta"):
+        return DeiT(config)
 
 
 def exported_settings(

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from deit.checkpoints import LoadedModel
 from deit.config import DeiTConfig
 from deit.errors import ExportError, UsageError
+from deit.graph_limits import check_ir_graph, check_logits, openvino_error_line, scan_ir_xml
 from deit.model import DeiT, DeiTOutput, Head, HeadLogits
-from deit.onnx_model import exported_settings
+from deit.onnx_model import REQUIRED_METADATA, exported_settings, shapes_only
 from deit.runtime import require
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our names -> INFERENCE_PRECISION_HINT
@@ -62,7 +63,36 @@ def compile_model(
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(threads)
     ov = openvino()
-    return ov.Core().compile_model(model, "CPU", config)
+    if isinstance(model, str | Path):  # never compiled unchecked: see read_ir
+        model = read_ir(model)[0]
+    try:
+        return ov.Core().compile_model(model, "CPU", config)
+    except RuntimeError as e:
+        # read_ir names a model after its file
+        name = model.get_friendly_name()
+        raise ExportError(f"OpenVINO cannot compile {name}: {openvino_error_line(e)}") from None
+
+
+def read_ir(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """An IR's ``ov.Model`` and its ``deit.*`` metadata, read by OpenVINO only after its XML
+    passed :func:`deit.graph_limits.scan_ir_xml`; when it carries our metadata, also bounded
+    and checked against it by :func:`deit.graph_limits.check_ir_graph`.
+
+    Raises:
+        ExportError: missing ``.bin``, malformed XML, or a graph OpenVINO rejects (one line).
+        ResourceLimitError: an XML or a graph over the limits.
+    """
+    path = Path(path)
+    meta = read_openvino_metadata(path)
+    try:
+        model = openvino().Core().read_model(str(path))
+    except RuntimeError as e:
+        raise ExportError(f"cannot read {path}: {openvino_error_line(e)}") from None
+    if set(REQUIRED_METADATA) <= set(meta):
+        config = exported_settings(meta, path, "`deit export --format openvino`")[0]
+        check_ir_graph(model, path, config)
+    model.set_friendly_name(str(path))  # for messages
+    return model, meta
 
 
 def convert_module(model: DeiT, head: Head = "avg") -> Any:
@@ -113,6 +143,9 @@ class OpenVinoModel(nn.Module):
         self.config, self.precision, self.threads = config, precision, threads
         self.compiled = compile_model(self.source, precision, threads)
         self.request = self.compiled.create_infer_request()
+        self.name = self.source if isinstance(self.source, str) else "the OpenVINO model"
+        if not isinstance(self.source, str) and self.source.get_friendly_name().endswith(".xml"):
+            self.name = self.source.get_friendly_name()  # read_ir names it after its file
 
     @classmethod
     def from_module(
@@ -129,8 +162,20 @@ class OpenVinoModel(nn.Module):
 
     def run(self, pixel_values: Tensor) -> np.ndarray:
         """Logits (N, classes) as a NumPy array."""
+        return np.array(self.infer(pixel_values)[0], copy=True)
+
+    def infer(self, pixel_values: Tensor) -> Any:
+        """The IR's outputs for ``pixel_values`` (N, C, H, W), its logits checked against the
+        metadata's class count (:func:`deit.graph_limits.check_logits`)."""
         x = pixel_values.detach().to("cpu", torch.float32).numpy()
-        return np.array(self.request.infer({0: x})[0], copy=True)
+        try:
+            result = self.request.infer({0: x})
+        except RuntimeError as e:
+            raise ExportError(
+                f"OpenVINO cannot run {self.name}: {openvino_error_line(e)}"
+            ) from None
+        check_logits(self.name, result[0], len(x), self.config.num_classes)
+        return result
 
     def forward(self, pixel_values: Tensor) -> DeiTOutput:
         logits = torch.from_numpy(self.run(pixel_values))
@@ -149,22 +194,15 @@ def read_openvino_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.with_suffix(".bin").is_file():
         raise ExportError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
-    try:
-        model = openvino().Core().read_model(str(path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
-        raise ExportError(f"cannot read {path}: not an OpenVINO IR ({first})") from None
-    return {
-        f"deit.{key}": str(model.get_rt_info(["deit", key]).astype(str))
-        for key in METADATA_KEYS
-        if model.has_rt_info(["deit", key])
-    }
+    meta = scan_ir_xml(path)  # read by a bounded parser; OpenVINO is not involved
+    return {k: v for k, v in meta.items() if k.removeprefix("deit.") in METADATA_KEYS}
 
 
 def load_openvino(
-    path: str | Path, precision: str = "fp32", threads: int | None = None
+    path: str | Path, precision: str = "fp32", threads: int | None = None, *, engine: bool = True
 ) -> LoadedModel:
-    """An IR with its labels and preprocessing, ready for a ``Classifier``.
+    """An IR with its labels and preprocessing, ready for a ``Classifier`` (``engine=False``:
+    its metadata only, read without OpenVINO; the model is :func:`shapes_only`).
 
     Raises:
         ExportError: the file is missing, unreadable, or carries no ``deit`` runtime info.
@@ -172,10 +210,11 @@ def load_openvino(
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"OpenVINO IR not found: {path}")
-    meta = read_openvino_metadata(path)
+    ir, meta = read_ir(path) if engine else (None, read_openvino_metadata(path))
     config, preprocess, labels = exported_settings(meta, path, "`deit export --format openvino`")
+    model = OpenVinoModel(ir, config, precision, threads) if engine else shapes_only(config)
     return LoadedModel(
-        model=OpenVinoModel(path, config, precision, threads),  # type: ignore[arg-type]
+        model=model,  # type: ignore[arg-type]
         config=config,
         preprocess=preprocess,
         labels=labels,

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from deit.cli._args import add_model_arguments, load_kwargs
 from deit.inference import load_any
-from deit.model import DeiT
 
 NAME = "info"
 HELP = "show a checkpoint's architecture, preprocessing, labels"
@@ -21,16 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = load_any(args.model, **load_kwargs(args))
-    model = loaded.model
-    if loaded.format == "onnx":  # count the exported DeiT's parameters, not ONNX initializers
-        with torch.device("meta"):  # shapes only: the metadata's config allocates nothing
-            model = DeiT(loaded.config)
+    # an exported file's metadata only: its graph is never compiled (the parameters are
+    # counted on the meta device, from its config)
+    loaded = load_any(args.model, engine=False, **load_kwargs(args))
     info = {
         "source": loaded.source,
         "format": loaded.format,
         "config": loaded.config.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "preprocess": loaded.preprocess.to_dict(),
         "num_labels": len(loaded.labels),
         "labels_sample": loaded.labels[:5],

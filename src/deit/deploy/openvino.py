@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,24 @@ def export_openvino(
     return _save_ir(convert_to_openvino(as_loaded(model_or_loaded), head), out)
 
 
+@contextlib.contextmanager
+def _quiet_cuda_probe() -> Iterator[None]:
+    """NNCF imports ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on a
+    CPU machine with a CUDA toolkit: not ours to say. Only that logger, only for the import."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        import torch.utils.cpp_extension  # noqa: F401  # its probe runs once, at import
+
+        yield
+    finally:
+        logger.disabled = disabled
+
+
 def quantize_ir(model: Any, calibration: Tensor) -> Any:
     """NNCF post-training int8 of an ``ov.Model``, calibrated on ``calibration`` (N, C, H, W)."""
-    nncf = require("nncf", "nncf", "openvino")
+    with _quiet_cuda_probe():
+        nncf = require("nncf", "nncf", "openvino")
     items = [b.numpy() for b in calibration.split(1)]
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for results
         return nncf.quantize(
