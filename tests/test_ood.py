@@ -278,7 +278,7 @@ def test_exports_give_the_eager_score(
     paths = [str(p) for p in sample_images]
     eager = Classifier.from_pretrained(model, device="cpu").predict(paths)
     onnx_path = tmp_path / "m.onnx"
-    assert main(["export", "-m", str(model), "--out", str(onnx_path), "--dynamic-batch"]) == 0
+    assert main(["export", "-m", str(model), str(onnx_path), "--dynamic-batch"]) == 0
     import onnx
 
     outputs = [o.name for o in onnx.load(str(onnx_path)).graph.output]

@@ -27,6 +27,15 @@ from torch import Tensor, nn
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
 from deit.errors import MissingDependencyError, NonFiniteOutputError, UsageError
 from deit.onnx_model import load_onnx
+from deit.ood import (
+    UNCALIBRATED,
+    Calibration,
+    FeatureTap,
+    OODResult,
+    exported_calibration,
+    find_stats,
+    msp_score,
+)
 from deit.openvino_model import OpenVinoModel, load_openvino
 from deit.runtime import DTYPES, PRECISIONS, quantize_int8, resolve_device
 from deit.transforms import (
@@ -50,6 +59,15 @@ class Prediction:
     score: float
 
 
+class Predictions(list[Prediction]):
+    """One image's top-k :class:`Prediction` list, with its out-of-distribution verdict
+    ``ood`` (:class:`deit.ood.OODResult`: score, unusual, method)."""
+
+    def __init__(self, predictions: Iterable[Prediction], ood: OODResult) -> None:
+        super().__init__(predictions)
+        self.ood = ood
+
+
 @dataclass(frozen=True)
 class FileResult:
     """The outcome for one input file: its top-k predictions, or why it failed."""
@@ -57,11 +75,13 @@ class FileResult:
     path: str
     predictions: list[Prediction]
     error: str | None = None
+    ood: OODResult | None = None  # None for a file that failed
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "predictions": [asdict(p) for p in self.predictions],
+            "ood": self.ood.to_dict() if self.ood is not None else None,
             "error": self.error,
         }
 
@@ -268,6 +288,14 @@ class Classifier:
         on_cpu = self.device.type == "cpu" and not compile
         self.input_dtype = DTYPES.get(precision, torch.float32)
         self.engine: str = f"pytorch {precision}"
+        # The out-of-distribution score: fitted statistics beside the weights, the score an
+        # exported file computes in its graph, or the uncalibrated max softmax.
+        self.ood_stats = find_stats(loaded)
+        exported = exported_calibration(loaded)
+        self.calibration: Calibration = (
+            exported or (self.ood_stats.calibration if self.ood_stats else None) or UNCALIBRATED
+        )
+        self._ood_scorer = self.ood_stats.scorer() if self.ood_stats else None
         if loaded.format == "onnx" and not (on_cpu and precision == "fp32"):
             raise UsageError(
                 "an ONNX model runs as exported, on the CPU: drop --device/--precision/--compile "
@@ -295,7 +323,7 @@ class Classifier:
         probe batch), else PyTorch; ``self.engine`` says which ran."""
         reference = self.loaded.model.cpu().eval()
         try:
-            model = OpenVinoModel.from_module(reference, precision)
+            model = OpenVinoModel.from_module(reference, precision, ood=self.ood_stats)
         except MissingDependencyError:
             log.info("--fast: OpenVINO is not installed (pip install openvino); using PyTorch")
             return prepare_model(reference, self.device, precision)
@@ -343,6 +371,25 @@ class Classifier:
         x = pixel_values.to(self.device, self.input_dtype, non_blocking=True)
         return self.model(x).logits.float().cpu()
 
+    @torch.inference_mode()
+    def logits_and_ood(self, pixel_values: Tensor) -> tuple[Tensor, list[OODResult]]:
+        """Inference logits (B, classes) and each image's out-of-distribution verdict, from
+        one forward pass (the fitted score costs two small matrix products more)."""
+        x = pixel_values.to(self.device, self.input_dtype, non_blocking=True)
+        scored = getattr(self.model, "scored", None)  # exported files and --fast OpenVINO
+        if scored is not None:
+            logits, score = scored(x)
+            if score is None or self.calibration is UNCALIBRATED:
+                score = msp_score(logits)
+        elif self._ood_scorer is not None:
+            with FeatureTap(self.model, self.ood_stats.num_prefix) as tap:  # type: ignore[union-attr]
+                logits = self.model(x).logits.float().cpu()
+            score = self._ood_scorer(tap.features.cpu())
+        else:
+            logits = self.model(x).logits.float().cpu()
+            score = msp_score(logits)
+        return logits, self.calibration.verdicts(score)
+
     def topk(self, logits: Tensor, top_k: int = 5) -> list[list[Prediction]]:
         """Softmax probabilities' top-k for each row of ``logits``."""
         k = max(1, min(top_k, logits.shape[-1]))
@@ -352,30 +399,34 @@ class Classifier:
             for srow, irow in zip(scores.tolist(), indices.tolist())
         ]
 
+    def _results(self, pixel_values: Tensor, top_k: int) -> list[Predictions]:
+        logits, ood = self.logits_and_ood(pixel_values)
+        bad = [i for i, ok in enumerate(finite_rows(logits)) if not ok]
+        if bad:
+            raise NonFiniteOutputError(
+                f"the model's output for image {bad[0]} of the batch is {NON_FINITE}"
+            )
+        return [Predictions(p, o) for p, o in zip(self.topk(logits, top_k), ood, strict=True)]
+
     def predict(
         self, images: ImageLike | Sequence[ImageLike], top_k: int = 5, batch_size: int = 32
-    ) -> list[list[Prediction]]:
-        """Classify images (paths, PIL images, arrays or tensors); one list per image.
+    ) -> list[Predictions]:
+        """Classify images (paths, PIL images, arrays or tensors); one list per image, best
+        first, whose ``ood`` says how unlike the training data the image is.
 
         Raises:
             ImageLoadError: an input can't be read as an image.
         """
         if not isinstance(images, (list, tuple)):
             images = [images]  # type: ignore[list-item]  # one image, not a sequence
-        results: list[list[Prediction]] = []
+        results: list[Predictions] = []
         for start in range(0, len(images), batch_size):
             batch = preprocess(
                 list(images[start : start + batch_size]),
                 self.loaded.preprocess,
                 fast_decode=self.fast_decode,
             )
-            logits = self.logits(batch)
-            bad = [i for i, ok in enumerate(finite_rows(logits)) if not ok]
-            if bad:
-                raise NonFiniteOutputError(
-                    f"the model's output for image {start + bad[0]} is {NON_FINITE}"
-                )
-            results.extend(self.topk(logits, top_k))
+            results.extend(self._results(batch, top_k))
         return results
 
     def _load(self, path: str) -> Tensor | str:
@@ -438,11 +489,11 @@ class Classifier:
         pixels = torch.stack([t for _, t in batch])
         if self.device.type == "cuda":  # page-locked, so the copy overlaps with the host
             pixels = pixels.pin_memory()
-        logits = self.logits(pixels)
-        rows = zip(batch, self.topk(logits, top_k), finite_rows(logits), strict=True)
-        for (path, _), preds, finite in rows:
+        logits, ood = self.logits_and_ood(pixels)
+        rows = zip(batch, self.topk(logits, top_k), ood, finite_rows(logits), strict=True)
+        for (path, _), preds, verdict, finite in rows:
             bar.update(1)
             if not finite:  # this image alone: the others of its batch are still answered
                 yield FileResult(path, [], f"the model's output is {NON_FINITE}")
                 continue
-            yield FileResult(path, preds)
+            yield FileResult(path, preds, ood=verdict)

@@ -61,9 +61,14 @@ class OnnxRunner:
 
     def __call__(self, pixel_values: Tensor, batch_size: int | None = None) -> np.ndarray:
         """Logits (N, classes) for ``pixel_values`` (N, C, H, W), in chunks of ``batch_size``."""
+        return self.run_all(pixel_values, batch_size)[0]
+
+    def run_all(self, pixel_values: Tensor, batch_size: int | None = None) -> list[np.ndarray]:
+        """Every output of the graph (logits first; then ``ood_score`` when exported with
+        fitted statistics), for ``pixel_values`` in chunks of ``batch_size``."""
         size = 1 if self.fixed_batch else batch_size or len(pixel_values) or 1
-        chunks = [self.session.run(None, self.feed(b))[0] for b in pixel_values.split(size)]
-        return np.concatenate(chunks)
+        chunks = [self.session.run(None, self.feed(b)) for b in pixel_values.split(size)]
+        return [np.concatenate(outs) for outs in zip(*chunks, strict=True)]
 
 
 class OnnxModel(nn.Module):
@@ -87,6 +92,13 @@ class OnnxModel(nn.Module):
         logits = torch.from_numpy(self.runner(pixel_values))
         check_logits(self.path, logits, len(pixel_values), self.config.num_classes)
         return DeiTOutput(logits=logits, cls_logits=logits, dist_logits=None)
+
+    def scored(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits and the graph's out-of-distribution score (None if it has no second output)."""
+        outs = self.runner.run_all(pixel_values)
+        check_logits(self.path, outs[0], len(pixel_values), self.config.num_classes)
+        score = torch.from_numpy(outs[1]).float().reshape(-1) if len(outs) > 1 else None
+        return torch.from_numpy(outs[0]), score
 
 
 def read_onnx(path: str | Path) -> Any:

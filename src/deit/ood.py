@@ -481,9 +481,16 @@ def load_ood(path: str | Path) -> OODStats:
     )
 
 
-def check_fits(stats: OODStats, model_dim: int, num_classes: int, where: str) -> OODStats:
-    """``stats`` if its sizes match a model with ``model_dim`` feature dimensions per token."""
-    if stats.dim != stats.num_prefix * model_dim or stats.means.shape[0] > num_classes:
+def check_fits(
+    stats: OODStats, num_prefix: int, model_dim: int, num_classes: int, where: str
+) -> OODStats:
+    """``stats`` if they were fitted for a model reading ``num_prefix`` tokens of
+    ``model_dim`` features and having ``num_classes`` classes."""
+    if (
+        stats.num_prefix != num_prefix
+        or stats.dim != num_prefix * model_dim
+        or stats.means.shape[0] > num_classes
+    ):
         raise CheckpointError(
             f"{where}: statistics for {stats.dim} features and {stats.means.shape[0]} classes "
             f"do not fit this model ({stats.num_prefix} x {model_dim} features, "
@@ -538,7 +545,8 @@ def find_stats(loaded: LoadedModel) -> OODStats | None:
     if not (folder / OOD_FILE).is_file():
         return None
     stats = load_ood(folder)
-    return check_fits(stats, loaded.config.embed_dim, loaded.config.num_classes, str(folder))
+    c = loaded.config
+    return check_fits(stats, num_prefix_of(loaded.model), c.embed_dim, c.num_classes, str(folder))
 
 
 def exported_calibration(loaded: LoadedModel) -> Calibration | None:

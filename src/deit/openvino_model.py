@@ -23,6 +23,8 @@ from deit.errors import ExportError, UsageError
 from deit.graph_limits import check_ir_graph, check_logits, openvino_error_line, scan_ir_xml
 from deit.model import DeiT, DeiTOutput, Head, HeadLogits
 from deit.onnx_model import REQUIRED_METADATA, exported_settings, shapes_only
+from deit.ood import OUTPUT_NAME as OOD_OUTPUT
+from deit.ood import OODStats, ScoredLogits
 from deit.runtime import require
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our names -> INFERENCE_PRECISION_HINT
@@ -34,6 +36,7 @@ METADATA_KEYS = (
     "source",
     "dynamic_batch",
     "quantization",
+    "ood",
 )
 
 
@@ -95,11 +98,14 @@ def read_ir(path: str | Path) -> tuple[Any, dict[str, str]]:
     return model, meta
 
 
-def convert_module(model: DeiT, head: Head = "avg") -> Any:
+def convert_module(model: DeiT, head: Head = "avg", ood: OODStats | None = None) -> Any:
     """An ``ov.Model`` computing ``model``'s ``head`` logits, input ``pixel_values`` with a
-    dynamic batch dimension (through ``torch.export``; nothing is traced by executing code)."""
+    dynamic batch dimension (through ``torch.export``; nothing is traced by executing code);
+    with ``ood``, the fitted out-of-distribution score is a second output, ``ood_score``."""
     ov = openvino()
-    wrapper = HeadLogits(model, head).eval()
+    wrapper: nn.Module = (
+        HeadLogits(model, head) if ood is None else ScoredLogits(model, ood, head)
+    ).eval()
     c, (h, w) = model.config.in_chans, model.config.image_hw
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
@@ -110,6 +116,8 @@ def convert_module(model: DeiT, head: Head = "avg") -> Any:
     converted.reshape({0: ov.PartialShape([-1, c, h, w])})
     converted.inputs[0].get_tensor().set_names({"pixel_values"})
     converted.outputs[0].get_tensor().set_names({"logits"})
+    if ood is not None:
+        converted.outputs[1].get_tensor().set_names({OOD_OUTPUT})
     return converted
 
 
@@ -149,10 +157,15 @@ class OpenVinoModel(nn.Module):
 
     @classmethod
     def from_module(
-        cls, model: DeiT, precision: str = "fp32", threads: int | None = None
+        cls,
+        model: DeiT,
+        precision: str = "fp32",
+        threads: int | None = None,
+        ood: OODStats | None = None,
     ) -> OpenVinoModel:
-        """``model`` (its averaged heads) converted in memory and compiled for this CPU."""
-        return cls(convert_module(model), model.config, precision, threads)
+        """``model`` (its averaged heads; with ``ood``, also the fitted score) converted in
+        memory and compiled for this CPU."""
+        return cls(convert_module(model, ood=ood), model.config, precision, threads)
 
     def with_precision(self, precision: str) -> OpenVinoModel:
         """The same network compiled for another precision (itself when it already is)."""
@@ -180,6 +193,14 @@ class OpenVinoModel(nn.Module):
     def forward(self, pixel_values: Tensor) -> DeiTOutput:
         logits = torch.from_numpy(self.run(pixel_values))
         return DeiTOutput(logits=logits, cls_logits=logits, dist_logits=None)
+
+    def scored(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits and the IR's out-of-distribution score (None if it has no second output)."""
+        result = self.infer(pixel_values)
+        logits = torch.from_numpy(np.array(result[0], copy=True))
+        if len(self.compiled.outputs) < 2:
+            return logits, None
+        return logits, torch.from_numpy(np.array(result[1], copy=True)).float().reshape(-1)
 
 
 def set_openvino_metadata(model: Any, metadata: dict[str, str]) -> None:

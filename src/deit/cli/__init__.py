@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from deit.cli import (
     bench,
+    calibrate,
     convert,
     data,
     evaluate,
@@ -36,6 +37,7 @@ COMMANDS = (
     info,
     train,
     evaluate,
+    calibrate,
     plot,
     bench,
     export,

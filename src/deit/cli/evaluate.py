@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from deit.errors import EXIT_INPUT_FAILED
-from deit.train.evaluate import EvalReport, evaluate
+from deit.errors import EXIT_INPUT_FAILED, UsageError
+from deit.train.evaluate import EvalReport, OODReport, evaluate, evaluate_ood
 
 NAME = "eval"
 HELP = "top-1/top-5 of each head on a dataset"
@@ -33,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--confusion-matrix", metavar="PNG", help="write the confusion matrix")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--ood",
+        metavar="DIR",
+        help="out-of-distribution images (a folder or glob): report how well the model's "
+        "unusual-image score separates them from --data (AUROC, FPR at 95%% TPR) instead of "
+        "the per-head accuracy",
+    )
 
 
 def summary(report: EvalReport) -> str:
@@ -50,8 +57,36 @@ def summary(report: EvalReport) -> str:
     return line
 
 
+def ood_summary(r: OODReport) -> str:
+    """The out-of-distribution result in two lines (OOD = positive class)."""
+    return (
+        f"{r.source} on {r.data} ({r.num_in} images, top-1 {100 * r.top1:.2f}%) vs {r.ood} "
+        f"({r.num_out} images): {r.method} AUROC {100 * r.auroc:.2f}%, FPR at 95% TPR "
+        f"{100 * r.fpr95:.2f}% (max softmax: {100 * r.msp_auroc:.2f}%, {100 * r.msp_fpr95:.2f}%)"
+        f"\nat the model's threshold {r.threshold:.4g}: {100 * r.in_flagged:.2f}% of --data "
+        f"and {100 * r.out_flagged:.2f}% of the OOD images called unusual"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit 0 on success, 1 when some images could not be read."""
+    if args.ood:
+        if args.teacher or args.confusion_matrix or args.precision != "fp32":
+            raise UsageError(
+                "--ood measures the model in fp32: drop --teacher, "
+                "--confusion-matrix and --precision"
+            )
+        ood = evaluate_ood(
+            args.model,
+            args.data,
+            args.ood,
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.num_workers,
+            data_root=args.data_root,
+        )
+        print(json.dumps(ood.to_dict()) if args.json else ood_summary(ood))
+        return EXIT_INPUT_FAILED if ood.unreadable else 0
     report = evaluate(
         args.model,
         args.data,

@@ -14,6 +14,7 @@ from deit.cli._args import (
 )
 from deit.errors import EXIT_INPUT_FAILED, UsageError
 from deit.inference import expand_paths
+from deit.ood import OODResult
 from deit.runtime import require
 
 NAME = "predict"
@@ -69,10 +70,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"{result.path}: error: {result.error}", flush=True)
         else:
             top = "\n".join(f"  {p.score:7.2%}  {p.label}  [{p.index}]" for p in result.predictions)
-            print(f"{result.path}\n{top}", flush=True)
+            print(f"{result.path}\n{top}{unusual_line(result.ood)}", flush=True)
     if failed:
         print(f"deit: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_INPUT_FAILED if failed else 0
+
+
+def unusual_line(ood: OODResult | None) -> str:
+    """The warning printed under an image unlike the training data ("" for the others)."""
+    if ood is None or not ood.unusual:
+        return ""
+    return (
+        f"\n  ! unusual: this image is unlike the model's training data, so the classes above "
+        f"may mean nothing (score {ood.score:.3g}, {ood.method})"
+    )
 
 
 def run_ray(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from deit.deploy.export import (
 from deit.deploy.quantize import interleaved_median_ms, load_labelled, ms, pct
 from deit.errors import UsageError
 from deit.model import Head, HeadLogits
+from deit.ood import find_stats
 from deit.openvino_model import (
     bf16_supported,
     compile_model,
@@ -48,7 +49,7 @@ from deit.runtime import require
 
 def _metadata(loaded: LoadedModel, head: Head) -> dict[str, str]:
     """The export metadata, keyed without the ``deit.`` prefix (it is the rt_info section)."""
-    meta = export_metadata(loaded, head, dynamic_batch=True)
+    meta = export_metadata(loaded, head, dynamic_batch=True, ood=find_stats(loaded))
     return {k.removeprefix("deit."): v for k, v in meta.items()}
 
 
@@ -65,8 +66,9 @@ def _save_ir(model: Any, out: Path) -> Path:
 
 
 def convert_to_openvino(loaded: LoadedModel, head: Head = "avg") -> Any:
-    """An ``ov.Model`` of ``loaded`` (one logits output, dynamic batch), with its metadata."""
-    model = convert_module(cpu_eval(loaded.model), head)
+    """An ``ov.Model`` of ``loaded`` (logits, dynamic batch; when the model folder holds
+    fitted out-of-distribution statistics, the score as a second output), with its metadata."""
+    model = convert_module(cpu_eval(loaded.model), head, ood=find_stats(loaded))
     set_openvino_metadata(model, _metadata(loaded, head))
     return model
 

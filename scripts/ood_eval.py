@@ -1,0 +1,282 @@
+"""Measure the out-of-distribution score (issue 26) on real images the model never saw.
+
+For the embedded ``fashion-mnist`` model (in distribution: the Fashion-MNIST test images the
+threshold was not set on, rows 5000-9999), against:
+
+- photos: random crops of the sample photos in tests/fixtures/images (scikit-image's);
+- faces: scikit-image's bundled LFW subset (the 100 face images);
+- noise: uniform and Gaussian-blob noise images;
+- digits: scikit-learn's bundled handwritten digits (8x8, upscaled);
+- printed text: crops of scikit-image's scanned ``page`` and ``text`` images;
+
+and, with ``--near MODEL``, the hard near case: a model trained on 8 Fashion-MNIST classes
+(``deit train``, see docs/results/ood.md) scored on its held-out test images against the test
+images of the 2 classes it never saw.
+
+For each set: AUROC and FPR at 95% TPR (OOD = positive) of the fitted score and of the max
+softmax, the share of in-distribution images flagged at the model's threshold, and the cost
+of the score at batch 1. ``--variants`` also compares feature choices (raw vs L2-normalised,
+class token only vs both tokens) fitted on the training split, to show why the shipped score
+is the one it is.
+
+Usage:
+    python scripts/ood_eval.py [--model fashion-mnist] [--near runs/fm8/model] [--variants]
+        [--json docs/results/ood.json]
+
+Needs scikit-learn and scikit-image (``pip install scikit-learn scikit-image``) and
+Fashion-MNIST at /usr/share/datasets/fashion-mnist (Debian's ``dataset-fashion-mnist``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from deit.inference import Classifier
+from deit.ood import auroc, fit_mahalanobis, fpr_at_tpr, num_prefix_of
+from deit.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from deit.transforms import preprocess_image
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO / "tests" / "fixtures" / "images"
+
+
+def crops(images: list[np.ndarray], count: int, seed: int) -> list[Image.Image]:
+    """``count`` random square crops (10-60% of the shorter side) spread over ``images``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        img = images[i % len(images)]
+        h, w = img.shape[:2]
+        side = int(rng.uniform(0.1, 0.6) * min(h, w))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        out.append(Image.fromarray(img[y : y + side, x : x + side]))
+    return out
+
+
+def ood_sets(seed: int = 0) -> dict[str, list[Image.Image]]:
+    """The far and glyph sets, as PIL images (each set built from real data on this machine,
+    except noise)."""
+    import skimage.data
+    from sklearn.datasets import load_digits
+
+    photos = [
+        np.asarray(Image.open(p).convert("RGB"))
+        for p in sorted(PHOTOS.iterdir())
+        if p.suffix in (".png", ".jpg", ".gif")
+    ]
+    rng = np.random.default_rng(seed)
+    faces = skimage.data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
+    digits = load_digits().images  # 1797 images, 8x8, values 0..16
+    noise = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(200)]
+    blobs = []
+    for _ in range(200):
+        small = rng.normal(size=(7, 7))
+        big = np.asarray(Image.fromarray(small.astype(np.float32)).resize((28, 28)))
+        blobs.append(
+            Image.fromarray(np.clip((big - big.min()) / np.ptp(big) * 255, 0, 255).astype(np.uint8))
+        )
+    text = [skimage.data.page(), skimage.data.text()]
+    return {
+        "photos (crops of 8 photos)": crops(photos, 400, seed),
+        "faces (LFW subset)": [Image.fromarray((f * 255).astype(np.uint8)) for f in faces],
+        "noise (uniform + smooth blobs)": noise + blobs,
+        "handwritten digits (sklearn)": [
+            Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((28, 28)) for d in digits
+        ],
+        "printed text (crops of page, text)": crops(text, 300, seed + 1),
+    }
+
+
+def fashion(
+    split: str, rows: slice | np.ndarray, keep: list[int] | None = None
+) -> tuple[list[Image.Image], np.ndarray]:
+    """Fashion-MNIST images of ``split`` (rows, then only classes ``keep``) and their labels."""
+    x, y = load_fashion_mnist(split)
+    x, y = x[rows], y[rows]
+    if keep is not None:
+        mask = np.isin(y.numpy(), keep)
+        x, y = x[torch.from_numpy(mask)], y[torch.from_numpy(mask)]
+    return [Image.fromarray(a[0].numpy()) for a in x], y.numpy()
+
+
+@torch.no_grad()
+def tokens(
+    clf: Classifier, images: list[Image.Image], batch: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw final-norm prefix tokens (N, k, D) and logits (N, classes), preprocessed as
+    ``Classifier.predict`` does."""
+    model = clf.loaded.model.eval()
+    k = num_prefix_of(model)
+    captured: list[torch.Tensor] = []
+    hook = model.norm.register_forward_hook(lambda m, i, o: captured.append(o[:, :k].float()))
+    logits = []
+    try:
+        for s in range(0, len(images), batch):
+            x = torch.stack(
+                [preprocess_image(im, clf.loaded.preprocess) for im in images[s : s + batch]]
+            )
+            logits.append(model(x).logits.float())
+    finally:
+        hook.remove()
+    return torch.cat(captured), torch.cat(logits)
+
+
+def feature_variants(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The feature choices compared: the shipped one first."""
+    norm = torch.nn.functional.normalize
+    out = {"L2 cls+dist (shipped)": norm(t, dim=-1).flatten(1), "raw cls+dist": t.flatten(1)}
+    out["L2 cls only"] = norm(t[:, 0], dim=-1)
+    return out
+
+
+def batch1_cost(clf: Classifier, image: Image.Image, runs: int = 200) -> dict[str, float]:
+    """Median ms of logits alone vs logits + score at batch 1, interleaved."""
+    x = preprocess_image(image, clf.loaded.preprocess)[None]
+    plain, scored = [], []
+    for _ in range(10):
+        clf.logits(x), clf.logits_and_ood(x)
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        clf.logits(x)
+        t1 = time.perf_counter()
+        clf.logits_and_ood(x)
+        t2 = time.perf_counter()
+        plain.append(t1 - t0)
+        scored.append(t2 - t1)
+    p, s = statistics.median(plain) * 1e3, statistics.median(scored) * 1e3
+    return {"logits_ms": p, "with_score_ms": s, "overhead": s / p - 1}
+
+
+def rows_for(
+    clf: Classifier,
+    in_images: list[Image.Image],
+    sets: dict[str, list[Image.Image]],
+    fit: tuple[torch.Tensor, np.ndarray] | None,
+) -> list[dict[str, Any]]:
+    """One row per OOD set: the shipped score through ``Classifier``, the max softmax, and
+    (with ``fit`` = training tokens and labels) the feature variants."""
+    in_results = clf.predict(in_images, top_k=1, batch_size=500)
+    in_scores = [r.ood.score for r in in_results]
+    in_msp = [1 - r[0].score for r in in_results]
+    flagged = float(np.mean([r.ood.unusual for r in in_results]))
+    if fit is not None:
+        fit_tokens, fit_labels = fit
+        in_tokens, _ = tokens(clf, in_images)
+        stats = {}
+        for name, feats in feature_variants(fit_tokens).items():
+            c, w, m = fit_mahalanobis(
+                feats, torch.from_numpy(fit_labels), clf.loaded.config.num_classes
+            )
+            stats[name] = (c, w, m)
+    rows = []
+    for name, images in sets.items():
+        t0 = time.perf_counter()
+        results = clf.predict(images, top_k=1, batch_size=500)
+        seconds = time.perf_counter() - t0
+        scores, msp = [r.ood.score for r in results], [1 - r[0].score for r in results]
+        row: dict[str, Any] = {
+            "set": name,
+            "n_in": len(in_scores),
+            "n_out": len(scores),
+            "auroc": auroc(in_scores, scores),
+            "fpr95": fpr_at_tpr(in_scores, scores),
+            "msp_auroc": auroc(in_msp, msp),
+            "msp_fpr95": fpr_at_tpr(in_msp, msp),
+            "in_flagged": flagged,
+            "out_flagged": float(np.mean([r.ood.unusual for r in results])),
+            "predict_s_per_image": seconds / len(images),
+        }
+        if fit is not None:
+            out_tokens, _ = tokens(clf, images)
+            for variant, (c, w, m) in stats.items():
+                from deit.ood import MahalanobisScore
+
+                scorer = MahalanobisScore(c, w, m)
+                a = scorer(feature_variants(in_tokens)[variant])
+                b = scorer(feature_variants(out_tokens)[variant])
+                row[f"auroc[{variant}]"] = auroc(a, b)
+        rows.append(row)
+    return rows
+
+
+def near_case(model: str) -> tuple[Classifier, list[Image.Image], dict[str, list[Image.Image]]]:
+    """The 8-class model: in distribution its 8 classes' test images 500-999 of each class
+    (images 0-499 set its threshold); out, all 2,000 test images of the 2 held-out classes."""
+    clf = Classifier.from_pretrained(model, device="cpu")
+    names = {n.lower().replace("/", "-") for n in clf.labels}
+    keep = [i for i, n in enumerate(FASHION_MNIST_CLASSES) if n.lower().replace("/", "-") in names]
+    held = [i for i in range(10) if i not in keep]
+    _, y = load_fashion_mnist("test")
+    later = np.concatenate([np.nonzero(y.numpy() == c)[0][500:] for c in keep])
+    in_images, _ = fashion("test", np.sort(later))
+    out_images, _ = fashion("test", slice(None), held)
+    held_names = ", ".join(FASHION_MNIST_CLASSES[i] for i in held)
+    return clf, in_images, {f"near: held-out classes ({held_names})": out_images}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| OOD set | n in / out | AUROC (score) | AUROC (MSP) | FPR@95 (score) | FPR@95 (MSP) "
+        "| ID flagged | OOD flagged |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['set']} | {r['n_in']} / {r['n_out']} | {100 * r['auroc']:.1f} | "
+            f"{100 * r['msp_auroc']:.1f} | {100 * r['fpr95']:.1f} | {100 * r['msp_fpr95']:.1f} | "
+            f"{100 * r['in_flagged']:.1f}% | {100 * r['out_flagged']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="fashion-mnist", help="the model with fitted statistics")
+    p.add_argument("--near", help="the model trained on 8 Fashion-MNIST classes (calibrated)")
+    p.add_argument(
+        "--variants",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare feature choices, fitted on N training images",
+    )
+    p.add_argument("--json", help="write every number here")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    clf = Classifier.from_pretrained(args.model, device="cpu")
+    in_images, _ = fashion("test", slice(5000, None))
+    fit = None
+    if args.variants:
+        train_images, train_labels = fashion("train", slice(0, args.variants))
+        fit = (tokens(clf, train_images)[0], train_labels)
+    result: dict[str, Any] = {
+        "model": args.model,
+        "method": clf.calibration.method,
+        "threshold": clf.calibration.threshold,
+    }
+    result["far"] = rows_for(clf, in_images, ood_sets(), fit)
+    result["cost"] = batch1_cost(clf, in_images[0])
+    print(table(result["far"]))
+    if args.near:
+        near_clf, near_in, near_out = near_case(args.near)
+        result["near"] = rows_for(near_clf, near_in, near_out, None)
+        result["near_cost"] = batch1_cost(near_clf, near_in[0])
+        print(table(result["near"]))
+    print(json.dumps({k: v for k, v in result.items() if "cost" in k}, indent=1))
+    for row in result["far"]:
+        print(row["set"], {k: round(v, 4) for k, v in row.items() if k.startswith("auroc[")})
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
