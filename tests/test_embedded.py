@@ -81,3 +81,22 @@ def test_readme_main_job_runs_offline() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("%") == 5 * 10  # top-5 for each of the ten samples
+
+
+def test_ships_out_of_distribution_statistics(sample_images: list[Path]) -> None:
+    """Issue 26: the statistics load with the model; on the test images its threshold was not
+    set on (rows 5000-9999) about 5% are flagged, and most of the sample photos are."""
+    fmnist = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+    if not fmnist.is_dir():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    from deit.ood import MAHALANOBIS
+    from deit.train.data import load_fashion_mnist
+
+    clf = Classifier.from_pretrained("fashion-mnist", device="cpu")
+    assert clf.calibration.method == MAHALANOBIS and clf.ood_stats is not None
+    x, _ = load_fashion_mnist("test", fmnist)
+    images = [a[0].numpy() for a in x[5000:]]
+    flagged = sum(r.ood.unusual for r in clf.predict(images, top_k=1, batch_size=500))
+    assert 0.03 <= flagged / len(images) <= 0.08, flagged
+    photos = clf.predict([str(p) for p in sample_images], top_k=1)
+    assert sum(r.ood.unusual for r in photos) >= len(photos) // 2

@@ -28,7 +28,7 @@ import json
 import math
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,11 @@ class MahalanobisScore(nn.Module):
     on the mean of all features keeps the float32 expansion ``|y|^2 - 2 y.m + |m|^2`` exact
     enough for export.
     """
+
+    center: Tensor
+    whiten_t: Tensor
+    means_w_t: Tensor
+    means_sq: Tensor
 
     def __init__(self, center: Tensor, whiten: Tensor, means: Tensor) -> None:
         super().__init__()
@@ -502,7 +507,10 @@ def check_fits(
 # --------------------------------------------------------------------------- measuring
 
 
-def auroc(in_scores: Tensor | np.ndarray, out_scores: Tensor | np.ndarray) -> float:
+Scores = Tensor | np.ndarray | Sequence[float]
+
+
+def auroc(in_scores: Scores, out_scores: Scores) -> float:
     """Area under the ROC curve with out-of-distribution images as positives (higher score =
     more unusual): the probability that an OOD image outscores an ID one, ties counting half."""
     a = np.asarray(in_scores, dtype=np.float64)
@@ -521,9 +529,7 @@ def auroc(in_scores: Tensor | np.ndarray, out_scores: Tensor | np.ndarray) -> fl
     return float((rank_sum - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
 
 
-def fpr_at_tpr(
-    in_scores: Tensor | np.ndarray, out_scores: Tensor | np.ndarray, tpr: float = 0.95
-) -> float:
+def fpr_at_tpr(in_scores: Scores, out_scores: Scores, tpr: float = 0.95) -> float:
     """The share of in-distribution images flagged when the threshold catches ``tpr`` of the
     out-of-distribution ones (OpenOOD's FPR@95, OOD = positive)."""
     a = np.asarray(in_scores, dtype=np.float64)

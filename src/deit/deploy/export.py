@@ -161,7 +161,7 @@ def _scored(wrapper: HeadLogits, ood: OODStats | None) -> torch.nn.Module:
     """The module to trace: the head's logits, and the fitted score when there is one."""
     if ood is None:
         return wrapper
-    return ScoredLogits(wrapper.model, ood, wrapper.head).eval()  # type: ignore[arg-type]
+    return ScoredLogits(wrapper.model, ood, wrapper.head).eval()
 
 
 def export_onnx(
