@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,17 @@ from deit.errors import ConfigError
 from deit.model import DeiT
 from deit.train.data import FASHION_MNIST_DIR, InputSpec, write_fashion_mnist_folder
 from deit.train.finetune import (
+    FT_MIN_STEPS,
+    HEAD_LR_SCALE,
+    KNOWN_CLASSES_LR,
+    TRANSFER_LR,
     adjust_warmup,
     data_config_from_model,
     freeze,
     label_map,
     recipe,
     resolve,
+    steps_to_epochs,
 )
 from deit.train.loop import param_groups, train
 from deit.train.runconfig import TrainConfig, load_config
@@ -74,8 +80,24 @@ def test_finetune_defaults_and_overrides_win(tmp_path: Path) -> None:
     # values changed in Python (not through load_config) count as the user's too
     py = TrainConfig()
     py.model.init, py.optim.lr = "fashion-mnist", 1e-3
-    recipe(py, n_train=1500, img_size=28)
-    assert py.optim.lr == 1e-3 and py.optim.base_lr == 1e-4
+    recipe(py, n_train=1500, img_size=28, new_classes=False)
+    assert py.optim.lr == 1e-3 and py.optim.base_lr == KNOWN_CLASSES_LR
+    assert py.optim.head_lr_scale == 1.0 and py.run.export == "best"
+
+
+def test_new_classes_get_the_transfer_rate_and_a_step_budget() -> None:
+    cfg = load_config(None, ["model.init=x"])
+    recipe(cfg, n_train=600, img_size=28, new_classes=True)
+    assert cfg.optim.base_lr == TRANSFER_LR and cfg.optim.head_lr_scale == HEAD_LR_SCALE
+    # 600 images: batch 32 (>= 16 steps per epoch), 30 epochs of 18 steps are too few
+    assert cfg.data.batch_size == 32 and cfg.schedule.steps == FT_MIN_STEPS
+    assert any(n.startswith("schedule.steps") and "540 optimizer steps" in n for n in cfg.notes)
+    steps_to_epochs(cfg, 600)
+    assert cfg.schedule.epochs == math.ceil(FT_MIN_STEPS / 18)
+    # an explicit epoch count is the user's: no step budget over it
+    own = load_config(None, ["model.init=x", "schedule.epochs=4"])
+    recipe(own, n_train=600, img_size=28, new_classes=True)
+    assert own.schedule.steps is None and own.schedule.epochs == 4
 
 
 def test_large_data_keeps_strong_augmentation_without_repeats() -> None:
@@ -162,6 +184,43 @@ def test_head_rows_start_from_matching_labels(caplog: pytest.LogCaptureFixture) 
         assert torch.equal(w[1], old[f"{head}.weight"][2].float())
         assert not any(torch.equal(w[2], r.float()) for r in old[f"{head}.weight"])
     assert "coat <- Coat, pullover <- Pullover" in caplog.text
+    assert "new rows (random start): zebra" in caplog.text
+
+
+def test_names_match_ignoring_case_punctuation_and_alternatives() -> None:
+    old = load_model("fashion-mnist").labels  # T-shirt/top, Trouser, Pullover, ...
+    assert label_map(["t-shirt", "SHIRT", "pull-over", "Ankle_Boot"], old) == {
+        0: 0,
+        1: 6,
+        2: 2,
+        3: 9,
+    }
+    assert label_map(["top"], old) == {0: 0}  # either alternative of "T-shirt/top"
+    # a whole-name match wins, and one old row never seeds two classes
+    assert label_map(["top", "t-shirt-top"], old) == {1: 0}
+    assert label_map(["tshirt", "top"], old) == {0: 0}
+    assert label_map(["bagel", "trousers", "8"], old) == {}  # no partial words, no positions
+
+
+def test_no_row_is_inherited_by_position(caplog: pytest.LogCaptureFixture) -> None:
+    """Ten digits for a ten-class model: every row new (the old "Bag" row is not digit 8);
+    the same ten garments in another order: every row follows its name."""
+    loaded = load_model("fashion-mnist")
+    cfg = load_config(None, ["model.init=fashion-mnist"])
+    spec, old = InputSpec.of(loaded), loaded.model.state_dict()
+    digits = [str(d) for d in range(10)]
+    with caplog.at_level(logging.INFO):
+        model, _ = build_student(cfg, 10, spec, logging.getLogger("t"), digits, loaded)
+    for head in ("head", "head_dist"):
+        w = getattr(model, head).weight
+        assert not any(
+            torch.equal(w[i], r.float()) for i in range(10) for r in old[f"{head}.weight"]
+        )
+    assert "0 of 10 classes matched" in caplog.text
+    shuffled = list(reversed(loaded.labels))
+    model, _ = build_student(cfg, 10, spec, logging.getLogger("t"), shuffled, loaded)
+    assert torch.equal(model.head.weight, old["head.weight"].float().flip(0))
+    assert torch.equal(model.head_dist.bias, old["head_dist.bias"].float().flip(0))
 
 
 def _gray_folder(root: Path, classes: list[str], n: int, size: int = 28) -> Path:
@@ -183,6 +242,7 @@ def test_head_warmup_trains_only_the_heads_first(tmp_path: Path) -> None:
         "data.batch_size=4",
         "schedule.epochs=2",
         "schedule.head_warmup_epochs=1",
+        "run.export=final",  # the trained weights, whatever the best epoch
         *QUIET,
     ]
     start = load_model("fashion-mnist").model.state_dict()
@@ -326,3 +386,142 @@ def test_restricted_zero_shot_matches_the_model_on_its_classes(tmp_path: Path) -
     folder = write_fashion_mnist_folder(tmp_path / "v", CLASSES, 20, split="test", size=28)
     assert sorted(p.name for p in folder.iterdir()) == ["coat", "pullover", "shirt"]
     assert 0.6 < restricted_zero_shot(folder) <= 1.0
+
+
+# --------------------------------------------------------------------------- LP-FT, best epoch
+
+
+def _epochs(run: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["kind"] == "epoch"]
+
+
+def test_linear_probe_fits_new_rows_and_keeps_matched_ones(tmp_path: Path) -> None:
+    """``schedule.steps=0``: the probe alone. The matched row (coat) is the old Coat row, the
+    new row (zebra) was fitted: the probe separates the two classes on the frozen features."""
+    root = _gray_folder(tmp_path / "data", ["coat", "zebra"], 12)
+    cfg = load_config(
+        None,
+        [
+            "model.init=fashion-mnist",
+            "data.dataset=imagefolder",
+            f"data.path={root}",
+            "schedule.steps=0",
+            *QUIET,
+        ],
+    )
+    run = train(cfg, out_dir=tmp_path / "run")
+    old = load_model("fashion-mnist").model.state_dict()
+    tuned = load_model(run / "model").model.state_dict()
+    for head in ("head", "head_dist"):
+        assert torch.equal(tuned[f"{head}.weight"][0], old[f"{head}.weight"][4].float())
+        assert tuned[f"{head}.weight"][1].abs().sum() > 0
+        assert not any(
+            torch.equal(tuned[f"{head}.weight"][1], r.float()) for r in old[f"{head}.weight"]
+        )
+    assert torch.equal(tuned["blocks.0.attn.qkv.weight"], old["blocks.0.attn.qkv.weight"].float())
+    log = (run / "train.log").read_text()
+    assert "linear probe: 1 new head rows (of 2 heads)" in log
+    (epoch0,) = _epochs(run)  # evaluated once, before (instead of) training
+    assert epoch0["epoch"] == 0 and epoch0["val_top1"] == 1.0  # brightness tells them apart
+    assert json.loads((run / "model" / "config.json").read_text())["metadata"]["steps"] == 0
+
+
+def test_the_best_epoch_is_exported_and_logged(tmp_path: Path) -> None:
+    """A learning rate that wrecks the model: the initial model (epoch 0) stays the best, and
+    the exported weights are its, not the last epoch's."""
+    root = _gray_folder(tmp_path / "data", ["coat", "bag", "sandal"], 8)
+    cfg = load_config(
+        None,
+        [
+            "model.init=fashion-mnist",
+            "data.dataset=imagefolder",
+            f"data.path={root}",
+            "data.batch_size=8",
+            "schedule.epochs=2",
+            "optim.lr=3.0",
+            "schedule.warmup_epochs=0",
+            *QUIET,
+        ],
+    )
+    run = train(cfg, out_dir=tmp_path / "run")
+    epochs = _epochs(run)
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    best = max(range(3), key=lambda i: epochs[i]["val_top1"])  # the first of equals
+    meta = json.loads((run / "model" / "config.json").read_text())["metadata"]
+    assert meta["best_epoch"] == best and meta["best_val_top1"] == epochs[best]["val_top1"]
+    saved = torch.load(run / "best.pt", weights_only=True)
+    tuned = load_model(run / "model").model.state_dict()
+    assert saved["epoch"] == best
+    assert all(torch.equal(tuned[k], v) for k, v in saved["model"].items())
+    last = torch.load(run / "last.pt", weights_only=True)["model"]
+    if best != 2:
+        assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], last["blocks.0.attn.qkv.weight"])
+    assert f"kept epoch {best} of 2" in (run / "train.log").read_text()
+
+
+def test_validation_at_chance_for_two_epochs_warns(tmp_path: Path) -> None:
+    """Four classes of identical images: nothing can be learnt, every prediction is one class
+    (25%, chance); the warning comes once, after the second epoch, naming likely causes."""
+    root = tmp_path / "same"
+    for name in ("a", "b", "c", "d"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((28, 28), 128, np.uint8), mode="L").save(
+                root / name / f"{i}.png"
+            )
+    cfg = load_config(
+        None,
+        [
+            "model.name=deit",
+            "model.img_size=28",
+            "model.patch_size=7",
+            "model.embed_dim=16",
+            "model.depth=1",
+            "model.num_heads=2",
+            "data.dataset=imagefolder",
+            f"data.path={root}",
+            "data.batch_size=8",
+            "schedule.epochs=3",
+            *QUIET,
+        ],
+    )
+    run = train(cfg, out_dir=tmp_path / "run")
+    log = (run / "train.log").read_text()
+    assert [e["val_top1"] for e in _epochs(run)] == [0.25, 0.25, 0.25]
+    assert log.count("validation accuracy has stayed at chance for 2 epochs") == 1
+    assert "learning rate" in log and "optimizer steps" in log and "data.in_chans=1" in log
+
+
+def test_zero_steps_give_the_parent_s_predictions_on_photos(tmp_path: Path) -> None:
+    """Ten folders named (loosely) after the model's labels, zero steps: the fine-tuned model
+    keeps its parent's preprocessing (letterbox, bilinear, light backgrounds inverted) and
+    gives exactly its predictions on the sample photos, whatever the folder order."""
+    from deit.transforms import load_image, preprocess_image
+
+    parent = load_model("fashion-mnist")
+    folders = [n.split("/")[0].lower().replace(" ", "_") for n in parent.labels]  # t-shirt
+    root = _gray_folder(tmp_path / "data", folders, 2)
+    cfg = load_config(
+        None,
+        [
+            "model.init=fashion-mnist",
+            "data.dataset=imagefolder",
+            f"data.path={root}",
+            "schedule.steps=0",
+            *QUIET,
+        ],
+    )
+    run = train(cfg, out_dir=tmp_path / "run")
+    tuned = load_model(run / "model")
+    want = dict(parent.preprocess.to_dict(), source=None)
+    assert dict(tuned.preprocess.to_dict(), source=None) == want
+    order = [tuned.labels.index(f) for f in folders]  # the parent's class order
+    photos = sorted(Path(__file__).parent.joinpath("fixtures", "images").glob("*.[jp][pn]g"))
+    assert len(photos) >= 5
+    for photo in photos:
+        x = preprocess_image(load_image(photo), parent.preprocess)[None]
+        with torch.no_grad():
+            before = parent.model.eval()(x).logits
+            after = tuned.model.eval()(preprocess_image(load_image(photo), tuned.preprocess)[None])
+        assert torch.equal(after.logits[:, order], before), photo.name

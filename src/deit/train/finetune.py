@@ -19,6 +19,7 @@ Where the values come from (see ``docs/training.md``, "Fine-tuning"):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -33,12 +34,19 @@ from deit.errors import ConfigError
 from deit.model import DeiT
 from deit.train.data import IMAGE_EXTENSIONS, InputSpec, _label_key
 from deit.train.runconfig import TrainConfig
+from deit.transforms import PreprocessConfig
 
 log = logging.getLogger("deit.train.loop")
 
 SMALL_DATA = 10_000  # training images: below this, no RandAugment / mixup / cutmix / erasing
 LARGE_DATA = 100_000  # at or above this, the from-scratch augmentation strength
 LOW_RES = 64  # pixels: below this, no RandAugment (its ops wipe out 28-32 px images)
+MIN_EPOCH_STEPS = 16  # small data: the batch leaves an epoch at least this many steps
+FT_MIN_STEPS = 1000  # fine-tuning on small data: at least this many optimizer steps in all
+SCRATCH_MIN_STEPS = 3000  # from scratch on small data: at least this many
+KNOWN_CLASSES_LR = 1e-4  # base lr (x batch / 512) when every class is one the model knows
+TRANSFER_LR = 2e-3  # base lr when some class is new (x batch / 512: 2.5e-4 at batch 64)
+HEAD_LR_SCALE = 10.0  # the heads' lr over the body's when some class is new
 
 
 def is_explicit(cfg: TrainConfig, key: str) -> bool:
@@ -119,9 +127,18 @@ def folder_channels(path: str | Path, sample: int = 16) -> int | None:
     return 1 if modes <= {"1", "L", "LA", "I", "I;16", "F"} else 3
 
 
-def recipe(cfg: TrainConfig, n_train: int | None, img_size: int) -> None:
+def recipe(
+    cfg: TrainConfig, n_train: int | None, img_size: int, new_classes: bool | None = None
+) -> None:
     """Apply the fine-tuning recipe's defaults for ``n_train`` images of ``img_size`` px
-    (``None``: size unknown, the medium-size augmentation and the batch size left alone)."""
+    (``None``: size unknown, the medium-size augmentation and the batch size left alone).
+
+    ``new_classes``: whether some class matches none of the initial model's labels (None:
+    unknown, taken as yes). Then the new head rows are fitted on frozen features first
+    (``schedule.linear_probe``), the body trains at the transfer rate and the heads at
+    ``HEAD_LR_SCALE`` times it; when every class is one the model knows, the gentle rate of a
+    model that only has to specialise.
+    """
     size = f"{n_train} training images of {img_size} px"
     if n_train is None:
         note(cfg, "training-set size unknown: medium-size fine-tuning augmentation")
@@ -129,15 +146,39 @@ def recipe(cfg: TrainConfig, n_train: int | None, img_size: int) -> None:
         cfg.explicit.add("data.batch_size")  # nothing to size it by
     small, large = n_train < SMALL_DATA, n_train >= LARGE_DATA
     set_default(cfg, "schedule.epochs", 30, "fine-tuning length (DeiT --finetune runs: 30)")
-    set_default(
-        cfg, "optim.base_lr", 1e-4, "fine-tuning: a 5x lower lr than from scratch (timm/BEiT)"
-    )
+    if new_classes is False:
+        set_default(
+            cfg,
+            "optim.base_lr",
+            KNOWN_CLASSES_LR,
+            "every class is one the model knows: a small lr that specialises without forgetting",
+        )
+    else:
+        set_default(
+            cfg,
+            "optim.base_lr",
+            TRANSFER_LR,
+            "new classes: the transfer rate (the body must learn new features)",
+        )
+        set_default(
+            cfg,
+            "optim.head_lr_scale",
+            HEAD_LR_SCALE,
+            "new classes: the heads learn faster than the pretrained body (timm/transformers)",
+        )
     set_default(cfg, "optim.weight_decay", 0.01, "fine-tuning: weaker decay (transfer runs)")
     set_default(
         cfg, "optim.layer_decay", 0.75, "fine-tuning: layer-wise lr decay (BEiT/timm, small ViTs)"
     )
     set_default(cfg, "schedule.min_lr", 1e-6, "fine-tuning: the cosine ends near zero")
     set_default(cfg, "augment.repeated_aug", 1, "fine-tuning: no repeated augmentation")
+    set_default(
+        cfg,
+        "run.export",
+        "best",
+        "fine-tuning: the epoch with the best validation accuracy is exported (the initial "
+        "model counts as epoch 0), so a late epoch that ends worse costs nothing",
+    )
     if not large:
         set_default(
             cfg,
@@ -162,10 +203,60 @@ def recipe(cfg: TrainConfig, n_train: int | None, img_size: int) -> None:
         set_default(cfg, "augment.randaugment", "", f"{size}: no RandAugment")
     elif not large:
         set_default(cfg, "augment.randaugment", "rand-m6-mstd0.5-inc1", f"{size}: mild RandAugment")
-    if n_train < 16 * 256:
+    if not is_explicit(cfg, "data.batch_size"):
+        small_data_schedule(cfg, n_train, size, FT_MIN_STEPS)
+
+
+def small_data_schedule(cfg: TrainConfig, n_train: int, size: str, min_steps: int) -> None:
+    """Enough optimizer steps for a small data set (any run, fine-tuning or not).
+
+    A batch that leaves an epoch at least ``MIN_EPOCH_STEPS`` steps, and, when the epochs
+    would still give fewer than ``min_steps`` steps in all, a budget of ``min_steps`` steps
+    (``schedule.steps``, turned into epochs by :func:`steps_to_epochs`).
+    """
+    if n_train < MIN_EPOCH_STEPS * 256:
         floor = 2 ** int(math.log2(max(min(n_train, 8), 1)))  # 8, or what a tiny set holds
-        bs = max(floor, min(256, 2 ** int(math.log2(max(n_train // 16, 1)))))
-        set_default(cfg, "data.batch_size", bs, f"{size}: an epoch of at least ~16 steps")
+        bs = max(floor, min(256, 2 ** int(math.log2(max(n_train // MIN_EPOCH_STEPS, 1)))))
+        set_default(
+            cfg,
+            "data.batch_size",
+            bs,
+            f"{size}: the largest batch that leaves an epoch at least {MIN_EPOCH_STEPS} steps",
+        )
+    per_epoch = max(n_train // (cfg.data.batch_size * world_size()), 1)
+    total = cfg.schedule.epochs * per_epoch
+    if total < min_steps and "schedule.epochs" not in cfg.explicit:  # the recipe's 30 is not
+        set_default(
+            cfg,
+            "schedule.steps",
+            min_steps,
+            f"{cfg.schedule.epochs} epochs of {per_epoch} steps would be only {total} optimizer "
+            f"steps; a budget of {min_steps} steps",
+        )
+
+
+def world_size() -> int:
+    """The processes the run will have (``torchrun`` sets ``WORLD_SIZE``)."""
+    import os
+
+    return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+
+
+def steps_to_epochs(cfg: TrainConfig, n_train: int | None) -> None:
+    """Turn a ``schedule.steps`` budget into whole epochs (rounded up), noted with the
+    reason; a budget of 0 (no training) and unknown data sizes are left to the loop."""
+    s = cfg.schedule
+    if not s.steps or n_train is None:
+        return
+    per_epoch = max(n_train // (cfg.data.batch_size * world_size()), 1)
+    epochs = math.ceil(s.steps / per_epoch)
+    if epochs != s.epochs:
+        note(
+            cfg,
+            f"schedule.epochs = {epochs} (was {s.epochs}): schedule.steps = {s.steps} at "
+            f"{per_epoch} steps per epoch ({n_train} images, batch {cfg.data.batch_size})",
+        )
+        s.epochs = epochs
 
 
 def adjust_warmup(cfg: TrainConfig) -> None:
@@ -232,11 +323,13 @@ def data_config_from_model(
     if len(mean) != chans:  # the user chose other channels: the model's statistics adapted
         avg = [sum(mean) / len(mean)], [sum(std) / len(std)]
         mean, std = avg[0] * chans, avg[1] * chans
-    set_default(cfg, "data.mean", [round(v, 6) for v in mean], why)
-    set_default(cfg, "data.std", [round(v, 6) for v in std], why)
+    set_default(cfg, "data.mean", mean, why)  # exact: the exported preprocessing is the model's
+    set_default(cfg, "data.std", std, why)
     set_default(cfg, "model.img_size", spec.img_size, why)
     if crop_pct is not None:
         set_default(cfg, "data.crop_pct", round(crop_pct, 6), why)
+    if isinstance(model, LoadedModel):  # training crops resized as inference will resize
+        set_default(cfg, "augment.interpolation", model.preprocess.interpolation, why)
     if data_channels is not None and data_channels != chans:
         kind = {1: "grayscale", 3: "RGB"}
         note(
@@ -252,14 +345,49 @@ def data_config_from_model(
         )
 
 
-def resolve(cfg: TrainConfig, train_data: Any = None) -> LoadedModel | None:
+def inherited_preprocess(parent: PreprocessConfig, spec: InputSpec) -> PreprocessConfig:
+    """The fine-tuned model's inference preprocessing: its parent's (resize mode, filter,
+    light-background inversion, crop ratio, rounding), with what the data changed: the side
+    (resize and crop scaled to ``spec.img_size``), the channels and the mean/std."""
+    side = spec.img_size
+    crop = parent.crop_size or parent.input_size
+    scale = side / crop[0]
+    resize = parent.resize_size
+    if isinstance(resize, int):
+        resize = round(resize * scale)
+    else:
+        resize = (round(resize[0] * scale), round(resize[1] * scale))
+    return dataclasses.replace(
+        parent,
+        resize_size=resize,
+        crop_size=(side, side),
+        mean=tuple(spec.mean),
+        std=tuple(spec.std),
+        channels=spec.in_chans,
+        source=f"{parent.source} (fine-tuned)" if parent.source else "deit train",
+    )
+
+
+def resolve(
+    cfg: TrainConfig, train_data: Any = None, labels: Sequence[str] | None = None
+) -> LoadedModel | None:
     """Resolve the run's defaults in place: with ``model.init`` the data config from the
-    initial model and the fine-tuning recipe; always the warm-up check.
+    initial model and the fine-tuning recipe; from scratch on a small image folder its
+    channels and a schedule with enough steps; always the warm-up check.
+
+    Args:
+        cfg: the run config (changed in place where the user left defaults).
+        train_data: a user dataset replacing ``cfg.data`` (sized with ``len``).
+        labels: its class names (image folders: the sub-folder names are read).
 
     Returns:
         The loaded initial DeiT (to build the student from), or None.
     """
     loaded = None
+    channels = None
+    if train_data is None and cfg.data.dataset == "imagefolder" and cfg.data.path:
+        channels = folder_channels(cfg.data.path)
+    n = count_train_images(cfg, train_data)
     if cfg.model.init:
         from deit.train.classifiers import is_classifier_dir, load_classifier
 
@@ -267,19 +395,44 @@ def resolve(cfg: TrainConfig, train_data: Any = None) -> LoadedModel | None:
         if Path(init).is_dir() and is_classifier_dir(init):
             _, config = load_classifier(init)
             source: LoadedModel | InputSpec = InputSpec.from_dict(config["spec"])
+            old_labels = list(config.get("labels") or [])
         else:
             from deit.checkpoints import load_model
 
             loaded = source = load_model(init)
-        channels = None
-        if train_data is None and cfg.data.dataset == "imagefolder" and cfg.data.path:
-            channels = folder_channels(cfg.data.path)
+            old_labels = list(loaded.labels or [])
         data_config_from_model(cfg, source, channels)
-        n = count_train_images(cfg, train_data)
-        recipe(cfg, n, cfg.model.img_size or 224)
+        names = class_names(cfg, train_data, labels)
+        new = None if names is None else len(label_map(names, old_labels)) < len(names)
+        recipe(cfg, n, cfg.model.img_size or 224, new)
+    elif cfg.data.dataset == "imagefolder" and n is not None and n < SMALL_DATA:
+        size = f"{n} training images"
+        if channels == 1:
+            set_default(cfg, "data.in_chans", 1, f"{size}, all grayscale: read as 1 channel")
+        set_default(
+            cfg, "run.export", "best", f"{size}: the epoch with the best validation accuracy"
+        )
+        small_data_schedule(cfg, n, size, SCRATCH_MIN_STEPS)
+    steps_to_epochs(cfg, n)
     adjust_warmup(cfg)
     cfg.validate()
     return loaded
+
+
+def class_names(
+    cfg: TrainConfig, train_data: Any = None, labels: Sequence[str] | None = None
+) -> list[str] | None:
+    """The run's class names before its data is built (None: not known yet)."""
+    if train_data is not None:
+        return list(labels) if labels is not None else None
+    if cfg.data.dataset == "fashion-mnist":
+        from deit.train.data import FASHION_MNIST_CLASSES
+
+        return list(FASHION_MNIST_CLASSES)
+    root = Path(cfg.data.path)
+    if cfg.data.dataset == "imagefolder" and root.is_dir():
+        return sorted(d.name for d in root.iterdir() if d.is_dir())
+    return None
 
 
 def describe(config: DeiTConfig, n_params: int, init: str = "", name: str = "") -> str:
@@ -299,13 +452,40 @@ def describe(config: DeiTConfig, n_params: int, init: str = "", name: str = "") 
 # --------------------------------------------------------------------------- the student
 
 
+def label_keys(name: str) -> set[str]:
+    """The keys a class name matches by: the whole name and each ``/`` alternative, with case,
+    spaces and punctuation ignored (``T-shirt/top`` -> ``tshirttop``, ``tshirt``, ``top``)."""
+    parts = [name, *name.split("/")] if "/" in name else [name]
+    return {k for k in (_label_key(p) for p in parts) if k}
+
+
 def label_map(new: Sequence[str], old: Sequence[str]) -> dict[int, int]:
-    """New class index -> old class index, for the new classes whose name matches an old
-    label (ignoring case, spaces and punctuation, as ``deit eval`` matches folders)."""
-    by_key: dict[str, int] = {}
-    for i, label in enumerate(old):
-        by_key.setdefault(_label_key(label), i)
-    return {i: by_key[_label_key(n)] for i, n in enumerate(new) if _label_key(n) in by_key}
+    """New class index -> old class index, for the new classes whose name matches an old label.
+
+    Names match when they share a key (:func:`label_keys`: case, spaces and punctuation
+    ignored, ``/`` separates alternatives, so ``t-shirt`` is ``T-shirt/top``). A whole-name
+    match wins over an alternative; each old label is given to one new class at most (the
+    first), so two classes never start as the same row. Nothing is ever matched by position.
+    """
+    whole: dict[str, int] = {}
+    part: dict[str, int] = {}
+    for j, label in enumerate(old):
+        whole.setdefault(_label_key(label), j)
+        for key in label_keys(label):
+            part.setdefault(key, j)
+    mapping: dict[int, int] = {}
+    taken: set[int] = set()
+    for exact in (True, False):
+        for i, name in enumerate(new):
+            if i in mapping:
+                continue
+            keys = [_label_key(name)] if exact else sorted(label_keys(name))
+            found = [(whole if exact else part).get(k) for k in keys]
+            free = [j for j in found if j is not None and j not in taken]
+            if free:
+                mapping[i] = free[0]
+                taken.add(free[0])
+    return dict(sorted(mapping.items()))
 
 
 def is_head(name: str) -> bool:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import json
 import logging
 import math
 import os
@@ -46,13 +48,21 @@ from deit.runtime import (
 from deit.train.classifiers import save_classifier
 from deit.train.data import BadSample, Data, DeviceBatches, build_data
 from deit.train.evaluate import evaluate_batches
-from deit.train.finetune import describe, is_head, layer_id, resolve
+from deit.train.finetune import (
+    describe,
+    inherited_preprocess,
+    is_head,
+    label_map,
+    layer_id,
+    resolve,
+)
 from deit.train.losses import DistillationLoss
 from deit.train.metrics import MetricsWriter
+from deit.train.probe import linear_probe
 from deit.train.runconfig import TrainConfig, save_config
-from deit.train.student import build_student
+from deit.train.student import build_student, output_layer
 from deit.train.teachers import load_teacher
-from deit.transforms import PreprocessConfig
+from deit.transforms import PreprocessConfig, preprocess_image
 
 __all__ = ["lr_at", "param_groups", "train"]
 
@@ -100,7 +110,11 @@ def lr_at(epoch: float, cfg: TrainConfig, base_lr: float, epochs: float | None =
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float = 1.0, split_heads: bool = False
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    split_heads: bool = False,
+    head_lr_scale: float = 1.0,
 ) -> list[dict[str, Any]]:
     """DeiT's groups: no decay for 1-D params, biases and ``no_weight_decay()`` names.
 
@@ -108,29 +122,33 @@ def param_groups(
     also has one layer: its ``lr_scale`` is ``layer_decay ** (depth + 1 - layer)``, the patch
     embedding and tokens at layer 0, block i at i + 1, final norm and heads at depth + 1
     (scale 1). ``split_heads`` puts ``head``/``head_dist`` in groups of their own
-    (``"head": True``), for ``schedule.head_warmup_epochs``. Frozen parameters are left out.
-    Without either, exactly two groups: ``[no_decay, decay]``.
+    (``"head": True``), for ``schedule.head_warmup_epochs``; ``head_lr_scale`` multiplies
+    their ``lr_scale`` (the output layer of a CNN counts as its head). Frozen parameters are
+    left out. Without any of these, exactly two groups: ``[no_decay, decay]``.
     """
     skip = set(getattr(model, "no_weight_decay", set)())
     depth = model.config.depth if isinstance(model, DeiT) else 0
-    if (layer_decay < 1.0 or split_heads) and not isinstance(model, DeiT):
+    if (layer_decay < 1.0 or split_heads) and not isinstance(model, DeiT):  # head lr: any
         raise ConfigError(
             "optim.layer_decay and schedule.head_warmup_epochs need a DeiT student, "
             f"not {type(model).__name__}"
         )
+    split_heads = split_heads or head_lr_scale != 1.0
+    out = "" if isinstance(model, DeiT) else output_layer(model) + "."
     groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
         layer = layer_id(name, depth) if layer_decay < 1.0 else 0
-        head = split_heads and is_head(name)
+        head = split_heads and (name.startswith(out) if out else is_head(name))
         key = (layer, head, decays)
         if key not in groups:
+            scale = layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0
             groups[key] = {
                 "params": [],
                 "weight_decay": weight_decay if decays else 0.0,
-                "lr_scale": layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0,
+                "lr_scale": scale * (head_lr_scale if head else 1.0),
                 "head": head,
             }
         groups[key]["params"].append(p)
@@ -222,6 +240,8 @@ class State:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     best_top1: float = -1.0
+    best_epoch: int = -1  # the epoch whose weights best.pt holds (0: the initial model)
+    at_chance: int = 0  # consecutive evaluations at chance level (not saved)
 
     def state_dict(self, cfg: TrainConfig) -> dict[str, Any]:
         return {
@@ -233,6 +253,7 @@ class State:
             "epoch": self.epoch,
             "step": self.step,
             "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
             "total_epochs": self.total_epochs,
             "rng": rng_state(),
             "config": cfg.to_dict(),
@@ -256,6 +277,7 @@ class State:
             self.ema.load_state_dict(ckpt["ema"])
         self.epoch, self.step, self.best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         self.total_epochs = ckpt["total_epochs"]
+        self.best_epoch = int(ckpt.get("best_epoch", -1))
         set_rng_state(ckpt["rng"])
 
 
@@ -474,7 +496,7 @@ def train(
         The run directory; the trained model is in ``run_dir/model``.
     """
     cfg.validate()
-    loaded = resolve(cfg, train_data)  # fine-tuning defaults, data config, warm-up check
+    loaded = resolve(cfg, train_data, labels)  # fine-tuning defaults, data config, schedule
     owns_group = not torch.distributed.is_initialized()
     rank, world, dev = setup_distributed(cfg.run.device)
     seed_everything(cfg.run.seed + rank)
@@ -498,6 +520,9 @@ def train(
         for text in cfg.notes:
             log.info("config: %s", text)
     data = build_data(cfg, dev, rank, world, train_data, val_data, labels)
+    parent = inherited_preprocess(loaded.preprocess, data.spec) if loaded is not None else None
+    if parent is not None:
+        _validate_as_exported(data, parent)
     model, arch = build_student(cfg, data.num_classes, data.spec, log, data.labels, loaded)
     cfg.student = _describe(cfg, model, arch)
     if rank == 0 and ckpt is None:
@@ -509,12 +534,15 @@ def train(
         if rank == 0:  # only now: a resume that fails leaves the run's config.json alone
             atomic_write(run_dir / "config.json", lambda tmp: save_config(cfg, tmp))
         log.info("resumed from %s at epoch %d, step %d", last, st.epoch, st.step)
-    elif resume:
-        log.warning("--resume: no %s yet, so this run starts from the beginning", last)
+    else:
+        if resume:
+            log.warning("--resume: no %s yet, so this run starts from the beginning", last)
+        _before_training(loop, st, run_dir, loaded)
     with _compile_fallback(cfg.run.compile):
         _run_epochs(loop, st, run_dir)
     if rank == 0:
-        export_student(cfg, st, run_dir, data, arch)
+        model = _chosen_weights(cfg, st, run_dir)  # the best epoch's, with run.export=best
+        export_student(cfg, model, st, run_dir, data, arch, parent)
     loop.metrics.close()
     if world > 1:
         torch.distributed.barrier()  # the export is on disk before any rank returns
@@ -618,6 +646,7 @@ def _prepare(
         cfg.optim.weight_decay,
         cfg.optim.layer_decay,
         split_heads=cfg.schedule.head_warmup_epochs > 0,
+        head_lr_scale=cfg.optim.head_lr_scale,
     )
     optimizer = torch.optim.AdamW(
         groups,
@@ -656,7 +685,22 @@ def _prepare(
     loop = Loop(
         cfg, data, forward, criterion, _mixup(cfg, data.num_classes), base_lr, dev, rank, metrics
     )
-    return loop, State(model, optimizer, scaler, ema, total_epochs=cfg.schedule.epochs)
+    return loop, State(model, optimizer, scaler, ema, total_epochs=_total_epochs(cfg, data))
+
+
+def _total_epochs(cfg: TrainConfig, data: Data) -> int:
+    """The schedule's length in epochs: ``schedule.epochs``, or ``schedule.steps`` rounded up
+    to whole epochs of this data (0 steps: no training at all)."""
+    steps = cfg.schedule.steps
+    if steps is None:
+        return cfg.schedule.epochs
+    if steps == 0:
+        return 0
+    try:
+        per_epoch = len(data.train)
+    except TypeError:  # a stream without a length: the epochs resolve() derived
+        return cfg.schedule.epochs
+    return math.ceil(steps / max(per_epoch, 1))
 
 
 def _teacher(cfg: TrainConfig, data: Data, dev: torch.device) -> nn.Module | None:
@@ -755,8 +799,10 @@ def _end_of_epoch(
 ) -> None:
     cfg = loop.cfg
     top1 = record.get("val_top1", -1.0)
+    if "val_top1" in record:
+        _warn_at_chance(loop, st, top1)
     if top1 > st.best_top1:
-        st.best_top1 = top1
+        st.best_top1, st.best_epoch = top1, st.epoch
         if cfg.run.export == "best":
             atomic_save(
                 {"model": st.model.state_dict(), "epoch": st.epoch, "top1": top1},
@@ -766,10 +812,42 @@ def _end_of_epoch(
         atomic_save(st.state_dict(cfg), run_dir / "last.pt")
     loop.metrics.write({"kind": "epoch", "epoch": st.epoch, "step": st.step, **record})
     log.info(
-        "epoch %d/%d: %s",
+        "epoch %d/%d%s: %s%s",
         st.epoch,
         st.total_epochs,
+        " (before training)" if st.epoch == 0 else "",
         ", ".join(f"{k} {v:.4g}" for k, v in record.items()),
+        " (best so far)" if st.best_epoch == st.epoch and top1 >= 0 else "",
+    )
+
+
+CHANCE_MARGIN = 0.1  # "at chance": within this fraction of the way from chance to 100%
+
+
+def _warn_at_chance(loop: Loop, st: State, top1: float) -> None:
+    """Warn once validation has stayed at chance for two evaluated epochs in a row."""
+    chance = 1.0 / max(loop.data.num_classes, 1)
+    at_chance = st.epoch > 0 and top1 <= chance + CHANCE_MARGIN * (1.0 - chance)
+    st.at_chance = st.at_chance + 1 if at_chance else 0
+    if st.at_chance != 2:
+        return
+    cfg = loop.cfg
+    steps = len(loop.data.train) if hasattr(loop.data.train, "__len__") else "?"
+    log.warning(
+        "validation accuracy has stayed at chance for 2 epochs (%.1f%%; chance with %d "
+        "classes is %.1f%%). Likely causes: a learning rate far too low or too high (it is "
+        "%.3g; try optim.lr), too few optimizer steps (%s per epoch, batch %d: lower "
+        "data.batch_size or set schedule.steps), images read differently from what the "
+        "model expects (data.in_chans=%s, data.mean/std, size %s px), or labels that do not "
+        "follow the images (class folders of training and validation data named differently).",
+        100 * top1,
+        loop.data.num_classes,
+        100 * chance,
+        loop.base_lr,
+        steps,
+        cfg.data.batch_size,
+        loop.data.spec.in_chans,
+        loop.data.spec.img_size,
     )
 
 
@@ -807,19 +885,106 @@ def eval_preprocess(data: Data) -> dict[str, Any]:
     }
 
 
-def export_student(cfg: TrainConfig, st: State, run_dir: Path, data: Data, arch: str) -> Path:
-    """Write the chosen weights (final / EMA / best) to ``run_dir/model``."""
-    model = st.ema.module if st.ema is not None and cfg.run.export == "ema" else st.model
-    if cfg.run.export == "best" and (run_dir / "best.pt").is_file():
-        model = copy.deepcopy(st.model)
-        model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
+def _chosen_weights(cfg: TrainConfig, st: State, run_dir: Path) -> nn.Module:
+    """The weights to export: the EMA's (``run.export=ema``), the best validated epoch's
+    (``best``, restored from ``best.pt`` and logged against the last epoch), or the last."""
+    if cfg.run.export == "ema" and st.ema is not None:
+        return st.ema.module
+    best = run_dir / "best.pt"
+    if cfg.run.export != "best" or not best.is_file():
+        return st.model
+    saved = torch.load(best, weights_only=True)
+    model = copy.deepcopy(st.model)
+    model.load_state_dict(saved["model"])
+    epochs = [
+        json.loads(x)
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in x
+    ]
+    last = epochs[-1].get("val_top1") if epochs else None
+    log.info(
+        "kept epoch %d of %d (val_top1 %.4g, the best of %d evaluated; the last epoch: %s): "
+        "the exported model is that epoch's",
+        saved["epoch"],
+        st.epoch,
+        saved["top1"],
+        sum("val_top1" in e for e in epochs),
+        f"{last:.4g}" if isinstance(last, float) else "not evaluated",
+    )
+    return model
+
+
+def _before_training(loop: Loop, st: State, run_dir: Path, loaded: Any) -> None:
+    """A fresh run's start: the linear probe (LP-FT) when head rows are new, then, when
+    fine-tuning (or not training at all), the starting model evaluated as epoch 0, so the
+    best-epoch choice can keep it."""
+    cfg, model = loop.cfg, st.model
+    new_rows = _new_rows(cfg, loop.data, loaded)
+    probe = cfg.schedule.linear_probe
+    if isinstance(model, DeiT) and (probe == "on" or (probe == "auto" and new_rows)):
+        rows = new_rows if new_rows else list(range(loop.data.num_classes))
+        t0 = time.perf_counter()
+        result = linear_probe(model, _batches(loop.data, loop.device, []), rows)
+        log.info(
+            "linear probe: %d new head rows (of %d head%s) fitted on the frozen features of "
+            "%d training images in %.1f s; training accuracy %.1f%% -> %.1f%%",
+            result.new_rows,
+            result.heads,
+            "s" if result.heads > 1 else "",
+            result.images,
+            time.perf_counter() - t0,
+            100 * result.accuracy_before,
+            100 * result.accuracy_after,
+        )
+    elif probe == "on":
+        log.warning("schedule.linear_probe=on needs a DeiT student: skipped")
+    if cfg.model.init or st.total_epochs == 0:
+        record = _evaluate(loop, model)
+        if loop.rank == 0:
+            _end_of_epoch(loop, st, run_dir, record, final=st.total_epochs == 0)
+
+
+def _new_rows(cfg: TrainConfig, data: Data, loaded: Any) -> list[int]:
+    """The classes whose head rows did not come from the initial model (all without one)."""
+    if not cfg.model.init:
+        return list(range(data.num_classes))
+    old = list(getattr(loaded, "labels", None) or [])
+    matched = label_map(data.labels, old)
+    return [i for i in range(data.num_classes) if i not in matched]
+
+
+def _validate_as_exported(data: Data, pre: PreprocessConfig) -> None:
+    """Validate image data with the exported model's preprocessing (the initial model's),
+    so that the best-epoch choice is made on what inference will see.
+
+    Reaches into the validation loader's dataset (``deit.train.data``'s transform wrapper);
+    tensor data and sources without that wrapper keep their own eval transform.
+    """
+    dataset = getattr(data.val, "dataset", None)
+    if data.on_device or dataset is None or not hasattr(dataset, "transform"):
+        return
+    dataset.transform = functools.partial(preprocess_image, cfg=pre)
+
+
+def export_student(
+    cfg: TrainConfig,
+    model: nn.Module,
+    st: State,
+    run_dir: Path,
+    data: Data,
+    arch: str,
+    parent: PreprocessConfig | None = None,
+) -> Path:
+    """Write ``model`` (the chosen weights: final / EMA / best) to ``run_dir/model``, with the
+    initial model's preprocessing (``parent``, adapted to the data) when fine-tuned."""
     model = model.eval()
-    pre = eval_preprocess(data)
+    pre = parent.to_dict() if parent is not None else eval_preprocess(data)
     meta = {
         "arch": arch,
         "epochs": st.epoch,
         "steps": st.step,
         "best_val_top1": st.best_top1,
+        "best_epoch": st.best_epoch,
         "weights": cfg.run.export,
         "train_config": cfg.to_dict(),
     }

@@ -108,6 +108,8 @@ class OptimSection:
     clip_grad: float = 0.0  # max global grad norm; 0 = off
     fused: bool = False  # torch's fused AdamW kernel (CUDA)
     layer_decay: float = 1.0  # layer-wise lr decay (BEiT/timm): lr x decay**(depth + 1 - layer)
+    head_lr_scale: float = 1.0  # head/head_dist lr = this x the lr (fine-tuning: new rows learn
+    # faster than the pretrained body)
 
 
 @dataclass
@@ -115,11 +117,15 @@ class ScheduleSection:
     """Linear warmup then cosine decay, updated every step (see ``train.lr_at``)."""
 
     epochs: int = 300
+    steps: int | None = None  # optimizer steps in all, rounded up to whole epochs (None: from
+    # epochs; 0: no training, the initial model adapted to the data and exported as it is)
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     head_warmup_epochs: float = 0.0  # train only the heads (at the base lr) for this long,
     # then everything on the warmup + cosine schedule over the remaining epochs
+    linear_probe: str = "auto"  # fit the heads on frozen features before training (LP-FT):
+    # auto (when model.init is given and a class matches none of its labels) | on | off
     fit_to_time: bool = False  # with run.time_limit: shorten ``epochs`` (and the cosine with
     # it) after each epoch so that the run ends within the limit at the measured speed
 
@@ -277,6 +283,14 @@ class TrainConfig:
                 f"schedule.head_warmup_epochs {self.schedule.head_warmup_epochs} must be >= 0 "
                 f"and shorter than schedule.epochs ({self.schedule.epochs})"
             )
+        if self.schedule.linear_probe not in ("auto", "on", "off"):
+            problems.append(
+                f"schedule.linear_probe must be auto, on or off, not {self.schedule.linear_probe!r}"
+            )
+        if self.schedule.steps is not None and self.schedule.steps < 0:
+            problems.append(f"schedule.steps must be >= 0, not {self.schedule.steps}")
+        if not self.optim.head_lr_scale > 0.0:
+            problems.append(f"optim.head_lr_scale {self.optim.head_lr_scale} must be > 0")
         if self.data.crop_pct is not None and not 0.0 < self.data.crop_pct <= 1.0:
             problems.append(f"data.crop_pct {self.data.crop_pct} is not in (0, 1]")
         if not 0.0 <= self.distill.alpha <= 1.0:

@@ -95,8 +95,11 @@ def _from_checkpoint(
     if Path(init).is_dir() and is_classifier_dir(init):
         old, config = load_classifier(init)
         model = build_classifier(config["arch"], num_classes, spec.in_chans)
+        out_layer = output_layer(old)  # never inherited by position: rows copied by name below
         state = {
-            k: v for k, v in old.state_dict().items() if v.shape == model.state_dict()[k].shape
+            k: v
+            for k, v in old.state_dict().items()
+            if v.shape == model.state_dict()[k].shape and not k.startswith(out_layer + ".")
         }
         skipped = sorted(set(model.state_dict()) - set(state))
         model.load_state_dict(state, strict=False)
@@ -106,6 +109,18 @@ def _from_checkpoint(
             init,
             ", ".join(skipped) or "nothing",
         )
+        if labels is not None and config.get("labels"):
+            layer = model.get_submodule(out_layer)
+            assert isinstance(layer, nn.Linear)
+            mapping = label_map(labels, config["labels"])
+            old_state = old.state_dict()
+            w, b = old_state[f"{out_layer}.weight"], old_state.get(f"{out_layer}.bias")
+            with torch.no_grad():
+                for i, j in mapping.items():
+                    layer.weight[i] = w[j]
+                    if b is not None:
+                        layer.bias[i] = b[j]
+            log_head_matches(log, labels, config["labels"], mapping)
         return model, config["arch"]
     loaded = loaded or load_model(init)
     new = loaded.config.replace(
@@ -123,17 +138,34 @@ def _from_checkpoint(
     log.info("fine-tuning DeiT from %s: %s", init, "; ".join(notes["log"]) or "same shape")
     if labels is not None and loaded.labels:
         copied = init_head_rows(model, loaded.model.state_dict(), label_map(labels, loaded.labels))
-        if copied:
-            log.info(
-                "head rows (head%s) of %d of %d classes start from the initial model's: %s",
-                " and head_dist" if model.head_dist is not None else "",
-                len(copied),
-                num_classes,
-                ", ".join(f"{labels[i]} <- {loaded.labels[j]}" for i, j in copied.items()),
-            )
-        else:
-            log.info("no class is named like one of the initial model's labels")
+        log_head_matches(log, labels, loaded.labels, copied)
+    else:
+        log.info("head rows: the initial model has no labels, so every row is new")
     return model, "deit"
+
+
+def output_layer(model: nn.Module) -> str:
+    """The name of a classifier's output layer (its last ``nn.Linear``)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear output layer")
+    return names[-1]
+
+
+def log_head_matches(
+    log: logging.Logger, labels: Sequence[str], old: Sequence[str], mapping: dict[int, int]
+) -> None:
+    """Name every class whose head row starts from the initial model's, and the new ones."""
+    new = [labels[i] for i in range(len(labels)) if i not in mapping]
+    log.info(
+        "head rows: %d of %d classes matched by name to the initial model's labels%s%s",
+        len(mapping),
+        len(labels),
+        (": " + ", ".join(f"{labels[i]} <- {old[j]}" for i, j in mapping.items()))
+        if mapping
+        else "",
+        f"; new rows (random start): {', '.join(new)}" if new else "",
+    )
 
 
 @torch.no_grad()
@@ -169,7 +201,8 @@ def finetune_state(
 ) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
     """Adapt a DeiT state dict from config ``old`` to config ``new``.
 
-    Heads are dropped (so re-initialised) when the class count changes; the position
+    Heads are always dropped (so re-initialised: rows are never inherited by position;
+    :func:`init_head_rows` copies those of classes matched by name); the position
     embedding is resized bicubically to the new patch grid; the patch projection is summed
     (RGB → gray) or spread (gray → RGB) over input channels; a distillation token is added
     (copied from the class token) or removed.
@@ -206,12 +239,12 @@ def finetune_state(
         else:
             raise ValueError(f"cannot adapt {old.in_chans} input channels to {new.in_chans}")
         notes.append(f"patch embedding adapted from {old.in_chans} to {new.in_chans} channels")
-    if old.num_classes != new.num_classes:
-        heads = [k for k in list(state) if k.startswith(("head.", "head_dist."))]
-        for k in heads:
-            state.pop(k)
-        reinit += heads
-        notes.append(
-            f"re-initialised {', '.join(heads)} ({old.num_classes} -> {new.num_classes} classes)"
-        )
+    heads = [k for k in list(state) if k.startswith(("head.", "head_dist."))]
+    for k in heads:
+        state.pop(k)
+    reinit += heads
+    notes.append(
+        f"re-initialised {', '.join(heads)} ({old.num_classes} -> {new.num_classes} classes; "
+        "rows of classes named like old labels are copied next)"
+    )
     return state, {"reinit": reinit, "log": notes}

@@ -1,0 +1,281 @@
+"""Fine-tuning scenarios on real images (docs/results/fine-tuning.md): build, run, tabulate.
+
+Four tasks for the embedded ``fashion-mnist`` model, each about 1,500 training images, a
+validation split (for the best-epoch choice) and a separate held-out test split (reported):
+
+* ``a`` renamed subset: T-shirt/top, Shirt, Dress from Fashion-MNIST, in folders named
+  ``t-shirt``, ``SHIRT``, ``dress`` (500 / 100 / 300 per class, 28 px);
+* ``b`` no class in common: scikit-learn's handwritten digits (real 8x8 scans, 16 gray
+  levels, upscaled to 28 px), as the two-class task ``even`` / ``odd``;
+* ``c`` resolution change: Pullover, Coat, Bag from Fashion-MNIST written at 32 px and
+  fine-tuned at 32 px (``model.img_size=32``, interpolated position embeddings); the held-out
+  scenario, kept out of every test and tuning decision;
+* ``d`` same class count, other classes: the ten digits ``0``-``9`` (10 classes, as the model).
+
+For each: zero-shot (the model restricted to the matched classes, where there are any), the
+linear probe alone (``schedule.steps=0 schedule.linear_probe=on``), fine-tuned with the
+defaults (the command line gives only the data), from scratch (same shape, a step budget),
+a classical baseline (RBF SVM and logistic regression on the pixels), and wall times.
+
+Usage::
+
+    python scripts/finetune_scenarios.py --work /tmp/ftsc [--only a b] [--skip scratch]
+    python scripts/finetune_scenarios.py --work /tmp/ftsc --table   # the markdown table
+
+Everything is written under ``--work`` (data, runs, ``results.json``), nothing in the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from deit.checkpoints import load_model
+from deit.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from deit.train.finetune import label_map
+from deit.transforms import load_image, preprocess_image
+
+DEIT = str(Path(sys.executable).with_name("deit"))
+QUIET = ["run.progress=false", "data.num_workers=0"]
+SCRATCH = [
+    "model.name=deit",
+    "model.patch_size=4",
+    "model.embed_dim=96",
+    "model.depth=6",
+    "model.num_heads=3",
+    "schedule.steps=1500",
+]
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "a": {
+        "what": "renamed subset (t-shirt, SHIRT, dress), 28 px",
+        "fashion": {"t-shirt": "T-shirt/top", "SHIRT": "Shirt", "dress": "Dress"},
+        "size": 28,
+    },
+    "b": {"what": "no class in common (digits: even / odd), 28 px", "digits": "parity"},
+    "c": {
+        "what": "resolution change (pull-over, coat, bag at 32 px, trained at 32 px)",
+        "fashion": {"pull-over": "Pullover", "coat": "Coat", "bag": "Bag"},
+        "size": 32,
+        "extra": ["model.img_size=32"],
+    },
+    "d": {"what": "same class count, other classes (digits 0-9), 28 px", "digits": "ten"},
+}
+PER_CLASS = (500, 100, 300)  # Fashion-MNIST: train, val (from the training split), test
+
+
+def _save(pixels: np.ndarray, path: Path, size: int) -> None:
+    image = Image.fromarray(pixels.astype(np.uint8), mode="L")
+    if image.width != size:
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def build_fashion(root: Path, folders: dict[str, str], size: int) -> None:
+    """Train / val from the training split (disjoint), test from the test split."""
+    x, y = load_fashion_mnist("train")
+    tx, ty = load_fashion_mnist("test")
+    n_train, n_val, n_test = PER_CLASS
+    for folder, label in folders.items():
+        c = FASHION_MNIST_CLASSES.index(label)
+        idx = (y == c).nonzero().flatten().tolist()
+        tidx = (ty == c).nonzero().flatten().tolist()[:n_test]
+        for split, ids, images in (
+            ("train", idx[:n_train], x),
+            ("val", idx[n_train : n_train + n_val], x),
+            ("test", tidx, tx),
+        ):
+            for i in ids:
+                _save(images[i, 0].numpy(), root / split / folder / f"{i:05d}.png", size)
+
+
+def build_digits(root: Path, task: str, size: int = 28) -> None:
+    """scikit-learn's 1,797 digit scans (16 levels -> 0-255), shuffled with a fixed seed:
+    1,350 train, 150 val, 297 test."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    pixels = (digits.images * (255 / 16)).round()
+    splits = {"train": order[:1350], "val": order[1350:1500], "test": order[1500:]}
+    for split, ids in splits.items():
+        for i in ids:
+            d = int(digits.target[i])
+            folder = str(d) if task == "ten" else ("even" if d % 2 == 0 else "odd")
+            _save(pixels[i], root / split / folder / f"{i:04d}.png", size)
+
+
+def build(name: str, work: Path) -> Path:
+    root = work / "data" / name
+    if (root / "test").is_dir():
+        return root
+    s = SCENARIOS[name]
+    if "fashion" in s:
+        build_fashion(root, s["fashion"], s["size"])
+    else:
+        build_digits(root, s["digits"])
+    return root
+
+
+def _folder(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [f for c in classes for f in sorted((root / c).iterdir())]
+    labels = np.array([classes.index(f.parent.name) for f in files])
+    return classes, files, labels
+
+
+@torch.no_grad()
+def accuracy(model_path: str | Path, test: Path) -> float:
+    """Top-1 on ``test`` with the model's own inference preprocessing, its prediction
+    restricted to the test folders' classes matched by name (for a fine-tuned model: all of
+    its classes; for the initial model: zero-shot)."""
+    loaded = load_model(model_path)
+    classes, files, labels = _folder(test)
+    mapping = label_map(classes, loaded.labels)
+    if len(mapping) < len(classes):
+        raise ValueError(f"{model_path}: classes {classes} not all among {loaded.labels}")
+    columns = torch.tensor([mapping[i] for i in range(len(classes))])
+    model = loaded.model.eval()
+    correct = 0
+    for start in range(0, len(files), 256):
+        chunk = files[start : start + 256]
+        x = torch.stack([preprocess_image(load_image(f), loaded.preprocess) for f in chunk])
+        logits = model(x).logits[:, columns]
+        correct += int((logits.argmax(1).numpy() == labels[start : start + 256]).sum())
+    return correct / len(files)
+
+
+def classical(root: Path) -> dict[str, float]:
+    """RBF SVM and logistic regression on the raw pixels (train + val to fit, test scored)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+
+    def pixels(split: str) -> tuple[np.ndarray, np.ndarray]:
+        _, files, labels = _folder(root / split)
+        return np.stack(
+            [np.asarray(Image.open(f), np.float32).ravel() / 255 for f in files]
+        ), labels
+
+    x, y = pixels("train")
+    vx, vy = pixels("val")
+    tx, ty = pixels("test")
+    x, y = np.concatenate([x, vx]), np.concatenate([y, vy])
+    out = {}
+    for name, clf in (
+        ("svm", SVC(kernel="rbf", C=10.0, gamma="scale")),
+        ("logreg", LogisticRegression(C=1.0, max_iter=2000)),
+    ):
+        out[name] = float((clf.fit(x, y).predict(tx) == ty).mean())
+    return out
+
+
+def run(args: list[str], out: Path) -> dict[str, Any]:
+    """``deit train ARGS --out OUT`` (skipped when OUT already holds a model)."""
+    cmd = [DEIT, "train", *args, "--out", str(out)]
+    log = out.with_suffix(".log")
+    if not (out / "model").is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with log.open("w") as f:
+            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+        (out / "wall_s").write_text(f"{time.perf_counter() - t0:.1f}")
+    meta = json.loads((out / "model" / "config.json").read_text()).get("metadata", {})
+    return {
+        "command": " ".join(["deit", *cmd[1:]]),
+        "wall_s": float((out / "wall_s").read_text()),
+        "epochs": meta.get("epochs"),
+        "steps": meta.get("steps"),
+        "best_epoch": meta.get("best_epoch"),
+        "val_top1": meta.get("best_val_top1"),
+    }
+
+
+def scenario(name: str, work: Path, skip: set[str]) -> dict[str, Any]:
+    root = build(name, work)
+    s = SCENARIOS[name]
+    data = [
+        "data.dataset=imagefolder",
+        f"data.path={root / 'train'}",
+        f"data.val_path={root / 'val'}",
+    ]
+    extra = list(s.get("extra", []))
+    runs = work / "runs" / name
+    res: dict[str, Any] = {"what": s["what"]}
+    if "fashion" in s:
+        res["zero_shot"] = accuracy("fashion-mnist", root / "test")
+    t0 = time.perf_counter()
+    res["classical"] = classical(root)
+    res["classical"]["wall_s"] = time.perf_counter() - t0
+    plans = {
+        "probe": [
+            "model.init=fashion-mnist",
+            *data,
+            *extra,
+            "schedule.steps=0",
+            "schedule.linear_probe=on",
+        ],
+        "finetuned": ["model.init=fashion-mnist", *data, *extra],
+        "scratch": [*SCRATCH, *data, f"model.img_size={s.get('size', 28)}"],
+    }
+    for key, args in plans.items():
+        if key in skip:
+            continue
+        r = run([*args, *QUIET], runs / key)
+        r["test_top1"] = accuracy(runs / key / "model", root / "test")
+        res[key] = r
+        print(name, key, json.dumps(r), flush=True)
+    return res
+
+
+def table(results: dict[str, Any]) -> str:
+    def pct(v: Any) -> str:
+        return f"{100 * v:.2f}" if isinstance(v, float) else "–"
+
+    lines = [
+        "| scenario | zero-shot | linear probe | fine-tuned (defaults) | kept epoch / steps | "
+        "from scratch | SVM (pixels) | logistic regression | fine-tune wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in sorted(results.items()):
+        ft = r.get("finetuned", {})
+        lines.append(
+            f"| ({name}) {r['what']} | {pct(r.get('zero_shot'))} | "
+            f"{pct(r.get('probe', {}).get('test_top1'))} | {pct(ft.get('test_top1'))} | "
+            f"{ft.get('best_epoch', '–')} of {ft.get('epochs', '–')} / {ft.get('steps', '–')} | "
+            f"{pct(r.get('scratch', {}).get('test_top1'))} | {pct(r['classical']['svm'])} | "
+            f"{pct(r['classical']['logreg'])} | {ft.get('wall_s', 0):.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ftsc"
+    )
+    parser.add_argument("--only", nargs="*", default=sorted(SCENARIOS))
+    parser.add_argument("--skip", nargs="*", default=[])
+    parser.add_argument("--table", action="store_true", help="print the table and exit")
+    args = parser.parse_args()
+    path = args.work / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if not args.table:
+        for name in args.only:
+            results[name] = scenario(name, args.work, set(args.skip))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
