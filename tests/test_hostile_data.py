@@ -452,3 +452,123 @@ def test_a_given_std_is_the_one_the_model_gets(tmp_path: Path) -> None:
     rgb = load_config(None, ["data.in_chans=3", "data.mean=[0.5]", "data.std=[0.25]"])
     spec = build_data(rgb, torch.device("cpu")).spec
     assert spec.mean == (0.5,) * 3 and spec.std == (0.25,) * 3
+
+
+# --------------------------------------------------------------------------- Hugging Face files
+
+
+@pytest.fixture
+def disk_dataset(tmp_path: Path) -> Path:
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+    )
+    images = [Image.new("L", (8, 8), 40 * i) for i in range(4)]
+    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]}, features=features)
+    ds.save_to_disk(str(tmp_path / "good"))
+    return tmp_path / "good"
+
+
+def _lying(good: Path, name: str, file: str, change: object) -> Path:
+    import shutil
+
+    out = good.parent / name
+    shutil.copytree(good, out)
+    meta = json.loads((out / file).read_text())
+    change(meta)  # type: ignore[operator]
+    (out / file).write_text(json.dumps(meta))
+    return out
+
+
+def test_save_to_disk_folders_that_lie_are_one_line_errors(disk_dataset: Path) -> None:
+    from deit.errors import ConfigError
+
+    outside = disk_dataset.parent / "outside.arrow"
+    outside.write_bytes((disk_dataset / "data-00000-of-00001.arrow").read_bytes())
+    cases = {
+        "absolute": ("state.json", lambda m: m.update(_data_files=[{"filename": str(outside)}])),
+        "dotdot": (
+            "state.json",
+            lambda m: m.update(_data_files=[{"filename": "../outside.arrow"}]),
+        ),
+        "none": ("state.json", lambda m: m.update(_data_files=[])),
+        "custom": ("state.json", lambda m: m.update(_format_type="custom")),
+        "features": (
+            "dataset_info.json",
+            lambda m: m["features"].update(label={"_type": "Value", "dtype": "string"}),
+        ),
+        "numclasses": (
+            "dataset_info.json",
+            lambda m: m["features"].update(label={"_type": "ClassLabel", "num_classes": 10**9}),
+        ),
+    }
+    for name, (file, change) in cases.items():
+        folder = _lying(disk_dataset, name, file, change)
+        with pytest.raises(ConfigError) as e:
+            sources.open_hf(str(folder))
+        assert str(folder) in str(e.value) and "\n" not in str(e.value), name
+    (disk_dataset.parent / "link").mkdir()
+    for f in disk_dataset.iterdir():
+        (disk_dataset.parent / "link" / f.name).write_bytes(f.read_bytes())
+    (disk_dataset.parent / "link" / "data-00000-of-00001.arrow").unlink()
+    (disk_dataset.parent / "link" / "data-00000-of-00001.arrow").symlink_to(outside)
+    with pytest.raises(ConfigError, match=r"is not an \.arrow file"):
+        sources.open_hf(str(disk_dataset.parent / "link"))
+    tr, _, _ = sources.open_hf(str(disk_dataset))  # the honest folder still loads
+    assert len(tr) == 4
+
+
+def test_an_arrow_extension_type_never_unpickles(disk_dataset: Path, tmp_path: Path) -> None:
+    import pickle
+
+    import pyarrow as pa
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (Path.touch, (str(marker),))  # type: ignore[return-value]
+
+    table = pa.ipc.open_stream(pa.memory_map(str(disk_dataset / "data-00000-of-00001.arrow")))
+    table = table.read_all()
+    label = table.schema.field("label").with_metadata(
+        {
+            b"ARROW:extension:name": b"arrow.py_extension_type",
+            b"ARROW:extension:metadata": pickle.dumps(Payload()),
+        }
+    )
+    table = table.cast(table.schema.set(table.schema.get_field_index("label"), label))
+    with pa.ipc.new_stream(str(disk_dataset / "data-00000-of-00001.arrow"), table.schema) as w:
+        w.write_table(table)
+    try:
+        tr, _, _ = sources.open_hf(str(disk_dataset))
+        [sources.HFImages(tr)[i] for i in range(len(tr))]
+    except Exception as e:  # refusing is fine too, in one line
+        assert "\n" not in str(e)
+    assert not marker.exists()
+
+
+def test_a_parquet_that_inflates_is_refused_before_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deit.errors import ConfigError
+
+    monkeypatch.setattr(shards, "MAX_CHUNK_BYTES", 4 * 2**20)
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = 200  # one 1 MiB value repeated by dictionary encoding: 200 MiB from a 1 KB file
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": bytes(2**20), "path": None}] * rows, struct),
+            "label": pa.array([0] * rows, pa.int64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "bomb.parquet", compression="zstd", row_group_size=rows)
+    del table
+    assert (tmp_path / "bomb.parquet").stat().st_size < 4096
+    with pytest.raises(ConfigError, match="decodes to more than"):
+        sources.open_hf(str(tmp_path / "bomb.parquet"))
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "bomb.parquet").read_bytes()[:-20])
+    with pytest.raises(ConfigError, match="unreadable Parquet"):
+        sources.open_hf(str(tmp_path / "cut.parquet"))

@@ -26,6 +26,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from deit.errors import ConfigError
 from deit.runtime import require
 from deit.train.data import BadSample
 
@@ -153,3 +154,105 @@ def iter_shard(
 
 def _finish(sample: dict[str, Any], bad: str | None, shard: str) -> dict[str, Any] | BadSample:
     return sample if bad is None else BadSample(f"{shard}:{sample['__key__']}", bad)
+
+
+# --------------------------------------------------------------------------- Hugging Face files
+
+#: Largest JSON file of a ``save_to_disk`` folder read (state.json, dataset_info.json ...).
+MAX_JSON_BYTES = 16 * 2**20
+#: Largest decompressed Parquet column chunk (one image column's pages).
+MAX_CHUNK_BYTES = 256 * 2**20
+#: Decoded Parquet bytes allowed per byte of file (images are stored compressed already).
+MAX_DECODED_RATIO = 20
+
+
+def _json_file(path: Path) -> Any:
+    import json
+
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:
+        raise ConfigError(f"{path}: not a regular file of at most {MAX_JSON_BYTES} bytes")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from e
+
+
+def _plain_name(name: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(".")
+        and not (set(name) & {"/", "\\", "\0"})
+    )
+
+
+def check_disk_dataset(folder: Path) -> None:
+    """Refuse a ``save_to_disk`` folder whose JSON files point outside it or lie about it,
+    before ``datasets`` reads them: splits and data files must be plain names of regular files
+    (no symlinks) inside the folder, at least one per split, with no custom format.
+
+    Raises:
+        ConfigError: naming the file and the cause.
+    """
+    if (folder / "dataset_dict.json").is_file():
+        meta = _json_file(folder / "dataset_dict.json")
+        splits = meta.get("splits") if isinstance(meta, dict) else None
+        if not isinstance(splits, list) or not splits or not all(map(_plain_name, splits)):
+            raise ConfigError(f"{folder / 'dataset_dict.json'}: splits must be plain names")
+        for split in splits:
+            sub = folder / split
+            if sub.is_symlink() or not sub.is_dir():
+                raise ConfigError(f"{sub}: split folder missing (or a link)")
+            check_disk_dataset(sub)
+        return
+    state = _json_file(folder / "state.json")
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(files, list) or not files:
+        raise ConfigError(f"{folder / 'state.json'}: no _data_files")
+    for entry in files:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        f = folder / str(name) if _plain_name(name) else None
+        if f is None or f.suffix != ".arrow" or f.is_symlink() or not f.is_file():
+            raise ConfigError(
+                f"{folder / 'state.json'}: data file {name!r} is not an .arrow file in {folder}"
+            )
+    if state.get("_format_type") not in (None, "numpy", "torch", "arrow", "pandas", "python"):
+        raise ConfigError(f"{folder / 'state.json'}: format {state.get('_format_type')!r}")
+    if (folder / "dataset_info.json").exists():
+        _json_file(folder / "dataset_info.json")
+
+
+def check_parquet(path: str | Path) -> None:
+    """Refuse a Parquet file whose decoding would take far more than its size, before
+    ``datasets`` converts it: every column chunk decompresses to at most
+    :data:`MAX_CHUNK_BYTES` (from the footer), and the decoded rows, counted a few at a time
+    (dictionary encoding can repeat one large value for every row), total at most
+    :data:`MAX_DECODED_RATIO` times the file plus :data:`MAX_CHUNK_BYTES`.
+
+    Raises:
+        ConfigError: naming the file and what it would produce.
+    """
+    pq = require("pyarrow.parquet", "pyarrow", "data")
+    size = Path(path).stat().st_size
+    try:
+        pf = pq.ParquetFile(path)
+        meta = pf.metadata
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                chunk = meta.row_group(g).column(c).total_uncompressed_size
+                if chunk > MAX_CHUNK_BYTES:
+                    raise ConfigError(
+                        f"{path}: a column chunk decompresses to {chunk} bytes "
+                        f"(limit {MAX_CHUNK_BYTES})"
+                    )
+        limit, decoded = MAX_DECODED_RATIO * size + MAX_CHUNK_BYTES, 0
+        for batch in pf.iter_batches(batch_size=4):
+            decoded += batch.nbytes
+            if decoded > limit:
+                raise ConfigError(
+                    f"{path}: decodes to more than {limit} bytes from a {size}-byte file"
+                )
+    except ConfigError:
+        raise
+    except Exception as e:  # pyarrow's errors on corrupt files
+        raise ConfigError(f"{path}: unreadable Parquet ({type(e).__name__}: {e})") from e

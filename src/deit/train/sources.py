@@ -41,7 +41,7 @@ import torch
 
 from deit.errors import ConfigError, UsageError
 from deit.train.data import BadSample
-from deit.train.shards import iter_shard
+from deit.train.shards import check_disk_dataset, check_parquet, iter_shard
 
 log = logging.getLogger("deit.train.sources")
 
@@ -88,6 +88,7 @@ def _load_hf(
     suffix = Path(path.split(",")[0]).suffix.lower()
     try:
         if p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            check_disk_dataset(p)
             ds = datasets.load_from_disk(str(p))
             if streaming:
                 if isinstance(ds, datasets.DatasetDict):
@@ -103,6 +104,9 @@ def _load_hf(
             files: dict[str, Any] = {"train": _expand(path)}
             if val_path:
                 files["validation"] = _expand(val_path)
+            if suffix == ".parquet":
+                for f in (f for group in files.values() for f in group):
+                    check_parquet(f)
             return datasets.load_dataset(
                 _TABLE_SUFFIXES[suffix], data_files=files, streaming=streaming
             )
@@ -122,6 +126,9 @@ def _load_hf(
     except Exception as e:
         if _offline() and not p.exists():
             raise ConfigError(_offline_message(path)) from e
+        if p.exists() or suffix in _TABLE_SUFFIXES:  # a local file that datasets can't read
+            why = " ".join(str(e).split())[:300]  # datasets' messages span lines
+            raise ConfigError(f"{path}: unreadable dataset ({type(e).__name__}: {why})") from e
         raise
 
 
