@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
 
 from deit.cli._args import add_model_arguments, add_speed_arguments, classifier_from_args
 from deit.deploy.serve import LOOPBACK, ServeSettings, require_server, serve
+from deit.deploy.serve.page import check_model_name, model_name
+from deit.deploy.serve.ray_serve import RaySettings, serve_on_ray
 from deit.errors import UsageError
 
 NAME = "serve"
-HELP = "HTTP API and web page with dynamic batching"
+HELP = "HTTP API, web page and standard protocols (Hugging Face, KServe/Triton v2), batched"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +97,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "matches subdomains); default: any host, which is fine on 127.0.0.1 but set it "
         "when --host exposes the server",
     )
+    p.add_argument(
+        "--name",
+        help="the model's name in the /v2 and /v1 protocol routes (default: from the model's "
+        "source, e.g. fashion-mnist)",
+    )
+    limits.add_argument(
+        "--max-explain-concurrent",
+        type=int,
+        default=d.max_explain_concurrent,
+        help="attention maps computed at once, in their own thread "
+        f"(default {d.max_explain_concurrent})",
+    )
+    limits.add_argument(
+        "--max-explain-queue",
+        type=int,
+        default=d.max_explain_queue,
+        help=f"attention-map requests waiting; 503 beyond (default {d.max_explain_queue})",
+    )
+    ray = p.add_argument_group("replicas on Ray Serve (--engine ray)")
+    ray.add_argument(
+        "--engine",
+        choices=["uvicorn", "ray"],
+        default="uvicorn",
+        help="uvicorn: one process (default); ray: Ray Serve replicas of the same app",
+    )
+    r = RaySettings()
+    ray.add_argument(
+        "--replicas", type=int, default=r.replicas, help="replicas (the minimum when autoscaling)"
+    )
+    ray.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas")
+    ray.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=r.replica_cpus,
+        help=f"CPUs reserved per replica, also its PyTorch threads (default {r.replica_cpus:g})",
+    )
+    ray.add_argument(
+        "--address",
+        help="a running Ray cluster (auto, or ray://HEAD:10001); default: a private local one, "
+        "shut down on exit",
+    )
     p.add_argument("--workers", type=int, default=d.decode_workers, help="decoding threads")
     p.add_argument("--threads", type=int, help="PyTorch intra-op threads (default: all cores)")
     p.add_argument(
@@ -112,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         "max_request_pixels",
         "max_inflight_upload_mb",
         "max_inflight_pixels",
+        "max_explain_concurrent",
         "threads",
     )
     for flag in positive:
@@ -134,10 +179,22 @@ def run(args: argparse.Namespace) -> int:
     for host in hosts:
         if "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
             raise UsageError(f"--allowed-host takes a name, '*' or '*.domain', not {host!r}")
+    if args.max_explain_queue < 0:
+        raise UsageError(f"--max-explain-queue must be >= 0, not {args.max_explain_queue}")
+    if args.name is not None:
+        check_model_name(args.name)
+    ray_settings = RaySettings(
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        replica_cpus=args.replica_cpus,
+        address=args.address,
+    )
+    ray_settings.check()
     if args.threads:
         torch.set_num_threads(args.threads)
     require_server()
-    clf = classifier_from_args(args)
+    clf = classifier_from_args(args)  # loaded here too, so a bad model is one line, not a crash
+    name = args.name or model_name(clf.loaded.source)
     settings = ServeSettings(
         host=args.host,
         port=args.port,
@@ -153,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         allowed_hosts=hosts,
         decode_workers=args.workers,
+        max_explain_concurrent=args.max_explain_concurrent,
+        max_explain_queue=args.max_explain_queue,
+        name=name,
     )
     if settings.host not in LOOPBACK:
         hint = "" if args.allowed_host else "; consider --allowed-host"
@@ -161,9 +221,16 @@ def run(args: argparse.Namespace) -> int:
             f"machines{hint}",
             file=sys.stderr,
         )
-    print(
-        f"deit serve: {clf.loaded.source} ({clf.engine}) on http://{settings.host}:{settings.port}/",
-        file=sys.stderr,
-    )
-    serve(clf, settings, log_level=args.log_level)
+    where = f"http://{settings.host}:{settings.port}/"
+    print(f"deit serve: {clf.loaded.source} ({clf.engine}) as {name!r} on {where}", file=sys.stderr)
+    if args.engine == "ray":
+        del clf  # each replica loads its own
+        serve_on_ray(
+            functools.partial(classifier_from_args, args),
+            settings,
+            ray_settings,
+            log=lambda line: print(f"deit serve: {line}", file=sys.stderr, flush=True),
+        )
+    else:
+        serve(clf, settings, log_level=args.log_level)
     return 0
