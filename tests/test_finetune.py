@@ -524,4 +524,6 @@ def test_zero_steps_give_the_parent_s_predictions_on_photos(tmp_path: Path) -> N
         with torch.no_grad():
             before = parent.model.eval()(x).logits
             after = tuned.model.eval()(preprocess_image(load_image(photo), tuned.preprocess)[None])
-        assert torch.equal(after.logits[:, order], before), photo.name
+        # the same numbers up to float rounding (a permuted head sums in another order)
+        torch.testing.assert_close(after.logits[:, order], before, rtol=0, atol=1e-5)
+        assert tuned.labels[int(after.logits.argmax())] == folders[int(before.argmax())]
