@@ -49,9 +49,12 @@ def test_the_callables_map_a_batch_with_errors_as_rows(gray_dir: Path, tmp_path:
         [str(tmp_path / "a.png")], top_k=3
     )[0]
     assert [p["index"] for p in rows[0]["predictions"]] == [p.index for p in want]
+    assert rows[0]["ood"]["method"] == want.ood.method
+    assert rows[0]["ood"]["score"] == pytest.approx(want.ood.score, rel=1e-5, abs=1e-6)
     assert rows[0]["error"] is None and rows[1] == {
         "path": str(tmp_path / "b.png"),
         "predictions": [],
+        "ood": None,
         "error": "empty file",
     }
 
@@ -114,6 +117,11 @@ def _same(got: dict[str, dict], want: dict[str, dict]) -> None:
         g, w = got[path]["predictions"], row["predictions"]
         assert [p["index"] for p in g] == [p["index"] for p in w], path
         assert np.allclose([p["score"] for p in g], [p["score"] for p in w], atol=1e-5), path
+        if row["ood"] is None:
+            assert got[path]["ood"] is None, path
+        else:
+            assert got[path]["ood"]["unusual"] == row["ood"]["unusual"], path
+            assert np.isclose(got[path]["ood"]["score"], row["ood"]["score"], atol=1e-4), path
 
 
 @pytest.mark.slow
@@ -128,7 +136,7 @@ def test_a_local_cluster_matches_deit_predict_json(
         counts = predict_to_file(str(gray_dir), [str(fmnist_images)], out, batch_size=128)
     finally:
         ray.shutdown()
-    assert counts == {"inputs": 1003, "skipped": 0, "written": 1003, "errors": 3}
+    assert counts == {"inputs": 1003, "skipped": 0, "written": 1003, "errors": 3, "dropped": 0}
     import pyarrow.parquet as pq
 
     got = {r["path"]: r for r in pq.read_table(out).to_pylist()}

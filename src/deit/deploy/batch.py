@@ -3,9 +3,9 @@
 ``predict_to_file(model, inputs, out)`` reads files, folders or globs, decodes and preprocesses
 them in Ray tasks (CPU), runs the model in a pool of Ray actors (one per GPU when the cluster
 has GPUs, else CPU actors), and writes the records ``deit predict --json`` prints (``path``,
-``predictions``, ``error``): a file that can't be read is a row with its error, never a failed
-job. Rows are written as they arrive, so ``resume=True`` skips what an interrupted run already
-wrote, and nothing is lost or written twice.
+``predictions``, ``ood``, ``error``): a file that can't be read is a row with its error, never a
+failed job. Rows are written as they arrive, so ``resume=True`` skips what an interrupted run
+already wrote, and nothing is lost or written twice.
 
 For pipelines of your own, :class:`Preprocess` and :class:`Predict` are the callables that
 ``Dataset.map_batches`` runs::
@@ -33,7 +33,7 @@ import torch
 
 from deit.checkpoints import DEFAULT_MODEL
 from deit.errors import ImageLoadError, UsageError
-from deit.inference import Classifier, expand_paths, load_any
+from deit.inference import NON_FINITE, Classifier, expand_paths, finite_rows, load_any
 from deit.runtime import atomic_write, require
 from deit.transforms import PreprocessConfig, load_image, preprocess_image
 
@@ -79,7 +79,8 @@ class Preprocess:
 class Predict:
     """``map_batches`` callable class: the model, loaded once per actor, classifies the rows
     that :class:`Preprocess` decoded. Returns ``path``, ``predictions`` (JSON text of the
-    ``deit predict --json`` list) and ``error``."""
+    ``deit predict --json`` list), ``ood`` (JSON text of the image's out-of-distribution
+    verdict, ``null`` for a failed image) and ``error``."""
 
     def __init__(
         self,
@@ -96,19 +97,33 @@ class Predict:
         errors = [str(e) for e in batch["error"]]
         good = [i for i, e in enumerate(errors) if not e]
         preds: list[str] = ["[]"] * len(errors)
+        oods: list[str] = ["null"] * len(errors)
         if good:
-            logits = self.clf.logits(torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])))
-            for i, row in zip(good, self.clf.topk(logits, self.top_k), strict=True):
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
+            logits, verdicts = self.clf.logits_and_ood(pixels)
+            rows = zip(good, self.clf.topk(logits, self.top_k), verdicts, finite_rows(logits))
+            for i, row, verdict, finite in rows:
+                if not finite:
+                    errors[i] = f"the model's output for this image is {NON_FINITE}"
+                    continue
                 preds[i] = json.dumps([asdict(p) for p in row], ensure_ascii=False)
-        return {"path": batch["path"], "predictions": np.array(preds), "error": np.array(errors)}
+                oods[i] = json.dumps(verdict.to_dict())
+        return {
+            "path": batch["path"],
+            "predictions": np.array(preds),
+            "ood": np.array(oods),
+            "error": np.array(errors),
+        }
 
 
 def records(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
     """The ``deit predict --json`` records of a :class:`Predict` output batch."""
-    for path, preds, error in zip(batch["path"], batch["predictions"], batch["error"], strict=True):
+    columns = batch["path"], batch["predictions"], batch["ood"], batch["error"]
+    for path, preds, ood, error in zip(*columns, strict=True):
         yield {
             "path": str(path),
             "predictions": json.loads(str(preds)),
+            "ood": json.loads(str(ood)),
             "error": str(error) or None,
         }
 
@@ -212,8 +227,14 @@ class _Writer:
         prediction = pa.struct(
             [("index", pa.int64()), ("label", pa.string()), ("score", pa.float64())]
         )
+        ood = pa.struct([("score", pa.float64()), ("unusual", pa.bool_()), ("method", pa.string())])
         schema = pa.schema(  # fixed, so that every part reads as one table
-            [("path", pa.string()), ("predictions", pa.list_(prediction)), ("error", pa.string())]
+            [
+                ("path", pa.string()),
+                ("predictions", pa.list_(prediction)),
+                ("ood", ood),
+                ("error", pa.string()),
+            ]
         )
         table = pa.Table.from_pylist(rows, schema=schema)
         atomic_write(self.out / f"part-{self.part:05d}.parquet", lambda t: pq.write_table(table, t))
