@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from deit.config import DeiTConfig
 from deit.model import DeiT
 from deit.train.data import FASHION_MNIST_DIR
 from deit.train.loop import State, _fit_to_time, lr_at, param_groups, train
@@ -320,3 +321,40 @@ def test_two_processes_match_one(fake_fmnist: Path, tmp_path: Path) -> None:
     one = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()][-1]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()][-1]
     assert one["val_top1"] == pytest.approx(two["val_top1"])
+
+
+def test_small_gray_folder_from_scratch_gets_one_channel_and_enough_steps(tmp_path: Path) -> None:
+    """The documented from-scratch command on a small grayscale folder: read as 1 channel, a
+    batch that leaves >= 16 steps per epoch (at least 8 images), the best epoch exported,
+    every choice noted."""
+    from deit.train.finetune import resolve
+
+    root = tmp_path / "gray"
+    for c in ("even", "odd"):
+        (root / c).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(np.full((8, 8), 20 * i % 255, np.uint8), mode="L").save(
+                root / c / f"{i}.png"
+            )
+    cfg = load_config(None, ["model.name=deit", "data.dataset=imagefolder", f"data.path={root}"])
+    resolve(cfg)
+    assert cfg.data.in_chans == 1 and cfg.data.batch_size == 8 and cfg.run.export == "best"
+    assert any("all grayscale: read as 1 channel" in n for n in cfg.notes)
+    # batch 8 (the floor): 300 epochs of 10 steps meet the from-scratch budget, no steps set
+    assert cfg.schedule.steps is None and cfg.schedule.epochs == 300
+    budget = load_config(
+        None,
+        ["model.name=deit", "data.dataset=imagefolder", f"data.path={root}", "schedule.steps=50"],
+    )
+    resolve(budget)
+    assert budget.schedule.epochs == math.ceil(50 / 10)  # whole epochs of 80 / 8 steps
+    assert any(n.startswith("schedule.epochs = 5") for n in budget.notes)
+
+
+def test_head_lr_scale_puts_heads_in_their_own_groups() -> None:
+    model = DeiT(DeiTConfig(img_size=28, patch_size=7, embed_dim=16, depth=2, num_heads=2))
+    groups = param_groups(model, 0.05, layer_decay=0.5, head_lr_scale=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale["head.weight"] == scale["head_dist.bias"] == 10.0
+    assert scale["norm.weight"] == 1.0 and scale["blocks.0.mlp.fc1.weight"] == 0.25
