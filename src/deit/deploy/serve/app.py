@@ -50,8 +50,18 @@ from deit.checkpoints import as_loaded
 from deit.deploy.serve.core import Annotator, Classified, InferenceCore, top_predictions
 from deit.deploy.serve.limits import RETRY_AFTER_S, Reservation
 from deit.deploy.serve.metrics import ServeMetrics, route_of
-from deit.deploy.serve.page import check_model_name, display_name, model_name, page_samples
-from deit.deploy.serve.protocols import add_huggingface_routes, add_v2_routes
+from deit.deploy.serve.page import (
+    Sample,
+    check_model_name,
+    display_name,
+    model_name,
+    page_samples,
+)
+from deit.deploy.serve.protocols import (
+    add_huggingface_routes,
+    add_kserve_v1_routes,
+    add_v2_routes,
+)
 from deit.deploy.serve.settings import ServeSettings
 from deit.deploy.serve.uploads import ApiError, Uploads, parse_top_k, read_uploads
 from deit.errors import DeiTError
@@ -137,8 +147,7 @@ def create_app(
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
+    from fastapi.responses import Response
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     settings = settings or ServeSettings()
@@ -179,18 +188,20 @@ def create_app(
     async def model_info(request: Request) -> dict[str, Any]:
         return _model_info(core, name, request.app.state.batcher.stats.to_dict())
 
-    @app.get("/v1/samples")
-    async def sample_list() -> list[dict[str, str]]:
-        return [
-            {"title": s.title, "file": s.path.name, "url": f"v1/samples/{i}"}
-            for i, s in enumerate(samples)
-        ]
+    _add_image_routes(app, core)
+    _add_page_routes(app, samples)
+    add_huggingface_routes(app, core)
+    add_v2_routes(app, core, name, __version__)
+    add_kserve_v1_routes(app, core, name)
+    return app
 
-    @app.get("/v1/samples/{index}")
-    async def sample_image(index: int) -> FileResponse:
-        if not 0 <= index < len(samples):
-            raise ApiError(404, f"no sample {index}")
-        return FileResponse(samples[index].path)
+
+def _add_image_routes(app: Any, core: InferenceCore) -> None:
+    """Our own multipart routes: ``/v1/classify``, ``/v1/classify/batch``, ``/v1/explain``."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    settings = core.settings
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict[str, Any]:
@@ -224,16 +235,34 @@ def create_app(
             return Response(body, media_type="image/png")
         return JSONResponse(body)
 
+
+def _add_page_routes(app: Any, samples: list[Sample]) -> None:
+    """The web page (``GET /``; KServe v1's liveness for non-browsers), its static files and
+    its sample images."""
+    from fastapi import Request
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+
+    @app.get("/v1/samples")
+    async def sample_list() -> list[dict[str, str]]:
+        return [
+            {"title": s.title, "file": s.path.name, "url": f"v1/samples/{i}"}
+            for i, s in enumerate(samples)
+        ]
+
+    @app.get("/v1/samples/{index}")
+    async def sample_image(index: int) -> FileResponse:
+        if not 0 <= index < len(samples):
+            raise ApiError(404, f"no sample {index}")
+        return FileResponse(samples[index].path)
+
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index(request: Request) -> Response:
         if "text/html" in request.headers.get("accept", ""):
             return FileResponse(WEB_DIR / "index.html")
         return JSONResponse({"status": "alive"})  # KServe v1 liveness
 
-    add_huggingface_routes(app, core)
-    add_v2_routes(app, core, name, __version__)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-    return app
 
 
 def _add_error_handlers(app: Any) -> None:

@@ -365,6 +365,11 @@ def add_v2_routes(app: Any, core: InferenceCore, name: str, version: str) -> Non
         }
         return Response(json.dumps(answer).encode(), media_type="application/json")
 
+
+def add_kserve_v1_routes(app: Any, core: InferenceCore, name: str) -> None:
+    """KServe v1: model readiness and ``:predict`` (see the module docstring)."""
+    from fastapi import Request
+
     @app.get("/v1/models/{model}")
     async def v1_model(model: str) -> dict[str, Any]:
         _check_name(name, model)
