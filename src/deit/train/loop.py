@@ -925,6 +925,10 @@ def _before_training(loop: Loop, st: State, run_dir: Path, loaded: Any) -> None:
         rows = new_rows if new_rows else list(range(loop.data.num_classes))
         t0 = time.perf_counter()
         result = linear_probe(model, _batches(loop.data, loop.device, []), rows)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            heads = [m for m in (model.head, model.head_dist) if m is not None]
+            for p in (p for m in heads for p in m.parameters()):  # each rank fitted its shard:
+                torch.distributed.broadcast(p.data, 0)  # all take rank 0's heads
         log.info(
             "linear probe: %d new head rows (of %d head%s) fitted on the frozen features of "
             "%d training images in %.1f s; training accuracy %.1f%% -> %.1f%%",
