@@ -66,6 +66,9 @@ def test_classify_one(client: httpx.Client, photo: bytes) -> None:
     preds = r.json()["predictions"]
     assert len(preds) == 3 and preds[0]["score"] >= preds[1]["score"] >= preds[2]["score"]
     assert preds[0]["label"] == f"class-{preds[0]['index']}"
+    ood = r.json()["ood"]  # a published-style model without statistics: uncalibrated MSP
+    assert ood["method"] == "msp-uncalibrated"
+    assert ood["score"] == pytest.approx(1 - preds[0]["score"])
     r = client.post("/v1/classify", files={"file": ("cat.jpg", photo)}, data={"top_k": "20"})
     assert len(r.json()["predictions"]) == 10  # capped at the number of classes
 

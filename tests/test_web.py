@@ -110,6 +110,7 @@ def test_sample_button_and_bad_upload(page: Any, fmnist_server: str) -> None:
     expect(page.locator("#preview-name")).to_have_text("fmnist-ankle-boot.png")
     expect(page.locator("#predictions li")).to_have_count(5)
     expect(page.locator("#status")).to_contain_text("Prediction: Ankle boot")
+    expect(page.locator("#ood-warning")).to_be_hidden()  # a garment: no warning
 
     bad = {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not an image"}
     page.set_input_files("#file-input", files=[bad])
@@ -131,3 +132,19 @@ def test_a_folder_is_named_with_its_parent_and_no_wrong_samples(
     expect(page.locator("#predictions-title")).to_be_visible()
     expect(page.locator("#samples")).to_be_hidden()
     assert page.locator("#sample-list button").count() == 0
+
+
+def test_a_photo_that_is_no_garment_shows_the_unusual_warning(
+    page: Any, fmnist_server: str, sample_images: list[Path]
+) -> None:
+    """Issue #26: the embedded model calls an astronaut's portrait "Bag" with high confidence;
+    the page says the image is unlike its training data, in a visible warning."""
+    expect = sync_api.expect
+    photo = next(p for p in sample_images if p.name == "astronaut.png")
+    page.goto(fmnist_server + "/")
+    expect(page.locator("#model-info")).to_contain_text("fashion-mnist")
+    page.set_input_files("#file-input", str(photo))
+    expect(page.locator("#predictions li")).to_have_count(5)
+    warning = page.locator("#ood-warning")
+    expect(warning).to_be_visible()
+    expect(warning).to_contain_text("unlike anything the model was trained on")

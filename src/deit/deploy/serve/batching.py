@@ -59,8 +59,8 @@ class DynamicBatcher(Generic[R]):
     """Gathers single images from concurrent requests into batches for one model call.
 
     Args:
-        infer: (B, C, H, W) -> B rows (a logits tensor, or one result object per image);
-            called in ``executor``.
+        infer: (B, C, H, W) -> B rows (a logits tensor, or one result object per image; an
+            exception object as a row fails that image alone); called in ``executor``.
         executor: Where ``infer`` runs; give it one thread so the model is never called
             concurrently.
         max_batch: Largest batch.
@@ -71,7 +71,7 @@ class DynamicBatcher(Generic[R]):
 
     def __init__(
         self,
-        infer: Callable[[Tensor], Sequence[R]],
+        infer: Callable[[Tensor], Sequence[R | BaseException]],
         executor: Executor,
         *,
         max_batch: int = 32,
@@ -157,7 +157,11 @@ class DynamicBatcher(Generic[R]):
             if self.observe is not None:
                 self.observe(len(items), [start - it.queued_at for it in items], seconds)
             for row, it in zip(rows, items):
-                if not it.future.done():
+                if it.future.done():
+                    continue
+                if isinstance(row, BaseException):  # this image alone failed
+                    it.future.set_exception(row)
+                else:
                     it.future.set_result(row)
 
 

@@ -33,9 +33,9 @@ from deit.deploy.serve.batching import BatchObserver, DynamicBatcher
 from deit.deploy.serve.limits import Budget, Gate, Reservation, pixel_cost
 from deit.deploy.serve.settings import ServeSettings
 from deit.deploy.serve.uploads import ApiError
-from deit.errors import BusyError, DeiTError
+from deit.errors import BusyError, DeiTError, NonFiniteOutputError
 from deit.explain import explain_payload, rollout_maps
-from deit.inference import Classifier
+from deit.inference import NON_FINITE, Classifier, finite_rows
 from deit.transforms import load_image, preprocess_image
 
 T = TypeVar("T")
@@ -150,10 +150,19 @@ class InferenceCore:
 
     # ----------------------------------------------------------------------- the model thread
 
-    def _infer(self, pixels: Tensor) -> list[Classified]:
-        logits = self.clf.logits(pixels)
+    def _infer(self, pixels: Tensor) -> list[Classified | DeiTError]:
+        """One batch: each image's logits with its out-of-distribution verdict (``ood``) and
+        the ``annotate`` fields, or a :class:`NonFiniteOutputError` for an image whose output
+        is NaN or infinite (that image alone fails)."""
+        logits, verdicts = self.clf.logits_and_ood(pixels)
         extras = self.annotate(pixels, logits) if self.annotate else [{} for _ in logits]
-        return [Classified(row, dict(e)) for row, e in zip(logits, extras)]
+        rows: list[Classified | DeiTError] = []
+        for row, verdict, extra, finite in zip(logits, verdicts, extras, finite_rows(logits)):
+            if finite:
+                rows.append(Classified(row, {"ood": verdict.to_dict(), **extra}))
+            else:
+                rows.append(NonFiniteOutputError(f"the model's output is {NON_FINITE}"))
+        return rows
 
     # ----------------------------------------------------------------------- images
 
@@ -172,10 +181,12 @@ class InferenceCore:
         for _, data in files:
             try:
                 with Image.open(io.BytesIO(data)) as img:
-                    cost = pixel_cost(*img.size)
+                    width, height = img.size
             except Exception:  # not an image, corrupt, or PIL's decompression-bomb check
-                cost = 0
-            costs.append(cost if cost <= self.settings.max_pixels else 0)
+                width = height = 0
+            if width * height > self.settings.max_pixels:  # refused before decoding
+                width = height = 0
+            costs.append(pixel_cost(width, height, self.clf.loaded.preprocess))
         return costs
 
     async def reserve_pixels(self, files: list[tuple[str, bytes]], held: Reservation) -> list[int]:

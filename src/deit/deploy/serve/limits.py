@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 
 from deit.deploy.serve.uploads import ApiError
+from deit.transforms import PreprocessConfig, preprocess_pixels
 
 RETRY_AFTER_S = 1
 
@@ -108,13 +109,18 @@ class Reservation:
         self.shrink(self.held)
 
 
-def pixel_cost(width: int, height: int) -> int:
+def pixel_cost(width: int, height: int, preprocess: PreprocessConfig | None = None) -> int:
     """What one image of ``width`` x ``height`` (from its header) costs in the pixel budgets.
 
-    The one place the server prices an image: the per-image and per-request limits and the
-    server-wide decode budget all count this.
+    The one place the server prices an image: the per-request limit and the server-wide
+    decode budget count this. With the model's ``preprocess``, the cost is what preprocessing
+    holds at most (decoded, resized and output pixels, :func:`deit.transforms.preprocess_pixels`),
+    so a 1 x 8,192 strip is priced at what its resize to a shorter side of 256 would make,
+    not at its 8,192 decoded pixels; without one (already preprocessed pixels), its area.
     """
-    return width * height
+    if preprocess is None:
+        return width * height
+    return preprocess_pixels(width, height, preprocess)
 
 
 class Gate:

@@ -116,6 +116,16 @@ function loadImage(src) {
   });
 }
 
+// The out-of-distribution verdict: a visible warning when the image is unlike the training data.
+function showOod(ood) {
+  const el = $("ood-warning");
+  el.hidden = !(ood && ood.unusual);
+  el.textContent = el.hidden
+    ? ""
+    : "This image looks unlike anything the model was trained on: the labels below are " +
+      `probably meaningless (${ood.method} score ${ood.score.toFixed(2)}).`;
+}
+
 async function classify(file) {
   const id = ++state.requestId;
   const preview = $("preview");
@@ -131,6 +141,7 @@ async function classify(file) {
     const result = await postImage(`v1/classify?top_k=${TOP_K}`, file);
     if (id !== state.requestId) return; // a newer image was chosen meanwhile
     showPredictions(result.predictions);
+    showOod(result.ood);
     const top = result.predictions[0];
     setStatus(`Prediction: ${top.label} (${(100 * top.score).toFixed(1)}%)`);
     const explanation = await postImage("v1/explain?format=json&token=both", file);
@@ -142,6 +153,7 @@ async function classify(file) {
   } catch (err) {
     if (id !== state.requestId) return;
     $("predictions").replaceChildren();
+    showOod(null);
     state.explanation = null;
     drawAttention();
     setStatus(`Could not classify ${file.name || "the image"}: ${err.message}`, true);
