@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from deit.checkpoints import LoadedModel, load_model
 
@@ -29,14 +28,6 @@ SETTINGS = ServeSettings(max_upload_mb=1, max_files=4, max_wait_ms=20, busy_wait
 NAME = "tiny"
 
 
-def ood(pixels: torch.Tensor, logits: torch.Tensor) -> list[dict[str, Any]]:
-    """A stand-in for the per-image extra fields the OOD work will add."""
-    top = logits.max(dim=-1).values
-    return [
-        {"ood": {"score": float(t), "unusual": bool(t < 0), "method": "max-logit"}} for t in top
-    ]
-
-
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load_model(save_tiny_model(tmp_path_factory.mktemp("model")))
@@ -45,7 +36,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 @pytest.fixture(scope="module")
 def running(loaded: LoadedModel) -> Iterator[ServerThread]:
     settings = ServeSettings(**{**SETTINGS.__dict__, "name": NAME})
-    with ServerThread(create_app(loaded, settings, annotate=ood), log_level="info") as server:
+    with ServerThread(create_app(loaded, settings), log_level="info") as server:
         yield server
 
 
@@ -87,7 +78,7 @@ def test_huggingface_inference_client(url: str, images: list[bytes], caplog: Any
     out = client.image_classification(images[0])  # raw bytes, no Content-Type
     assert [o.label for o in out] == [p["label"] for p in expected["predictions"][:5]]
     assert out[0].score == pytest.approx(expected["predictions"][0]["score"], abs=1e-6)
-    assert out[0]["ood"]["method"] == "max-logit"  # extra keys reach the client
+    assert out[0]["ood"]["method"] == "msp-uncalibrated"  # the OOD verdict reaches the client
     three = client.image_classification(images[0], top_k=3, function_to_apply="none")
     assert len(three) == 3 and three[0].score > 1  # logits, not probabilities
     assert len(client.image_classification(images[0], top_k=50)) == 10  # capped
@@ -129,7 +120,7 @@ def test_tritonclient_binary_json_classification_and_pixels(
         result = client.infer(NAME, [image])
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
         assert result.as_numpy("logits").shape == (2, 10)
-        assert [text(m) for m in result.as_numpy("ood_method")] == ["max-logit"] * 2
+        assert [text(m) for m in result.as_numpy("ood_method")] == ["msp-uncalibrated"] * 2
 
     image = triton.InferInput("image", [2], "BYTES")
     image.set_data_from_numpy(np.array(images, dtype=np.object_))
@@ -186,7 +177,7 @@ def test_kserve_rest_client_v1_and_v2(url: str, images: list[bytes]) -> None:
         assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want]
         scores = [p["score"] for p in got["predictions"]]
         assert scores == pytest.approx([p["score"] for p in want], abs=1e-5)
-    assert first["ood"]["method"] == "max-logit"
+    assert first["ood"]["method"] == "msp-uncalibrated"
     outputs = {o.name: o.as_numpy() for o in two.outputs}
     np.testing.assert_allclose(outputs["probabilities"][0], probabilities(expected), atol=1e-5)
 

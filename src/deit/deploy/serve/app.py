@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from deit import __version__
 from deit.checkpoints import as_loaded
-from deit.deploy.serve.core import Annotator, Classified, InferenceCore, top_predictions
+from deit.deploy.serve.core import Classified, InferenceCore, top_predictions
 from deit.deploy.serve.limits import RETRY_AFTER_S, Reservation
 from deit.deploy.serve.metrics import ServeMetrics, route_of
 from deit.deploy.serve.page import (
@@ -132,12 +132,10 @@ def _file_answer(name: str, out: Classified | DeiTError, labels: list[str], k: i
     return {"filename": name, "predictions": top_predictions(out, labels, k), **out.extras}
 
 
-def create_app(
-    model: Any, settings: ServeSettings | None = None, annotate: Annotator | None = None
-) -> Any:
+def create_app(model: Any, settings: ServeSettings | None = None) -> Any:
     """The FastAPI application serving ``model`` (a ``Classifier``, loaded model or source).
 
-    ``annotate`` adds extra fields to each image's answer on every route (see
+    Every route's answer carries each image's out-of-distribution verdict, ``ood`` (see
     :mod:`deit.deploy.serve.core`).
 
     ``app.state.batcher.stats`` holds the batching counters once the app has started;
@@ -154,7 +152,7 @@ def create_app(
     clf = model if isinstance(model, Classifier) else _classifier(model)
     name = check_model_name(settings.name or model_name(clf.loaded.source))
     metrics = ServeMetrics(settings.max_batch)
-    core = InferenceCore(clf, settings, observe=metrics.observe_batch, annotate=annotate)
+    core = InferenceCore(clf, settings, observe=metrics.observe_batch)
     samples = page_samples(clf.loaded)
 
     @asynccontextmanager

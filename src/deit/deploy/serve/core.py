@@ -10,9 +10,9 @@ in its own format.
 
 Each :class:`Classified` row carries the image's logits and ``extras``: per-image fields that
 every adapter passes through unchanged (JSON routes and KServe v1 as keys next to the
-predictions, the Hugging Face list as keys of each element, v2 as extra outputs). They are
-computed in the model thread, once per batch, by the ``annotate`` callback (e.g. an
-out-of-distribution score).
+predictions, the Hugging Face list as keys of each element, v2 as extra outputs). Today that
+is ``ood``, the image's out-of-distribution verdict (:mod:`deit.ood`), computed in the model
+thread from the same forward pass as the logits.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from deit.inference import NON_FINITE, Classifier, finite_rows
 from deit.transforms import load_image, preprocess_image
 
 T = TypeVar("T")
-#: ``annotate(pixels (B, C, H, W), logits (B, classes)) -> one dict of extra fields per image``
-Annotator = Callable[[Tensor, Tensor], list[dict[str, Any]]]
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")
 
 
@@ -78,8 +76,7 @@ class InferenceCore:
     """Budgets, decoding, batching and explaining for one model, apart from HTTP.
 
     The thread pools and the batcher exist while the app runs (:meth:`start`/:meth:`stop`,
-    called by the app's lifespan). ``observe`` sees every batch (metrics); ``annotate`` adds
-    extra fields to each image's answer (see the module docstring).
+    called by the app's lifespan). ``observe`` sees every batch (metrics).
     """
 
     def __init__(
@@ -88,10 +85,9 @@ class InferenceCore:
         settings: ServeSettings,
         *,
         observe: BatchObserver | None = None,
-        annotate: Annotator | None = None,
     ) -> None:
         self.clf, self.settings = clf, settings
-        self.observe, self.annotate = observe, annotate
+        self.observe = observe
         self.pools: dict[str, ThreadPoolExecutor] = {}
         wait = settings.busy_wait_s
         self.upload_budget = Budget(settings.max_inflight_upload_bytes, "upload bytes", wait_s=wait)
@@ -151,15 +147,14 @@ class InferenceCore:
     # ----------------------------------------------------------------------- the model thread
 
     def _infer(self, pixels: Tensor) -> list[Classified | DeiTError]:
-        """One batch: each image's logits with its out-of-distribution verdict (``ood``) and
-        the ``annotate`` fields, or a :class:`NonFiniteOutputError` for an image whose output
-        is NaN or infinite (that image alone fails)."""
+        """One batch: each image's logits with its out-of-distribution verdict (``ood``), or a
+        :class:`NonFiniteOutputError` for an image whose output is NaN or infinite (that image
+        alone fails)."""
         logits, verdicts = self.clf.logits_and_ood(pixels)
-        extras = self.annotate(pixels, logits) if self.annotate else [{} for _ in logits]
         rows: list[Classified | DeiTError] = []
-        for row, verdict, extra, finite in zip(logits, verdicts, extras, finite_rows(logits)):
+        for row, verdict, finite in zip(logits, verdicts, finite_rows(logits)):
             if finite:
-                rows.append(Classified(row, {"ood": verdict.to_dict(), **extra}))
+                rows.append(Classified(row, {"ood": verdict.to_dict()}))
             else:
                 rows.append(NonFiniteOutputError(f"the model's output is {NON_FINITE}"))
         return rows
