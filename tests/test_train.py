@@ -117,6 +117,14 @@ def test_run_directory_and_export(fake_fmnist: Path, tmp_path: Path) -> None:
     assert loaded.labels[0] == "T-shirt/top" and loaded.preprocess.channels == 1
     assert loaded.preprocess.invert_light_background
     assert loaded.metadata["train_config"]["model"]["embed_dim"] == 32
+    # the student's out-of-distribution statistics are fitted at the end (issue #26), so its
+    # predictions carry a calibrated score
+    from deit.inference import Classifier
+
+    assert (run / "model" / "ood.safetensors").is_file()
+    assert "out-of-distribution statistics (mahalanobis-l2" in (run / "train.log").read_text()
+    clf = Classifier.from_pretrained(str(run / "model"), device="cpu")
+    assert clf.ood_stats is not None and clf.calibration.method == "mahalanobis-l2"
     from deit.train.plot import plot_run
 
     assert plot_run(run).stat().st_size > 1000  # deit plot RUN_DIR -> RUN_DIR/curves.png
@@ -210,6 +218,7 @@ def test_image_folder_with_a_corrupt_file(tmp_path: Path) -> None:
     epoch = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert epoch["bad_samples"] >= 1
     assert "corrupt.png" in (run / "train.log").read_text()
+    assert (run / "model" / "ood.safetensors").is_file()  # fitted on the folder's images
 
 
 def test_finetune_to_new_classes_and_larger_input(

@@ -47,7 +47,7 @@ from deit.runtime import (
 )
 from deit.train.classifiers import save_classifier
 from deit.train.data import BadSample, Data, DeviceBatches, build_data
-from deit.train.evaluate import evaluate_batches
+from deit.train.evaluate import calibrate, evaluate_batches
 from deit.train.finetune import (
     describe,
     inherited_preprocess,
@@ -542,7 +542,9 @@ def train(
         _run_epochs(loop, st, run_dir)
     if rank == 0:
         model = _chosen_weights(cfg, st, run_dir)  # the best epoch's, with run.export=best
-        export_student(cfg, model, st, run_dir, data, arch, parent)
+        out = export_student(cfg, model, st, run_dir, data, arch, parent)
+        if arch == "deit":
+            fit_ood_statistics(cfg, out)
     loop.metrics.close()
     if world > 1:
         torch.distributed.barrier()  # the export is on disk before any rank returns
@@ -1016,6 +1018,59 @@ def export_student(
         )
     log.info("exported the %s weights to %s", cfg.run.export, out)
     return out
+
+
+OOD_FIT_LIMIT = 20_000  # training images the out-of-distribution statistics are fitted on
+
+
+def fit_ood_statistics(cfg: TrainConfig, model_dir: Path) -> Path | None:
+    """Fit the exported student's out-of-distribution statistics (:mod:`deit.ood`) and save
+    them beside its weights, so that its predictions say when an image is unlike the training
+    data.
+
+    The training images are read without augmentation, through the exported model's own
+    preprocessing (what inference will see), up to :data:`OOD_FIT_LIMIT` of them; the threshold
+    accepts 95% of the validation images (of a seeded 10% of the training images when there is
+    no validation folder). Streamed sources (``hf``, ``webdataset``) are left to
+    ``deit calibrate``, which the log says.
+    """
+    d = cfg.data
+    fit_on: str | None
+    held_out: str | None
+    if d.dataset == "fashion-mnist":
+        fit_on, held_out = "fashion-mnist:train", "fashion-mnist:test"
+        if d.train_subset:
+            fit_on = f"fashion-mnist:train[:{d.train_subset}]"
+        if d.val_subset:
+            held_out = f"fashion-mnist:test[:{d.val_subset}]"
+        root = d.path or None
+    elif d.dataset == "imagefolder" and d.path:
+        fit_on, held_out, root = d.path, d.val_path or None, None
+    else:
+        log.info(
+            "out-of-distribution statistics: not fitted on streamed or in-memory data; run "
+            "`deit calibrate --model %s --data ...` to fit them",
+            model_dir,
+        )
+        return None
+    stats, folder = calibrate(
+        model_dir,
+        fit_on,
+        val_data=held_out,
+        limit=OOD_FIT_LIMIT,
+        batch_size=d.eval_batch_size or 2 * d.batch_size,
+        device=cfg.run.device,
+        data_root=root,
+        seed=cfg.run.seed,
+    )
+    log.info(
+        "out-of-distribution statistics (%s, threshold %.4g) saved with %s: %s",
+        stats.method,
+        stats.threshold,
+        folder,
+        stats.info.get("data", ""),
+    )
+    return folder
 
 
 # --------------------------------------------------------------------------- CLI
