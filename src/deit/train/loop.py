@@ -917,13 +917,16 @@ def _chosen_weights(cfg: TrainConfig, st: State, run_dir: Path) -> nn.Module:
 
 
 def _before_training(loop: Loop, st: State, run_dir: Path, loaded: Any) -> None:
-    """A fresh run's start: the linear probe (LP-FT) when head rows are new, then, when
+    """A fresh run's start: the linear probe (LP-FT) when a fine-tuned model has new head rows
+    (a model trained from scratch has only random features to probe: ``linear_probe=on``
+    forces it), then, when
     fine-tuning (or not training at all), the starting model evaluated as epoch 0, so the
     best-epoch choice can keep it."""
     cfg, model = loop.cfg, st.model
     new_rows = _new_rows(cfg, loop.data, loaded)
     probe = cfg.schedule.linear_probe
-    if isinstance(model, DeiT) and (probe == "on" or (probe == "auto" and new_rows)):
+    auto = probe == "auto" and bool(cfg.model.init) and bool(new_rows)
+    if isinstance(model, DeiT) and (probe == "on" or auto):
         rows = new_rows if new_rows else list(range(loop.data.num_classes))
         t0 = time.perf_counter()
         result = linear_probe(model, _batches(loop.data, loop.device, []), rows)
