@@ -113,3 +113,16 @@ class BusyError(DeiTError, RuntimeError):
     """Too much work in flight; try again later."""
 
     http_status = 503
+
+
+class ApiError(DeiTError):
+    """A server's answer ``{"error": message}`` with the HTTP status given (the serving
+    routes' own refusals: limits, malformed bodies).
+
+    ``retry_after`` (seconds) becomes a ``Retry-After`` header (503 answers get one anyway).
+    """
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.retry_after = retry_after

@@ -650,9 +650,9 @@ def build_data(
     if train_data is None and cfg.data.dataset == "fashion-mnist":
         return _tensor_data(cfg, device, rank, world)
     if train_data is None and cfg.data.dataset in ("hf", "webdataset"):
-        from deit.train.sources import build_source_data  # datasets / webdataset (deit[data])
-
-        return build_source_data(cfg, device, rank, world)
+        raise ConfigError(
+            f"data.dataset={cfg.data.dataset} is read by deit.train.sources.build_source_data"
+        )
     chans = cfg.data.in_chans or 3
     mean, std = normalization(cfg.data.mean, cfg.data.std, chans, *image_defaults(chans))
     size = _img_size(cfg, 224)

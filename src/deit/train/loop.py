@@ -519,7 +519,12 @@ def train(
         _setup_logging(run_dir, rank)
         for text in cfg.notes:
             log.info("config: %s", text)
-    data = build_data(cfg, dev, rank, world, train_data, val_data, labels)
+    if train_data is None and cfg.data.dataset in ("hf", "webdataset"):
+        from deit.train.sources import build_source_data  # datasets / webdataset (deit[data])
+
+        data = build_source_data(cfg, dev, rank, world)
+    else:
+        data = build_data(cfg, dev, rank, world, train_data, val_data, labels)
     parent = inherited_preprocess(loaded.preprocess, data.spec) if loaded is not None else None
     if parent is not None:
         _validate_as_exported(data, parent)

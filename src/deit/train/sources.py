@@ -40,7 +40,17 @@ from typing import Any
 import torch
 
 from deit.errors import ConfigError, UsageError
-from deit.train.data import BadSample
+from deit.train.data import (
+    BadSample,
+    Data,
+    InputSpec,
+    _img_size,
+    _label_key,
+    build_data,
+    collate_skip_bad,
+    image_defaults,
+    normalization,
+)
 from deit.train.shards import check_disk_dataset, check_parquet, iter_shard
 
 log = logging.getLogger("deit.train.sources")
@@ -629,14 +639,6 @@ def source_datasets(cfg: Any, rank: int = 0, world: int = 1) -> tuple[Any, Any, 
 def build_stream_data(cfg: Any, train: Any, val: Any, labels: list[str]) -> Any:
     """``deit.train.data.Data`` for streamed sources: transforms as for image folders."""
     from deit.train.augment import image_eval_transform, image_train_transform
-    from deit.train.data import (
-        Data,
-        InputSpec,
-        _img_size,
-        collate_skip_bad,
-        image_defaults,
-        normalization,
-    )
 
     d = cfg.data
     chans = d.in_chans or 3
@@ -670,8 +672,6 @@ def build_stream_data(cfg: Any, train: Any, val: Any, labels: list[str]) -> Any:
 
 def build_source_data(cfg: Any, device: torch.device, rank: int, world: int) -> Any:
     """What ``deit.train.data.build_data`` returns, for ``hf`` and ``webdataset`` sources."""
-    from deit.train.data import build_data
-
     train, val, labels = source_datasets(cfg, rank, world)
     if isinstance(train, _EpochStream):
         return build_stream_data(cfg, train, val, labels)
@@ -699,8 +699,6 @@ def eval_dataset(
     else:
         raise UsageError(f"unknown data source {kind!r} (hf:PATH[:split] or webdataset:PATTERN)")
     if list(ds.classes) != list(labels):
-        from deit.train.data import _label_key
-
         keys = {_label_key(n): i for i, n in enumerate(labels)}
         mapping = [keys.get(_label_key(n)) for n in ds.classes]
         if None in mapping:

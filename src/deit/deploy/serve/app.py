@@ -63,8 +63,8 @@ from deit.deploy.serve.protocols import (
     add_v2_routes,
 )
 from deit.deploy.serve.settings import ServeSettings
-from deit.deploy.serve.uploads import ApiError, Uploads, parse_top_k, read_uploads
-from deit.errors import DeiTError
+from deit.deploy.serve.uploads import Uploads, parse_top_k, read_uploads
+from deit.errors import ApiError, DeiTError
 from deit.inference import Classifier
 from deit.runtime import require
 

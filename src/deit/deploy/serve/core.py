@@ -32,8 +32,7 @@ from torch import Tensor
 from deit.deploy.serve.batching import BatchObserver, DynamicBatcher
 from deit.deploy.serve.limits import Budget, Gate, Reservation, pixel_cost
 from deit.deploy.serve.settings import ServeSettings
-from deit.deploy.serve.uploads import ApiError
-from deit.errors import BusyError, DeiTError, NonFiniteOutputError
+from deit.errors import ApiError, BusyError, DeiTError, NonFiniteOutputError
 from deit.explain import explain_payload, rollout_maps
 from deit.inference import NON_FINITE, Classifier, finite_rows
 from deit.transforms import load_image, preprocess_image

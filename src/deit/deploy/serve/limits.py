@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
 
-from deit.deploy.serve.uploads import ApiError
+from deit.errors import ApiError
 from deit.transforms import PreprocessConfig, preprocess_pixels
 
 RETRY_AFTER_S = 1

@@ -36,8 +36,8 @@ from deit.deploy.serve.core import (
     scores,
     top_predictions,
 )
-from deit.deploy.serve.uploads import FORM_OVERHEAD, ApiError, parse_top_k, read_body
-from deit.errors import DeiTError
+from deit.deploy.serve.uploads import FORM_OVERHEAD, parse_top_k, read_body
+from deit.errors import ApiError, DeiTError
 
 V2_BINARY_HEADER = "Inference-Header-Content-Length"
 V2_EXTENSIONS = ["classification", "binary_tensor_data"]

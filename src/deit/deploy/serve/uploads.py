@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from deit.errors import DeiTError
+from deit.errors import ApiError
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -29,18 +29,6 @@ MAX_FIELD_BYTES = 4096  # a text field (top_k, token, format)
 MAX_FIELDS = 16  # text fields per request
 # uvicorn's logger, so the line lands with uvicorn's own, formatted and filtered alike
 log = logging.getLogger("uvicorn.error")
-
-
-class ApiError(DeiTError):
-    """An error answered as ``{"error": message}`` with the HTTP status given.
-
-    ``retry_after`` (seconds) becomes a ``Retry-After`` header (503 answers get one anyway).
-    """
-
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.http_status = status
-        self.retry_after = retry_after
 
 
 class ClientGone(ApiError):
