@@ -396,3 +396,21 @@ def test_convert_keeps_the_stored_dtype_by_default(tmp_path: Path, to: str) -> N
     assert {t.dtype for t in load_file(back / "model.safetensors").values()} == {torch.float16}
     full = convert(half, tmp_path / "fp32", to=to, dtype="fp32")  # type: ignore[arg-type]
     assert {t.dtype for t in load_file(full / "model.safetensors").values()} == {torch.float32}
+
+
+def test_files_written_through_safetensors_keep_an_ordinary_mode(tmp_path: Path) -> None:
+    """safetensors recreates the file it writes 0600; atomic_path gives it back the mode a new
+    file gets (or the mode of the file it replaces), so other users can read statistics."""
+    import safetensors.torch
+    import torch
+
+    from deit.runtime import atomic_path
+
+    out = tmp_path / "stats.safetensors"
+    with atomic_path(out, suffix=".safetensors") as tmp:
+        safetensors.torch.save_file({"a": torch.zeros(2)}, str(tmp))
+    assert out.stat().st_mode & 0o777 == _default_mode("file")
+    out.chmod(0o640)
+    with atomic_path(out, suffix=".safetensors") as tmp:
+        safetensors.torch.save_file({"a": torch.ones(2)}, str(tmp))
+    assert out.stat().st_mode & 0o777 == 0o640

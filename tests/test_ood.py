@@ -1,5 +1,6 @@
 """The out-of-distribution score (issue 26): fit and score math against a NumPy reference,
-the 95% threshold, AUROC/FPR, the stored file and its refusal of lying headers, the
+the layers' standardised sum, the taps, the 95% threshold, AUROC/FPR, the stored file and its
+refusal of lying headers, the
 uncalibrated fallback, predict's text and JSON, ONNX/OpenVINO parity, calibrate, eval --ood."""
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ from deit.checkpoints import load_model
 from deit.cli import main
 from deit.errors import CheckpointError
 from deit.inference import Classifier
+from deit.model import DeiT
 from deit.ood import (
     MAHALANOBIS,
     MSP_UNCALIBRATED,
     FeatureTap,
+    LayerStats,
     OODStats,
+    Taps,
     auroc,
+    fit_features,
     fit_mahalanobis,
     fit_ood,
     fpr_at_tpr,
+    layer_features,
     load_ood,
+    tapped_blocks,
     threshold_at,
 )
 
@@ -64,10 +71,54 @@ def test_mahalanobis_matches_a_numpy_reference() -> None:
             shrinkage,  # class 3 absent
         )
         assert means.shape == (3, d)
-        stats = OODStats(center, whiten, means, threshold=0.0, num_prefix=1)
-        got = stats.scorer()(torch.from_numpy(queries).float()).double().numpy()
+        got = LayerStats(center, whiten, means).scorer()(torch.from_numpy(queries).float())
+        got = got.double().numpy()
         want = _reference_scores(feats, labels, queries, shrinkage)
         np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
+def test_layers_are_standardised_by_their_training_scores_and_summed() -> None:
+    rng = np.random.default_rng(1)
+    n, d = 400, 5
+    labels = rng.integers(0, 3, size=n)
+    layers = [rng.normal(size=(n, d)) * s + labels[:, None] for s in (1.0, 4.0)]
+    val = rng.normal(size=(50, 2 * d))
+    stats = fit_features(
+        torch.from_numpy(np.concatenate(layers, 1)),
+        torch.from_numpy(labels),
+        torch.from_numpy(val),
+        3,
+        Taps(1, (0, 1)),
+    )
+    want = np.zeros(len(val))
+    for i, feats in enumerate(layers):
+        train = _reference_scores(feats, labels, feats, 1e-4)
+        query = _reference_scores(feats, labels, val[:, i * d : (i + 1) * d], 1e-4)
+        want += (query - train.mean()) / train.std(ddof=1)
+    got = stats.scorer()(torch.from_numpy(val).float()).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    assert stats.threshold == pytest.approx(np.sort(want)[47], rel=1e-3)  # 48th of 50: 95%
+
+
+def test_taps_cover_every_block_of_small_models_and_six_of_deep_ones() -> None:
+    assert tapped_blocks(2) == (0, 1) and tapped_blocks(6) == tuple(range(6))
+    assert tapped_blocks(12) == (1, 3, 5, 7, 9, 11) and tapped_blocks(24)[-1] == 23
+
+
+def test_the_tap_reads_each_block_and_the_final_norm(tmp_path: Path) -> None:
+    model = load_model(save_tiny_model(tmp_path / "m")).model
+    assert isinstance(model, DeiT)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FeatureTap(model, Taps.of(model)) as tap:
+        model(x)
+        tokens = model._pos_embed(model.patch_embed(x), (4, 4), False)
+        first = model.blocks[0](tokens)[0]
+        final, _ = model.forward_features(x)
+    want = torch.cat([layer_features(first, 2), layer_features(final, 2)], 1)
+    assert tap.features.shape == (3, 2 * 3 * 64)
+    torch.testing.assert_close(tap.features, want)
+    # the patch tokens' mean is one of the features: it is not the class token's copy
+    assert not torch.allclose(tap.features[:, 128:192], tap.features[:, :64])
 
 
 def test_threshold_accepts_95_percent() -> None:
@@ -120,13 +171,13 @@ def test_calibrate_writes_statistics_the_classifier_uses(
 ) -> None:
     model, _ = calibrated
     stats = load_ood(model)
-    assert stats.num_prefix == 2 and stats.dim == 128 and stats.means.shape == (10, 128)
+    assert stats.taps == Taps(2, (0, 1)) and stats.layer_dim == 3 * 64 and stats.classes == 10
     assert stats.info["val_samples"] == 6 and stats.info["train_samples"] == 54
     clf = Classifier.from_pretrained(model, device="cpu")
     results = clf.predict([str(p) for p in sample_images[:3]])
     loaded = load_model(model)
     x = torch.stack(_pixels(clf, sample_images[:3]))
-    with torch.no_grad(), FeatureTap(loaded.model, 2) as tap:
+    with torch.no_grad(), FeatureTap(loaded.model, stats.taps) as tap:
         loaded.model(x)
     want = stats.scorer()(tap.features)
     for r, w in zip(results, want.tolist(), strict=True):
@@ -178,19 +229,21 @@ def test_predict_text_and_json_carry_the_verdict(
 
 def test_statistics_round_trip(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
+    shapes = ((6,), (6, 6), (3, 6))
+    layers = [LayerStats(*(torch.randn(s, generator=g) for s in shapes)) for _ in range(2)]
     stats = OODStats(
-        torch.randn(8, generator=g),
-        torch.randn(8, 8, generator=g),
-        torch.randn(3, 8, generator=g),
+        layers,
+        torch.tensor([0.5, 1.0]),
+        torch.tensor([2.0, 0.25]),
         threshold=1.25,
-        num_prefix=2,
+        taps=Taps(1, (0, 3)),
         info={"data": "x"},
     )
     back = load_ood(stats.save(tmp_path))
-    assert back.threshold == 1.25 and back.num_prefix == 2 and back.info == {"data": "x"}
-    for name in ("center", "whiten", "means"):
-        assert torch.equal(getattr(back, name), getattr(stats, name))
-    q = torch.randn(5, 8, generator=g)
+    assert back.threshold == 1.25 and back.taps == Taps(1, (0, 3)) and back.info == {"data": "x"}
+    for name, tensor in stats.tensors().items():
+        assert torch.equal(back.tensors()[name], tensor)
+    q = torch.randn(5, 12, generator=g)
     assert torch.equal(back.scorer()(q), stats.scorer()(q))
 
 
@@ -201,19 +254,28 @@ def _write_raw(path: Path, header: dict, data: bytes = b"") -> Path:
 
 
 def _honest_header(dim: int = 4, classes: int = 2) -> dict:
+    """One layer (block 0): 1 + 1 + 4 + 16 + 8 = 30 floats."""
     meta = {
         "format": "deit-ood",
-        "version": 1,
+        "version": 2,
         "method": MAHALANOBIS,
         "threshold": 1.0,
         "num_prefix": 1,
+        "blocks": [0],
         "dim": dim,
         "classes": classes,
         "info": {},
     }
     header: dict = {"__metadata__": {"deit.ood": json.dumps(meta)}}
     offset = 0
-    for name, shape in (("center", [dim]), ("whiten", [dim, dim]), ("means", [classes, dim])):
+    shapes = (
+        ("offset", [1]),
+        ("scale", [1]),
+        ("center.0", [dim]),
+        ("whiten.0", [dim, dim]),
+        ("means.0", [classes, dim]),
+    )
+    for name, shape in shapes:
         size = 4 * int(np.prod(shape))
         header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
@@ -222,15 +284,15 @@ def _honest_header(dim: int = 4, classes: int = 2) -> dict:
 
 def test_lying_files_are_refused_before_allocating(tmp_path: Path) -> None:
     honest = _honest_header()
-    body = np.ones(4 + 16 + 8, dtype=np.float32).tobytes()
+    body = np.ones(30, dtype=np.float32).tobytes()
     assert load_ood(_write_raw(tmp_path / "ok.safetensors", honest, body)).dim == 4
 
     huge = _honest_header(dim=1 << 20)  # 4 TiB of whitening matrix claimed by a tiny file
     with pytest.raises(CheckpointError, match=r"does not fit the file|too large|dim must be"):
         load_ood(_write_raw(tmp_path / "huge.safetensors", huge, body))
     big_tensor = json.loads(json.dumps(honest))
-    big_tensor["whiten"]["shape"] = [1 << 16, 1 << 16]
-    with pytest.raises(CheckpointError, match="malformed or too large"):
+    big_tensor["whiten.0"]["shape"] = [1 << 16, 1 << 16]
+    with pytest.raises(CheckpointError, match="its header says"):
         load_ood(_write_raw(tmp_path / "big.safetensors", big_tensor, body))
     with pytest.raises(CheckpointError, match="does not fit the file"):
         load_ood(_write_raw(tmp_path / "short.safetensors", honest, body[:-4]))
@@ -243,10 +305,26 @@ def test_lying_files_are_refused_before_allocating(tmp_path: Path) -> None:
     mismatch["__metadata__"]["deit.ood"] = json.dumps(meta)
     with pytest.raises(CheckpointError, match="its header says"):
         load_ood(_write_raw(tmp_path / "mis.safetensors", mismatch, body))
-    nan = np.ones(28, dtype=np.float32)
+    nan = np.ones(30, dtype=np.float32)
     nan[5] = np.nan
     with pytest.raises(CheckpointError, match="non-finite"):
         load_ood(_write_raw(tmp_path / "nan.safetensors", honest, nan.tobytes()))
+    zero_scale = np.ones(30, dtype=np.float32)
+    zero_scale[1] = 0.0
+    with pytest.raises(CheckpointError, match="scales must be positive"):
+        load_ood(_write_raw(tmp_path / "zero.safetensors", honest, zero_scale.tobytes()))
+    many = json.loads(json.dumps(honest))
+    meta = json.loads(many["__metadata__"]["deit.ood"])
+    meta["blocks"] = list(range(100))  # more layers than any score taps
+    many["__metadata__"]["deit.ood"] = json.dumps(meta)
+    with pytest.raises(CheckpointError, match="blocks must be"):
+        load_ood(_write_raw(tmp_path / "many.safetensors", many, body))
+    old = json.loads(json.dumps(honest))
+    meta = json.loads(old["__metadata__"]["deit.ood"])
+    meta["version"] = 1
+    old["__metadata__"]["deit.ood"] = json.dumps(meta)
+    with pytest.raises(CheckpointError, match="refit them with deit calibrate"):
+        load_ood(_write_raw(tmp_path / "v1.safetensors", old, body))
 
 
 def test_statistics_of_another_model_are_refused(calibrated: tuple[Path, Path], tmp_path) -> None:
@@ -264,7 +342,7 @@ def test_fit_ood_from_loaders_matches_calibrate_math(calibrated: tuple[Path, Pat
     x, y = torch.randn(60, 3, 32, 32, generator=g), torch.arange(60) % 10
     stats = fit_ood(loaded.model, [(x[:30], y[:30]), (x[30:50], y[30:50])], [(x[50:], y[50:])])
     assert stats.info["train_samples"] == 50 and stats.info["val_samples"] == 10
-    with torch.no_grad(), FeatureTap(loaded.model, 2) as tap:
+    with torch.no_grad(), FeatureTap(loaded.model, stats.taps) as tap:
         loaded.model(x[50:])
     val = stats.scorer()(tap.features)
     assert int((val <= stats.threshold).sum()) >= 9.5  # 95% of 10, rounded up

@@ -122,9 +122,9 @@ def test_run_directory_and_export(fake_fmnist: Path, tmp_path: Path) -> None:
     from deit.inference import Classifier
 
     assert (run / "model" / "ood.safetensors").is_file()
-    assert "out-of-distribution statistics (mahalanobis-l2" in (run / "train.log").read_text()
+    assert "out-of-distribution statistics (mahalanobis-layers" in (run / "train.log").read_text()
     clf = Classifier.from_pretrained(str(run / "model"), device="cpu")
-    assert clf.ood_stats is not None and clf.calibration.method == "mahalanobis-l2"
+    assert clf.ood_stats is not None and clf.calibration.method == "mahalanobis-layers"
     from deit.train.plot import plot_run
 
     assert plot_run(run).stat().st_size > 1000  # deit plot RUN_DIR -> RUN_DIR/curves.png

@@ -382,7 +382,7 @@ class Classifier:
             if score is None or self.calibration is UNCALIBRATED:
                 score = msp_score(logits)
         elif self._ood_scorer is not None:
-            with FeatureTap(self.model, self.ood_stats.num_prefix) as tap:  # type: ignore[union-attr]
+            with FeatureTap(self.model, self.ood_stats.taps) as tap:  # type: ignore[union-attr]
                 logits = self.model(x).logits.float().cpu()
             score = self._ood_scorer(tap.features.cpu())
         else:

@@ -3,23 +3,26 @@
 A classifier answers with one of its classes whatever it is shown; this module adds a second
 number, ``score`` (higher = less like the training data), and a verdict, ``unusual``.
 
-- **Fitted** (``mahalanobis-l2``): class-conditional Mahalanobis distance with one shared
-  covariance, on the model's pre-logit features: the final-norm outputs of the class token
-  (and of the distillation token, for a distilled DeiT), each L2-normalised, concatenated.
-  OpenOOD v1.5 ranks this score first among post-hoc scores on ViTs (AUROC 81.4 near /
-  93.7 far on ImageNet-1k, against 73.5 / 86.0 for the max softmax). The score is the
-  squared distance to the nearest class mean, divided by the feature dimension; the
-  threshold accepts :data:`ACCEPT_RATE` (95%) of held-out in-distribution images.
-  :func:`fit_ood` fits it from labelled batches; :meth:`OODStats.save` writes it beside the
-  weights as ``ood.safetensors`` (tensors + a JSON header); :func:`load_ood` reads it back
+- **Fitted** (``mahalanobis-layers``): class-conditional Mahalanobis distances with one shared
+  covariance per layer (OpenOOD v1.5 ranks Mahalanobis on L2-normalised features first among
+  post-hoc scores on ViTs), read at several depths of the network as in Lee et al. (NeurIPS
+  2018): early blocks see what the image is made of (strokes, textures, noise), the last one
+  what it shows. At each tapped block (:func:`tapped_blocks`: every block of a model up to
+  :data:`MAX_LAYERS` deep; the last read through the final norm) the features are the class
+  token, the distillation token (distilled models) and the mean of the patch tokens, each
+  L2-normalised, concatenated. Each layer's squared distance to its nearest class mean, per
+  feature dimension, is standardised by its mean and spread on the training images; the score
+  is their sum. The threshold accepts :data:`ACCEPT_RATE` (95%) of held-out in-distribution
+  images. :func:`fit_ood` fits it from labelled batches; :meth:`OODStats.save` writes it beside
+  the weights as ``ood.safetensors`` (tensors + a JSON header); :func:`load_ood` reads it back
   after checking every declared size.
 - **Uncalibrated** (``msp-uncalibrated``): models without fitted statistics (published
   checkpoints) get ``1 - max softmax`` and are called unusual when no class reaches half the
   probability. Nothing was measured for them, and the method name says so.
 
-:class:`MahalanobisScore` is a plain module (two matrix products and a min), so exporters put
-it in the graph as a second output (:class:`ScoredLogits`) and an ``.onnx`` or OpenVINO file
-gives the same score as the eager model.
+:class:`LayeredScore` is a plain module (small matrix products, a min and a sum per layer), so
+exporters put it in the graph as a second output (:class:`ScoredLogits`) and an ``.onnx`` or
+OpenVINO file gives the same score as the eager model.
 """
 
 from __future__ import annotations
@@ -45,19 +48,22 @@ from deit.runtime import atomic_path
 
 OOD_FILE = "ood.safetensors"  # beside config.json and model.safetensors
 FORMAT = "deit-ood"
-MAHALANOBIS = "mahalanobis-l2"
+VERSION = 2  # 1: one layer, class/distillation tokens only (refit with deit calibrate)
+MAHALANOBIS = "mahalanobis-layers"
 MSP_UNCALIBRATED = "msp-uncalibrated"
 MSP_THRESHOLD = 0.5  # uncalibrated: unusual when the top class has under half the probability
 ACCEPT_RATE = 0.95  # the threshold accepts this share of held-out in-distribution images
+MAX_LAYERS = 6  # deeper models: this many blocks, spread evenly, ending with the last
 OUTPUT_NAME = "ood_score"  # the exported graphs' second output
 METADATA_KEY = "deit.ood"  # exported files: the JSON of OODStats.describe()
 
 # Bounds checked on the file's header before anything is allocated.
 MAX_HEADER_BYTES = 1 << 20
-MAX_DIM = 1 << 15  # feature dimension (two tokens of the widest DeiT: 2 x 768)
+MAX_DIM = 1 << 15  # features per layer (three tokens of the widest DeiT: 3 x 768)
 MAX_CLASSES = 1 << 17
+MAX_BLOCK = 1 << 10
 MAX_ELEMENTS = 1 << 28  # per tensor (1 GiB of float32)
-_TENSORS = ("center", "whiten", "means")
+_LAYER_TENSORS = ("center", "whiten", "means")
 
 
 @dataclass(frozen=True)
@@ -88,10 +94,38 @@ class Calibration:
 UNCALIBRATED = Calibration(MSP_UNCALIBRATED, MSP_THRESHOLD)
 
 
-def prefix_features(tokens: Tensor, num_prefix: int) -> Tensor:
-    """The score's features (B, num_prefix * D): each prefix token of the final-norm output
-    (B, T, D) L2-normalised, then concatenated (class token first), in float32."""
-    return F.normalize(tokens[:, :num_prefix].float(), dim=-1).flatten(1)
+def tapped_blocks(depth: int) -> tuple[int, ...]:
+    """The blocks whose outputs the score reads: all of them up to :data:`MAX_LAYERS`, else
+    that many spread evenly, always ending with the last (e.g. depth 12: 1, 3, 5, 7, 9, 11)."""
+    if depth <= MAX_LAYERS:
+        return tuple(range(depth))
+    return tuple(round((i + 1) * depth / MAX_LAYERS) - 1 for i in range(MAX_LAYERS))
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Where the score reads a model: ``blocks`` (the last through the final norm), and at
+    each the first ``num_prefix`` tokens (class, distillation) plus the patch tokens' mean."""
+
+    num_prefix: int
+    blocks: tuple[int, ...]
+
+    @classmethod
+    def of(cls, model: DeiT) -> Taps:
+        """The taps for ``model``: both tokens when the distillation token has a head."""
+        return cls(2 if model.head_dist is not None else 1, tapped_blocks(model.config.depth))
+
+    def layer_dim(self, embed_dim: int) -> int:
+        """Features per tapped layer."""
+        return (self.num_prefix + 1) * embed_dim
+
+
+def layer_features(tokens: Tensor, num_prefix: int) -> Tensor:
+    """One layer's features (B, (num_prefix + 1) * D) from its tokens (B, T, D): each prefix
+    token and the mean of the patch tokens, each L2-normalised, concatenated, in float32."""
+    t = tokens.float()
+    parts = torch.cat([t[:, :num_prefix], t[:, num_prefix:].mean(1, keepdim=True)], 1)
+    return F.normalize(parts, dim=-1).flatten(1)
 
 
 class MahalanobisScore(nn.Module):
@@ -123,6 +157,28 @@ class MahalanobisScore(nn.Module):
         return d2.min(dim=-1).values.clamp_min(0) / self.dim
 
 
+class LayeredScore(nn.Module):
+    """``sum_l (s_l(f_l) - offset_l) / scale_l``: each layer's :class:`MahalanobisScore` on its
+    slice of the features (B, sum of the layers' dims), standardised, summed."""
+
+    offset: Tensor
+    scale: Tensor
+
+    def __init__(self, layers: Sequence[MahalanobisScore], offset: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.dims = [m.dim for m in layers]
+        self.register_buffer("offset", offset.float())
+        self.register_buffer("scale", scale.float())
+
+    def forward(self, features: Tensor) -> Tensor:
+        parts = features.split(self.dims, dim=-1)
+        total = torch.zeros(features.shape[0], dtype=torch.float32, device=features.device)
+        for i, (layer, part) in enumerate(zip(self.layers, parts, strict=True)):
+            total = total + (layer(part) - self.offset[i]) / self.scale[i]
+        return total
+
+
 class ScoredLogits(nn.Module):
     """A DeiT returning ``(logits, ood_score)``: the chosen head's logits (as
     :class:`~deit.model.HeadLogits`) and the fitted score of the same forward pass."""
@@ -131,10 +187,10 @@ class ScoredLogits(nn.Module):
         super().__init__()
         self.logits = HeadLogits(model, head)
         self.score = stats.scorer()
-        self.num_prefix = stats.num_prefix
+        self.taps = stats.taps
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        with FeatureTap(self.logits.model, self.num_prefix) as tap:
+        with FeatureTap(self.logits.model, self.taps) as tap:
             logits = self.logits(pixel_values)
         return logits, self.score(tap.features)
 
@@ -147,39 +203,51 @@ def _deit_inside(model: nn.Module) -> DeiT | None:
 
 class FeatureTap:
     """While open, records the score's features of the forward passes this thread runs
-    through ``model`` (a forward hook on its final norm; other threads' passes are ignored).
+    through ``model`` (forward hooks on the tapped blocks and the final norm; other threads'
+    passes are ignored).
 
     Example:
-        >>> with FeatureTap(model, 2) as tap:
+        >>> with FeatureTap(model, Taps.of(model)) as tap:
         ...     logits = model(x).logits
-        >>> tap.features.shape  # (B, 2 * embed_dim)
+        >>> tap.features.shape  # (B, layers * (prefix tokens + 1) * embed_dim)
     """
 
-    def __init__(self, model: nn.Module, num_prefix: int) -> None:
+    def __init__(self, model: nn.Module, taps: Taps) -> None:
         deit = _deit_inside(model)
         if deit is None:
             raise UsageError(f"a feature-space score needs a DeiT, not {type(model).__name__}")
-        self.norm, self.num_prefix = deit.norm, num_prefix
+        depth = deit.config.depth
+        if taps.blocks[-1] != depth - 1 or not all(0 <= b < depth for b in taps.blocks):
+            raise UsageError(f"blocks {list(taps.blocks)} are not taps of a {depth}-block DeiT")
+        blocks: list[nn.Module] = list(deit.blocks)
+        self.modules = [blocks[b] for b in taps.blocks[:-1]] + [deit.norm]
+        self.num_prefix = taps.num_prefix
         self.owner = threading.get_ident()
-        self._features: Tensor | None = None
-        self._handle: Any = None
+        self._parts: list[Tensor | None] = [None] * len(self.modules)
+        self._handles: list[Any] = []
 
-    def _hook(self, _module: nn.Module, _inputs: Any, output: Tensor) -> None:
-        if threading.get_ident() == self.owner:
-            self._features = prefix_features(output, self.num_prefix)
+    def _hook(self, i: int) -> Any:
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if threading.get_ident() == self.owner:
+                tokens = output[0] if isinstance(output, tuple) else output  # blocks: (x, attn)
+                self._parts[i] = layer_features(tokens, self.num_prefix)
+
+        return record
 
     def __enter__(self) -> FeatureTap:
-        self._handle = self.norm.register_forward_hook(self._hook)
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     @property
     def features(self) -> Tensor:
-        if self._features is None:
+        parts = [p for p in self._parts if p is not None]
+        if len(parts) != len(self._parts):
             raise RuntimeError("no forward pass ran through the model while the tap was open")
-        return self._features
+        return torch.cat(parts, dim=1)
 
 
 def msp_score(logits: Tensor) -> Tensor:
@@ -235,7 +303,7 @@ def threshold_at(scores: Tensor, accept: float = ACCEPT_RATE) -> float:
 def collect(
     model: nn.Module,
     batches: Iterable[Any],
-    num_prefix: int,
+    taps: Taps,
     *,
     device: torch.device | str = "cpu",
     limit: int | None = None,
@@ -254,7 +322,7 @@ def collect(
             x, y = batch[0], batch[1]
             if not len(y):
                 continue
-            with FeatureTap(model, num_prefix) as tap:
+            with FeatureTap(model, taps) as tap:
                 out = model(x.to(device))
             feats.append(tap.features.cpu())
             labels.append(torch.as_tensor(y).cpu())
@@ -268,11 +336,6 @@ def collect(
         raise UsageError("the data gave no images")
     n = limit if limit is not None else seen
     return torch.cat(feats)[:n], torch.cat(labels)[:n], torch.cat(logits)[:n]
-
-
-def num_prefix_of(model: DeiT) -> int:
-    """Tokens the score reads: the class token, and the distillation token when it has a head."""
-    return 2 if model.head_dist is not None else 1
 
 
 def fit_ood(
@@ -298,11 +361,11 @@ def fit_ood(
     Returns:
         The statistics; :meth:`OODStats.save` writes them beside the model.
     """
-    k = num_prefix_of(model)
-    feats, labels, _ = collect(model, train_batches, k, device=device, limit=limit)
-    val_feats, _, _ = collect(model, val_batches, k, device=device)
+    taps = Taps.of(model)
+    feats, labels, _ = collect(model, train_batches, taps, device=device, limit=limit)
+    val_feats, _, _ = collect(model, val_batches, taps, device=device)
     return fit_features(
-        feats, labels, val_feats, model.config.num_classes, k, shrinkage=shrinkage, data=data
+        feats, labels, val_feats, model.config.num_classes, taps, shrinkage=shrinkage, data=data
     )
 
 
@@ -311,21 +374,33 @@ def fit_features(
     labels: Tensor,
     val_features: Tensor,
     num_classes: int,
-    num_prefix: int,
+    taps: Taps,
     *,
     shrinkage: float = 1e-4,
     data: str = "",
 ) -> OODStats:
-    """:func:`fit_ood` on features already collected (:func:`collect`): fit on
-    ``features``/``labels``, threshold at 95% of ``val_features``."""
-    center, whiten, means = fit_mahalanobis(features, labels, num_classes, shrinkage)
-    stats = OODStats(center, whiten, means, threshold=0.0, num_prefix=num_prefix)
+    """:func:`fit_ood` on features already collected (:func:`collect`): fit each layer on
+    ``features``/``labels`` and standardise it by its training scores; threshold the sum at
+    95% of ``val_features``."""
+    n_layers = len(taps.blocks)
+    if features.ndim != 2 or features.shape[1] % n_layers:
+        raise UsageError(f"features {tuple(features.shape)} do not split into {n_layers} layers")
+    width = features.shape[1] // n_layers
+    layers, offsets, scales = [], [], []
+    for part in features.split(width, dim=1):
+        layer = LayerStats(*fit_mahalanobis(part, labels, num_classes, shrinkage))
+        train_scores = layer.scorer()(part).double()
+        layers.append(layer)
+        offsets.append(train_scores.mean())
+        spread = train_scores.std() if len(part) > 1 else train_scores.new_ones(())
+        scales.append(spread.clamp_min(1e-12))
+    stats = OODStats(layers, torch.stack(offsets), torch.stack(scales), threshold=0.0, taps=taps)
     stats.threshold = threshold_at(stats.scorer()(val_features))
     stats.info = {
         "data": data,
         "train_samples": len(features),
         "val_samples": len(val_features),
-        "classes_fitted": len(means),
+        "classes_fitted": len(layers[0].means),
         "accept_rate": ACCEPT_RATE,
         "shrinkage": shrinkage,
     }
@@ -336,24 +411,47 @@ def fit_features(
 
 
 @dataclass
-class OODStats:
-    """Fitted statistics of the ``mahalanobis-l2`` score (see :func:`fit_mahalanobis`)."""
+class LayerStats:
+    """One layer's class-conditional Gaussian (see :func:`fit_mahalanobis`)."""
 
     center: Tensor
     whiten: Tensor
     means: Tensor
+
+    def scorer(self) -> MahalanobisScore:
+        return MahalanobisScore(self.center, self.whiten, self.means).eval()
+
+
+@dataclass
+class OODStats:
+    """Fitted statistics of the ``mahalanobis-layers`` score: one :class:`LayerStats` per
+    tapped block, each layer's training-score mean (``offset``) and spread (``scale``)."""
+
+    layers: list[LayerStats]
+    offset: Tensor
+    scale: Tensor
     threshold: float
-    num_prefix: int
+    taps: Taps
     method: str = MAHALANOBIS
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def dim(self) -> int:
-        return int(self.whiten.shape[1])
+    def layer_dim(self) -> int:
+        return int(self.layers[0].whiten.shape[1])
 
-    def scorer(self) -> MahalanobisScore:
+    @property
+    def dim(self) -> int:
+        """All features the score reads (layers x features per layer)."""
+        return self.layer_dim * len(self.layers)
+
+    @property
+    def classes(self) -> int:
+        return int(self.layers[0].means.shape[0])
+
+    def scorer(self) -> LayeredScore:
         """The score as a module (float32), for eager inference and exported graphs."""
-        return MahalanobisScore(self.center, self.whiten, self.means).eval()
+        layers = [layer.scorer() for layer in self.layers]
+        return LayeredScore(layers, self.offset, self.scale).eval()
 
     @property
     def calibration(self) -> Calibration:
@@ -363,35 +461,47 @@ class OODStats:
         """The JSON part: method, threshold, shape and provenance (no tensors)."""
         return {
             "format": FORMAT,
-            "version": 1,
+            "version": VERSION,
             "method": self.method,
             "threshold": self.threshold,
-            "num_prefix": self.num_prefix,
-            "dim": self.dim,
-            "classes": int(self.means.shape[0]),
+            "num_prefix": self.taps.num_prefix,
+            "blocks": list(self.taps.blocks),
+            "dim": self.layer_dim,
+            "classes": self.classes,
             "info": self.info,
         }
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors as stored: ``center.i``, ``whiten.i``, ``means.i`` per layer,
+        ``offset``, ``scale``."""
+        out = {"offset": self.offset, "scale": self.scale}
+        for i, layer in enumerate(self.layers):
+            for name in _LAYER_TENSORS:
+                out[f"{name}.{i}"] = getattr(layer, name)
+        return {k: v.float().contiguous() for k, v in out.items()}
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/ood.safetensors`` atomically (the folder of a saved model)."""
         from safetensors.torch import save_file
 
         out = Path(folder) / OOD_FILE
-        tensors = {
-            "center": self.center.float().contiguous(),
-            "whiten": self.whiten.float().contiguous(),
-            "means": self.means.float().contiguous(),
-        }
         with atomic_path(out, suffix=".safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"deit.ood": json.dumps(self.describe())})
+            meta = {METADATA_KEY: json.dumps(self.describe())}
+            save_file(self.tensors(), str(tmp), metadata=meta)
         return out
 
 
 def check_description(meta: Any, where: str) -> dict[str, Any]:
     """``meta`` (the JSON block of an ``ood.safetensors`` or an exported file) checked:
-    the method, a finite threshold, token count 1 or 2, bounded sizes."""
+    format and version, the method, a finite threshold, token count 1 or 2, the tapped
+    blocks, bounded sizes."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not deit out-of-distribution statistics")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"{where}: statistics of format version {meta.get('version')!r}, this deit reads "
+            f"version {VERSION}: refit them with deit calibrate"
+        )
     threshold, dim, classes = meta.get("threshold"), meta.get("dim"), meta.get("classes")
     if meta.get("method") != MAHALANOBIS:
         raise CheckpointError(f"{where}: unknown score method {meta.get('method')!r}")
@@ -399,6 +509,17 @@ def check_description(meta: Any, where: str) -> dict[str, Any]:
         raise CheckpointError(f"{where}: the threshold must be a finite number, not {threshold!r}")
     if meta.get("num_prefix") not in (1, 2):
         raise CheckpointError(f"{where}: num_prefix must be 1 or 2, not {meta.get('num_prefix')!r}")
+    blocks = meta.get("blocks")
+    if (
+        not isinstance(blocks, list)
+        or not 1 <= len(blocks) <= MAX_LAYERS
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+        or blocks != sorted(set(blocks))
+        or not 0 <= blocks[0] <= blocks[-1] < MAX_BLOCK
+    ):
+        raise CheckpointError(
+            f"{where}: blocks must be 1 to {MAX_LAYERS} increasing block indices, not {blocks!r}"
+        )
     for name, value, top in (("dim", dim, MAX_DIM), ("classes", classes, MAX_CLASSES)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
             raise CheckpointError(
@@ -409,9 +530,9 @@ def check_description(meta: Any, where: str) -> dict[str, Any]:
     return meta
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """The safetensors header of ``path``, with every tensor's dtype, shape and byte range
-    checked against the file size and the bounds: nothing is allocated for a lying file."""
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header of ``path`` (length checked against the file and the bound)
+    and the number of data bytes after it."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -424,28 +545,39 @@ def _read_header(path: Path) -> dict[str, Any]:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: malformed header: {e}") from None
-    if not isinstance(header, dict) or set(header) != {"__metadata__", *_TENSORS}:
-        keys = sorted(header) if isinstance(header, dict) else type(header).__name__
-        raise CheckpointError(f"{path}: expected tensors {list(_TENSORS)}, found {keys}")
-    data_bytes = size - 8 - length
-    for name in _TENSORS:
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: malformed header: a {type(header).__name__}")
+    return header, size - 8 - length
+
+
+def _check_tensors(
+    path: Path, header: dict[str, Any], want: dict[str, list[int]], data_bytes: int
+) -> None:
+    """Every tensor the JSON block implies, and only those, with the implied shape, float32,
+    and a byte range inside the file: nothing is allocated for a lying file."""
+    found = set(header) - {"__metadata__"}
+    if found != set(want):
+        raise CheckpointError(f"{path}: expected tensors {sorted(want)}, found {sorted(found)}")
+    for name, shape in want.items():
         entry = header[name]
-        shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        ok = (
-            entry.get("dtype") == "F32"
-            and isinstance(shape, list)
-            and all(isinstance(s, int) and 0 < s <= MAX_ELEMENTS for s in shape)
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
-        )
-        if not ok or math.prod(shape) > MAX_ELEMENTS:
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or entry.get("dtype") != "F32"
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or math.prod(shape) > MAX_ELEMENTS
+        ):
             raise CheckpointError(f"{path}: tensor {name!r} is malformed or too large: {entry}")
+        if entry.get("shape") != shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {entry.get('shape')}, its header says {shape}"
+            )
         if not 0 <= offsets[0] <= offsets[1] <= data_bytes or (
             offsets[1] - offsets[0] != 4 * math.prod(shape)
         ):
             raise CheckpointError(f"{path}: tensor {name!r} does not fit the file ({offsets})")
-    return header
 
 
 def load_ood(path: str | Path) -> OODStats:
@@ -458,48 +590,50 @@ def load_ood(path: str | Path) -> OODStats:
     path = Path(path)
     if path.is_dir():
         path = path / OOD_FILE
-    header = _read_header(path)
+    header, data_bytes = _read_header(path)
     try:
-        meta = json.loads(header["__metadata__"]["deit.ood"])
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
     except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: no readable deit.ood block ({e})") from None
+        raise CheckpointError(f"{path}: no readable {METADATA_KEY} block ({e})") from None
     meta = check_description(meta, str(path))
-    dim, classes = meta["dim"], meta["classes"]
-    want = {"center": [dim], "whiten": [dim, dim], "means": [classes, dim]}
-    for name, shape in want.items():
-        if header[name]["shape"] != shape:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} is {header[name]['shape']}, its header says {shape}"
-            )
+    dim, classes, n_layers = meta["dim"], meta["classes"], len(meta["blocks"])
+    want = {"offset": [n_layers], "scale": [n_layers]}
+    for i in range(n_layers):
+        want |= {f"center.{i}": [dim], f"whiten.{i}": [dim, dim], f"means.{i}": [classes, dim]}
+    _check_tensors(path, header, want, data_bytes)
     from safetensors.torch import load_file
 
     t = load_file(str(path))
-    if not all(bool(torch.isfinite(t[n]).all()) for n in _TENSORS):
+    if not all(bool(torch.isfinite(v).all()) for v in t.values()):
         raise CheckpointError(f"{path}: the statistics hold non-finite values")
+    if not bool((t["scale"] > 0).all()):
+        raise CheckpointError(f"{path}: the layers' scales must be positive")
+    layers = [LayerStats(*(t[f"{name}.{i}"] for name in _LAYER_TENSORS)) for i in range(n_layers)]
+    taps = Taps(int(meta["num_prefix"]), tuple(meta["blocks"]))
     return OODStats(
-        t["center"],
-        t["whiten"],
-        t["means"],
+        layers,
+        t["offset"],
+        t["scale"],
         float(meta["threshold"]),
-        int(meta["num_prefix"]),
+        taps,
         info=dict(meta.get("info", {})),
     )
 
 
-def check_fits(
-    stats: OODStats, num_prefix: int, model_dim: int, num_classes: int, where: str
-) -> OODStats:
-    """``stats`` if they were fitted for a model reading ``num_prefix`` tokens of
-    ``model_dim`` features and having ``num_classes`` classes."""
+def check_fits(stats: OODStats, model: DeiT, where: str) -> OODStats:
+    """``stats`` if they were fitted for ``model``: the same taps, features per layer and
+    no more classes than it has."""
+    taps, c = Taps.of(model), model.config
     if (
-        stats.num_prefix != num_prefix
-        or stats.dim != num_prefix * model_dim
-        or stats.means.shape[0] > num_classes
+        stats.taps != taps
+        or stats.layer_dim != taps.layer_dim(c.embed_dim)
+        or stats.classes > c.num_classes
     ):
         raise CheckpointError(
-            f"{where}: statistics for {stats.dim} features and {stats.means.shape[0]} classes "
-            f"do not fit this model ({stats.num_prefix} x {model_dim} features, "
-            f"{num_classes} classes): refit them with deit calibrate"
+            f"{where}: statistics for blocks {list(stats.taps.blocks)}, {stats.layer_dim} "
+            f"features per layer and {stats.classes} classes do not fit this model (blocks "
+            f"{list(taps.blocks)}, {taps.layer_dim(c.embed_dim)} features, {c.num_classes} "
+            "classes): refit them with deit calibrate"
         )
     return stats
 
@@ -550,9 +684,7 @@ def find_stats(loaded: LoadedModel) -> OODStats | None:
     folder = Path(loaded.source)
     if not (folder / OOD_FILE).is_file():
         return None
-    stats = load_ood(folder)
-    c = loaded.config
-    return check_fits(stats, num_prefix_of(loaded.model), c.embed_dim, c.num_classes, str(folder))
+    return check_fits(load_ood(folder), loaded.model, str(folder))
 
 
 def exported_calibration(loaded: LoadedModel) -> Calibration | None:

@@ -149,9 +149,10 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary sibling of ``path`` to write to; renamed over ``path`` on success.
 
     The temporary file exists (empty) and has the mode a new file gets (or the mode of the
-    file it replaces); ``suffix`` ends its name, for writers that look at it. On any failure
-    the temporary file is removed and ``path`` is left as it was (absent, or the previous
-    version); a full disk is reported as :class:`DiskFullError`.
+    file it replaces), which ``path`` has in the end even if the writer changed it;
+    ``suffix`` ends its name, for writers that look at it. On any failure the temporary file
+    is removed and ``path`` is left as it was (absent, or the previous version); a full disk
+    is reported as :class:`DiskFullError`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,8 +166,11 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.chmod(tmp, path.stat().st_mode & 0o7777)  # replacing a file: keep its mode
+    mode = tmp.stat().st_mode & 0o7777
     try:
         yield tmp
+        if tmp.stat().st_mode & 0o7777 != mode:  # safetensors recreates its files 0600
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from deit.checkpoints import load_model, save_model
 from deit.errors import UsageError
 from deit.inference import EXPORTED_SUFFIXES, Classifier, expand_paths, load_any
-from deit.ood import OODStats, auroc, collect, fit_features, fpr_at_tpr, msp_score, num_prefix_of
+from deit.ood import OODStats, Taps, auroc, collect, fit_features, fpr_at_tpr, msp_score
 from deit.runtime import resolve_device
 from deit.train.classifiers import is_classifier_dir, load_classifier, logits_of
 from deit.train.data import (
@@ -400,11 +400,11 @@ def calibrate(
             )
         loaded = load_model(model_or_source, device=dev)
     subject = _load_subject(loaded, dev)
-    k = num_prefix_of(subject.model)  # type: ignore[arg-type]  # a DeiT: checked by load_model
+    taps = Taps.of(subject.model)  # type: ignore[arg-type]  # a DeiT: checked by load_model
 
     def features(source: Any, cap: int | None) -> tuple[Tensor, Tensor, str]:
         batches, name = _batches(source, subject, batch_size, dev, num_workers, data_root)
-        f, y, _ = collect(subject.model, batches, k, device=dev, limit=cap)
+        f, y, _ = collect(subject.model, batches, taps, device=dev, limit=cap)
         return f, y, name
 
     feats, labels, name = features(data, limit)
@@ -420,7 +420,7 @@ def calibrate(
         labels,
         val_feats,
         len(subject.labels),
-        k,
+        taps,
         data=f"fit on {name}, threshold on {val_name}",
     )
     folder = Path(out) if out is not None else Path(subject.source)
