@@ -362,6 +362,10 @@ def test_exports_give_the_eager_score(
     outputs = [o.name for o in onnx.load(str(onnx_path)).graph.output]
     assert outputs == ["logits", "ood_score"]
     exported = [Classifier.from_pretrained(onnx_path).predict(paths)]
+    fused = tmp_path / "fused.onnx"
+    assert main(["export", "-m", str(model), str(fused), "--dynamic-batch", "--ort-fused"]) == 0
+    assert [o.name for o in onnx.load(str(fused)).graph.output] == ["logits", "ood_score"]
+    exported.append(Classifier.from_pretrained(fused).predict(paths))
     if __import__("importlib").util.find_spec("openvino") is not None:
         from deit.deploy.openvino import export_openvino
 
@@ -375,6 +379,33 @@ def test_exports_give_the_eager_score(
             assert r.ood.score == pytest.approx(e.ood.score, rel=1e-4, abs=1e-5)
             assert r.ood.unusual == e.ood.unusual
             assert r[0].index == e[0].index
+
+
+def test_int8_files_keep_a_float_score(
+    calibrated: tuple[Path, Path], tmp_path: Path, sample_images: list[Path]
+) -> None:
+    """deit quantize (fused and portable graphs): the score's own products stay float, so the
+    int8 file is calibrated and scores close to the eager model (its features pass int8
+    blocks)."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from deit.deploy.quantize import score_only_nodes
+
+    model, _ = calibrated
+    paths = [str(p) for p in sample_images]
+    eager = Classifier.from_pretrained(model, device="cpu").predict(paths)
+    for flags in ([], ["--portable"]):
+        out = tmp_path / f"int8{len(flags)}.onnx"
+        args = ["quantize", "-m", str(model), str(out), "--bench-runs", "0", *flags]
+        assert main(args) == 0
+        graph = onnx.load(str(out))
+        float_products = [n for n in graph.graph.node if n.op_type == "MatMul"]
+        assert any(n.name in score_only_nodes(graph) for n in float_products)
+        results = Classifier.from_pretrained(out).predict(paths)
+        for e, r in zip(eager, results, strict=True):
+            assert r.ood.method == MAHALANOBIS
+            assert r.ood.score == pytest.approx(e.ood.score, rel=0.05, abs=0.5)
 
 
 def test_eval_ood_reports_auroc_and_fpr(

@@ -121,11 +121,12 @@ class Taps:
 
 
 def layer_features(tokens: Tensor, num_prefix: int) -> Tensor:
-    """One layer's features (B, (num_prefix + 1) * D) from its tokens (B, T, D): each prefix
+    """A layer's features (..., (num_prefix + 1) * D) from its tokens (..., T, D): each prefix
     token and the mean of the patch tokens, each L2-normalised, concatenated, in float32."""
     t = tokens.float()
-    parts = torch.cat([t[:, :num_prefix], t[:, num_prefix:].mean(1, keepdim=True)], 1)
-    return F.normalize(parts, dim=-1).flatten(1)
+    prefix, patches = t[..., :num_prefix, :], t[..., num_prefix:, :]
+    parts = torch.cat([prefix, patches.mean(-2, keepdim=True)], -2)
+    return F.normalize(parts, dim=-1).flatten(-2)
 
 
 class MahalanobisScore(nn.Module):
@@ -158,25 +159,33 @@ class MahalanobisScore(nn.Module):
 
 
 class LayeredScore(nn.Module):
-    """``sum_l (s_l(f_l) - offset_l) / scale_l``: each layer's :class:`MahalanobisScore` on its
-    slice of the features (B, sum of the layers' dims), standardised, summed."""
+    """``sum_l (s_l(f_l) - offset_l) / scale_l`` for features (B, layers x D): each layer's
+    :class:`MahalanobisScore` on its slice, standardised, summed. The layers are stacked and
+    scored by batched matrix products (a dozen operations whatever the depth, so the score
+    stays cheap at batch 1)."""
 
+    center: Tensor
+    whiten_t: Tensor
+    means_w_t: Tensor
+    means_sq: Tensor
     offset: Tensor
     scale: Tensor
 
     def __init__(self, layers: Sequence[MahalanobisScore], offset: Tensor, scale: Tensor) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.dims = [m.dim for m in layers]
-        self.register_buffer("offset", offset.float())
-        self.register_buffer("scale", scale.float())
+        for name in ("center", "whiten_t", "means_w_t", "means_sq"):
+            self.register_buffer(name, torch.stack([getattr(m, name) for m in layers]))
+        self.register_buffer("offset", offset.float()[:, None])
+        self.register_buffer("scale", scale.float()[:, None])
+        self.layers, self.dim = len(layers), layers[0].dim
 
     def forward(self, features: Tensor) -> Tensor:
-        parts = features.split(self.dims, dim=-1)
-        total = torch.zeros(features.shape[0], dtype=torch.float32, device=features.device)
-        for i, (layer, part) in enumerate(zip(self.layers, parts, strict=True)):
-            total = total + (layer(part) - self.offset[i]) / self.scale[i]
-        return total
+        f = features.float().unflatten(-1, (self.layers, self.dim)).transpose(0, 1)  # (L, B, D)
+        y = torch.matmul(f - self.center[:, None], self.whiten_t)
+        d2 = y.pow(2).sum(-1, keepdim=True) - 2 * torch.matmul(y, self.means_w_t)
+        d2 = d2 + self.means_sq[:, None]  # (L, B, C)
+        per_layer = d2.min(dim=-1).values.clamp_min(0) / self.dim  # (L, B)
+        return ((per_layer - self.offset) / self.scale).sum(0)
 
 
 class ScoredLogits(nn.Module):
@@ -229,8 +238,7 @@ class FeatureTap:
     def _hook(self, i: int) -> Any:
         def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if threading.get_ident() == self.owner:
-                tokens = output[0] if isinstance(output, tuple) else output  # blocks: (x, attn)
-                self._parts[i] = layer_features(tokens, self.num_prefix)
+                self._parts[i] = output[0] if isinstance(output, tuple) else output  # (x, attn)
 
         return record
 
@@ -244,10 +252,12 @@ class FeatureTap:
 
     @property
     def features(self) -> Tensor:
+        """(B, layers x (prefix tokens + 1) x D): :func:`layer_features` of each tapped layer,
+        computed for all layers at once."""
         parts = [p for p in self._parts if p is not None]
         if len(parts) != len(self._parts):
             raise RuntimeError("no forward pass ran through the model while the tap was open")
-        return torch.cat(parts, dim=1)
+        return layer_features(torch.stack(parts, 1), self.num_prefix).flatten(1)  # (B, L, T, D)
 
 
 def msp_score(logits: Tensor) -> Tensor:

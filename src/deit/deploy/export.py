@@ -185,7 +185,6 @@ def export_onnx(
             the fused graph is opset 20).
         fused: Write the graph for ONNX Runtime with its fused ``Attention`` operator
             (:mod:`deit.deploy.ort_graph`): faster there, but it runs in ONNX Runtime only.
-            That graph has no out-of-distribution output (the file is then uncalibrated).
         with_ood: when the model folder holds fitted statistics (``ood.safetensors``), add
             the score as a second output, ``ood_score`` (logits stay the first).
 
@@ -202,13 +201,13 @@ def export_onnx(
         if opset not in (None, ORT_OPSET):
             raise ExportError(f"the fused ONNX Runtime graph is opset {ORT_OPSET}, not {opset}")
         loaded, wrapper, out, _, _ = _prepare(model_or_loaded, out, head, dynamic_batch)
-        graph = build_ort_graph(wrapper.model, head, dynamic_batch)
+        ood = find_stats(loaded) if with_ood else None
+        graph = build_ort_graph(wrapper.model, head, dynamic_batch, ood)
         ensure_free_space(out, tensor_bytes(wrapper) * 21 // 20)  # weights + graph
         with atomic_path(out, suffix=".onnx") as tmp:  # a failed write leaves nothing
             onnx.save(graph, str(tmp))
-            add_onnx_metadata(
-                tmp, {**export_metadata(loaded, head, dynamic_batch), "deit.graph": "onnxruntime"}
-            )
+            meta = export_metadata(loaded, head, dynamic_batch, ood)
+            add_onnx_metadata(tmp, {**meta, "deit.graph": "onnxruntime"})
         return out
     opset = DEFAULT_OPSET if opset is None else opset
     require("onnxscript", "onnxscript", "export")

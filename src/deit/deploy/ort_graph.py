@@ -12,7 +12,9 @@ writes the same computation node by node instead, using
   of the two heads as one ``MatMul`` over the concatenated tokens.
 
 The graph runs in ONNX Runtime only (the ``com.microsoft`` domain) and computes the logits
-of :class:`~deit.deploy.export.HeadLogits` to float32 rounding: ``tests/test_ort_graph.py`` checks
+of :class:`~deit.deploy.export.HeadLogits` to float32 rounding, and, given fitted statistics, the
+out-of-distribution score of :class:`~deit.ood.ScoredLogits` as a second output (nodes named
+``ood*``): ``tests/test_ort_graph.py`` checks
 it against eager PyTorch, and ``deit export``/``deit quantize`` verify every file they write
 (:func:`deit.deploy.export.verify_export`). Speed: docs/performance.md.
 """
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 
 from deit.model import DeiT
+from deit.ood import OUTPUT_NAME as OOD_OUTPUT
+from deit.ood import OODStats
 
 ORT_DOMAIN = "com.microsoft"
 OPSET = 20  # Gelu
@@ -60,13 +64,50 @@ class _GraphBuilder:
         return output
 
 
+def _ood_score(g: _GraphBuilder, stats: OODStats, layers: list[str]) -> str:
+    """Nodes computing :class:`~deit.ood.LayeredScore` on the tapped layers' tokens (the
+    tensor names in ``layers``), in the eager module's order of operations."""
+    k = stats.taps.num_prefix
+    total = ""
+    for i, (tokens, layer) in enumerate(zip(layers, stats.layers, strict=True)):
+        n, m = f"ood{i}", layer.scorer()
+        axis1, last = g.ints(f"{n}.axis1", [1]), g.ints(f"{n}.last", [-1])
+        k0, k1 = g.ints(f"{n}.k0", [0]), g.ints(f"{n}.k", [k])
+        prefix = g.op("Slice", [tokens, k0, k1, axis1], f"{n}.prefix")
+        patches = g.op("Slice", [tokens, k1, g.ints(f"{n}.end", [2**62]), axis1], f"{n}.patches")
+        mean = g.op("ReduceMean", [patches, axis1], f"{n}.patch_mean", keepdims=1)
+        t = g.op("Concat", [prefix, mean], f"{n}.tokens", axis=1)
+        norm = g.op("ReduceL2", [t, last], f"{n}.norm", keepdims=1)
+        eps = g.const(f"{n}.eps", np.array(1e-12, np.float32))
+        norm = g.op("Max", [norm, eps], f"{n}.norm_eps")
+        f = g.op("Flatten", [g.op("Div", [t, norm], f"{n}.unit")], f"{n}.features", axis=1)
+        y = g.op("Sub", [f, g.const(f"{n}.center", m.center)], f"{n}.centered")
+        y = g.op("MatMul", [y, g.const(f"{n}.whiten", m.whiten_t)], f"{n}.white")
+        sq = g.op("ReduceSumSquare", [y, last], f"{n}.sq", keepdims=1)
+        cross = g.op("MatMul", [y, g.const(f"{n}.means", m.means_w_t)], f"{n}.cross")
+        cross = g.op("Mul", [cross, g.const(f"{n}.two", np.array(2, np.float32))], f"{n}.cross2")
+        d2 = g.op("Sub", [sq, cross], f"{n}.d2_")
+        d2 = g.op("Add", [d2, g.const(f"{n}.means_sq", m.means_sq)], f"{n}.d2")
+        d = g.op("ReduceMin", [d2, last], f"{n}.min", keepdims=0)
+        d = g.op("Max", [d, g.const(f"{n}.zero", np.array(0, np.float32))], f"{n}.clamped")
+        d = g.op("Div", [d, g.const(f"{n}.dim", np.array(m.dim, np.float32))], f"{n}.per_dim")
+        d = g.op("Sub", [d, g.const(f"{n}.offset", stats.offset[i : i + 1])], f"{n}.shifted")
+        d = g.op("Div", [d, g.const(f"{n}.scale", stats.scale[i : i + 1])], f"{n}.z")
+        total = d if not total else g.op("Add", [total, d], f"{n}.sum")
+    return g.op("Identity", [total], OOD_OUTPUT)
+
+
 def build_ort_graph(
-    model: DeiT, head: Literal["avg", "cls", "dist"] = "avg", dynamic_batch: bool = False
+    model: DeiT,
+    head: Literal["avg", "cls", "dist"] = "avg",
+    dynamic_batch: bool = False,
+    ood: OODStats | None = None,
 ) -> Any:
     """The ``onnx.ModelProto`` of ``model`` (eval mode) returning ``head``'s logits.
 
     Input ``pixel_values`` (batch, C, H, W) at the model's image size; output ``logits``
-    (batch, classes). ``dynamic_batch`` makes the batch dimension symbolic, else it is 1.
+    (batch, classes), and with ``ood`` (statistics fitted for ``model``) ``ood_score``
+    (batch,). ``dynamic_batch`` makes the batch dimension symbolic, else it is 1.
     """
     from onnx import TensorProto, helper
 
@@ -108,6 +149,7 @@ def build_ort_graph(
         y = g.op("MatMul", [inp, g.const(f"{name}.w", sd[f"{key}.weight"].T)], f"{name}.mm")
         return g.op("Add", [y, g.const(f"{name}.b", sd[f"{key}.bias"])], name)
 
+    taps: list[str] = []  # the tokens the out-of-distribution score reads
     for i in range(cfg.depth):
         key, name = f"blocks.{i}", f"b{i}"
         y = layer_norm(f"{name}.norm1", f"{key}.norm1", x)
@@ -129,7 +171,13 @@ def build_ort_graph(
         y = g.op("Gelu", [y], f"{name}.gelu")
         y = linear(f"{name}.fc2", f"{key}.mlp.fc2", y)
         x = g.op("Add", [x, y], f"{name}.residual2")
+        if ood is not None and i in ood.taps.blocks[:-1]:
+            taps.append(x)
     x = layer_norm("norm", "norm", x)
+    outputs = []
+    if ood is not None:
+        _ood_score(g, ood, [*taps, x])
+        outputs.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, [None]))
 
     # Heads. avg = (cls @ Wc + bc + dist @ Wd + bd) / 2 = [cls, dist] @ [Wc; Wd] / 2 + ...
     if head == "avg" and model.head_dist is not None:
@@ -159,7 +207,12 @@ def build_ort_graph(
                 "pixel_values", TensorProto.FLOAT, [batch_dim, cfg.in_chans, h, w]
             )
         ],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_dim, cfg.num_classes])],
+        [
+            helper.make_tensor_value_info(
+                "logits", TensorProto.FLOAT, [batch_dim, cfg.num_classes]
+            ),
+            *outputs,
+        ],
         g.initializers,
     )
     return helper.make_model(

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from deit.checkpoints import LoadedModel, as_loaded
 from deit.deploy.export import (
+    OUTPUT_NAME,
     add_onnx_metadata,
     compare_logits,
     cpu_eval,
@@ -45,6 +46,7 @@ from deit.deploy.export import (
 from deit.errors import UsageError
 from deit.model import Head, HeadLogits
 from deit.onnx_model import OnnxRunner
+from deit.ood import OUTPUT_NAME as OOD_OUTPUT
 from deit.runtime import quantize_int8, require
 from deit.train.data import ImageFolder, load_fashion_mnist, match_class_folders
 from deit.transforms import preprocess_image
@@ -97,9 +99,29 @@ def _no_preprocess_hint() -> Iterator[None]:
         root.removeFilter(drop)
 
 
+def score_only_nodes(model: Any) -> list[str]:
+    """The nodes of an exported graph that feed its ``ood_score`` output and not its logits:
+    the out-of-distribution score's own products, which stay float (int8 whitening matrices
+    would wreck the distances). Empty for a graph without the score."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def ancestors(output: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [output]
+        while todo:
+            node = producers.get(todo.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                todo.extend(node.input)
+        return seen
+
+    return sorted(ancestors(OOD_OUTPUT) - ancestors(OUTPUT_NAME))
+
+
 def quantize_onnx(fp32_path: str | Path, out: str | Path, *, per_channel: bool = False) -> Path:
     """Dynamic int8 quantization of the ``MatMul``/``Gemm`` weights and of ONNX Runtime's fused
-    ``Attention`` (its q/k/v projection; ``QAttention``); keeps the ``deit.*`` metadata."""
+    ``Attention`` (its q/k/v projection; ``QAttention``), the out-of-distribution score's own
+    nodes excepted (:func:`score_only_nodes`); keeps the ``deit.*`` metadata."""
     onnx = require("onnx", "onnx", "export")
     require("onnxruntime", "onnxruntime", "export")
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -111,6 +133,7 @@ def quantize_onnx(fp32_path: str | Path, out: str | Path, *, per_channel: bool =
             str(fp32_path),
             str(out),
             op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+            nodes_to_exclude=score_only_nodes(onnx.load(str(fp32_path))),
             per_channel=per_channel,
             weight_type=QuantType.QInt8,
             # Shape inference stops at contrib operators; what follows them is float.
