@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from deit.checkpoints import LoadedModel
@@ -405,6 +406,8 @@ def resolve(
         names = class_names(cfg, train_data, labels)
         new = None if names is None else len(label_map(names, old_labels)) < len(names)
         recipe(cfg, n, cfg.model.img_size or 224, new)
+        if loaded is not None and train_data is None:
+            check_flips(cfg, loaded)
     elif cfg.data.dataset == "imagefolder" and n is not None and n < SMALL_DATA:
         size = f"{n} training images"
         if channels == 1:
@@ -417,6 +420,53 @@ def resolve(
     adjust_warmup(cfg)
     cfg.validate()
     return loaded
+
+
+def check_flips(cfg: TrainConfig, loaded: LoadedModel) -> None:
+    """Turn the flip augmentation off (a noted default) when mirroring changes the classes
+    of an image folder (digits, text, signs), judged by :func:`deit.train.probe.flip_check`
+    on a sample of its training images read with the initial model's preprocessing."""
+    from deit.train.probe import FLIP_CHECK_IMAGES, flip_check
+    from deit.transforms import load_image, preprocess_image
+
+    root = Path(cfg.data.path)
+    if (
+        cfg.data.dataset != "imagefolder"
+        or not root.is_dir()
+        or cfg.augment.hflip == 0
+        or is_explicit(cfg, "augment.hflip")
+        or not isinstance(loaded.model, DeiT)
+    ):
+        return
+    folders = sorted(d for d in root.iterdir() if d.is_dir())
+    files = [
+        sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) for d in folders
+    ]
+    sample: list[tuple[Path, int]] = []
+    for rank in range(max((len(f) for f in files), default=0)):  # round-robin over classes
+        sample += [(f[rank], c) for c, f in enumerate(files) if rank < len(f)]
+        if len(sample) >= FLIP_CHECK_IMAGES:
+            break
+    pixels, labels = [], []
+    for path, c in sample[:FLIP_CHECK_IMAGES]:
+        try:
+            pixels.append(preprocess_image(load_image(str(path)), loaded.preprocess))
+        except Exception:  # unreadable files are the loader's business
+            continue
+        labels.append(c)
+    if len(set(labels)) < 2 or len(labels) < 40:
+        return
+    check = flip_check(loaded.model, torch.stack(pixels), torch.tensor(labels))
+    if check.changes_classes:
+        set_default(
+            cfg, "augment.hflip", 0.0, f"mirroring changes the classes here: {check.describe()}"
+        )
+    else:
+        note(
+            cfg,
+            f"augment.hflip = {cfg.augment.hflip:g} kept: mirroring keeps the classes "
+            f"({check.describe()})",
+        )
 
 
 def class_names(

@@ -126,3 +126,67 @@ def linear_probe(
         fit_rows(layer, feats[:, k], labels, new_rows)
     after = _accuracy(model, feats, labels)
     return ProbeResult(len(labels), len(new_rows), len(layers), before, after)
+
+
+# --------------------------------------------------------------------------- flips
+
+FLIP_CHECK_IMAGES = 600  # training images the flip check reads (half fitted, half scored)
+FLIP_Z = 2.0  # flips change the classes when the flipped images are this significantly worse
+
+
+@dataclass
+class FlipCheck:
+    """Whether mirroring an image changes its class, judged by a linear probe on the initial
+    model's frozen features: fitted on half of a sample of the training images, scored on the
+    other half as they are and mirrored left-right."""
+
+    images: int  # scored images
+    accuracy: float  # on them as they are
+    flipped_accuracy: float  # on the same images mirrored
+    z: float  # McNemar's statistic: (right only unflipped - right only flipped) / sqrt(sum)
+
+    @property
+    def changes_classes(self) -> bool:
+        return self.z > FLIP_Z
+
+    def describe(self) -> str:
+        return (
+            f"a linear probe on the initial model's features gets {self.accuracy:.1%} of "
+            f"{self.images} held-out training images right and {self.flipped_accuracy:.1%} of "
+            f"the same images mirrored (McNemar z = {self.z:.1f})"
+        )
+
+
+@torch.no_grad()
+def flip_check(model: DeiT, pixels: Tensor, labels: Tensor) -> FlipCheck:
+    """:class:`FlipCheck` on preprocessed ``pixels`` (N, C, H, W) and their ``labels``: a
+    seeded random half fits the probe (every row new), the other half is scored."""
+    was_training = model.training
+    model.eval()
+    heads = 2 if model.head_dist is not None else 1
+
+    def features(x: Tensor) -> Tensor:
+        tokens = torch.cat([model.forward_features(b)[0][:, :heads] for b in x.split(256)])
+        return F.normalize(tokens.float().cpu(), dim=-1).flatten(1)
+
+    try:
+        plain, mirrored = features(pixels), features(pixels.flip(-1))
+    finally:
+        model.train(was_training)
+    classes = int(labels.max()) + 1
+    probe = nn.Linear(plain.shape[1], classes)
+    nn.init.zeros_(probe.weight)
+    nn.init.zeros_(probe.bias)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    fit, scored = order[: len(order) // 2], order[len(order) // 2 :]
+    with torch.enable_grad():
+        fit_rows(probe, plain[fit], labels[fit], range(classes))
+    truth = labels[scored]
+    right = probe(plain[scored]).argmax(1) == truth
+    right_flipped = probe(mirrored[scored]).argmax(1) == truth
+    only_plain = int((right & ~right_flipped).sum())
+    only_flipped = int((right_flipped & ~right).sum())
+    z = (only_plain - only_flipped) / max(1.0, (only_plain + only_flipped) ** 0.5)
+    return FlipCheck(
+        len(truth), right.float().mean().item(), right_flipped.float().mean().item(), z
+    )
