@@ -527,3 +527,59 @@ def test_zero_steps_give_the_parent_s_predictions_on_photos(tmp_path: Path) -> N
         # the same numbers up to float rounding (a permuted head sums in another order)
         torch.testing.assert_close(after.logits[:, order], before, rtol=0, atol=1e-5)
         assert tuned.labels[int(after.logits.argmax())] == folders[int(before.argmax())]
+
+
+def _blob_folder(root: Path, where: dict[str, tuple[slice, slice]], n: int = 30) -> Path:
+    """Gray 28 px images: noise plus a bright square placed per class."""
+    rng = np.random.default_rng(1)
+    for name, (rows, cols) in where.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 50, (28, 28))
+            pixels[rows, cols] += 180
+            Image.fromarray(pixels.astype(np.uint8), mode="L").save(root / name / f"{i}.png")
+    return root
+
+
+def test_flips_are_turned_off_where_mirroring_changes_the_class(tmp_path: Path) -> None:
+    """Left vs right: a mirrored image is the other class, so no flip augmentation (noted with
+    the probe's numbers); top vs bottom: mirroring keeps the class, flips stay; an explicit
+    augment.hflip always wins."""
+    sides = _blob_folder(
+        tmp_path / "sides",
+        {"left": (slice(8, 20), slice(2, 10)), "right": (slice(8, 20), slice(18, 26))},
+    )
+    levels = _blob_folder(
+        tmp_path / "levels",
+        {"top": (slice(2, 10), slice(8, 20)), "bottom": (slice(18, 26), slice(8, 20))},
+    )
+
+    def resolved(root: Path, *extra: str) -> TrainConfig:
+        args = ["model.init=fashion-mnist", "data.dataset=imagefolder", f"data.path={root}"]
+        cfg = load_config(None, [*args, *extra, *QUIET])
+        resolve(cfg)
+        return cfg
+
+    cfg = resolved(sides)
+    assert cfg.augment.hflip == 0.0
+    (why,) = [n for n in cfg.notes if n.startswith("augment.hflip = 0.0")]
+    assert "mirroring changes the classes" in why and "McNemar" in why
+    kept = resolved(levels)
+    assert kept.augment.hflip == 0.5
+    assert any("mirroring keeps the classes" in n for n in kept.notes)
+    assert resolved(sides, "augment.hflip=0.5").augment.hflip == 0.5
+
+
+def test_flip_check_counts_mirrored_mistakes() -> None:
+    """The check on pixels directly: a class that is its mirror image's other class."""
+    from deit.train.probe import flip_check
+
+    model = load_model("fashion-mnist").model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 1, 28, 28, generator=g) * 0.2
+    y = torch.arange(80) % 2
+    x[y == 0, :, 8:20, 2:10] += 2.0
+    x[y == 1, :, 8:20, 18:26] += 2.0
+    check = flip_check(model, x, y)
+    assert check.images == 40 and check.accuracy > check.flipped_accuracy + 0.4
+    assert check.changes_classes and check.z > 3
