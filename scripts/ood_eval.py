@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from deit.inference import Classifier
-from deit.ood import FeatureTap, LayerStats, Taps, auroc, fit_mahalanobis, fpr_at_tpr
+from deit.ood import FeatureTap, Taps, auroc, fit_features, fpr_at_tpr
 from deit.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from deit.transforms import preprocess_image
 
@@ -132,55 +132,87 @@ def fashion(
 
 
 @torch.no_grad()
-def features(clf: Classifier, images: list[Image.Image], batch: int = 500) -> torch.Tensor:
-    """The score's features of every tapped layer (N, layers x (tokens + 1) x D),
+def features(
+    clf: Classifier, images: list[Image.Image], taps: Taps | None = None, batch: int = 500
+) -> torch.Tensor:
+    """The score's features at ``taps`` (default: the model's) (N, layers x (tokens + 1) x D),
     preprocessed as ``Classifier.predict`` does."""
     model = clf.loaded.model.eval()
+    taps = taps or Taps.of(model)  # type: ignore[arg-type]
     out = []
     for s in range(0, len(images), batch):
         x = torch.stack(
             [preprocess_image(im, clf.loaded.preprocess) for im in images[s : s + batch]]
         )
-        with FeatureTap(model, Taps.of(model)) as tap:  # type: ignore[arg-type]
+        with FeatureTap(model, taps) as tap:
             model(x)
         out.append(tap.features)
     return torch.cat(out)
 
 
-def feature_variants(clf: Classifier) -> dict[str, Any]:
-    """The alternatives compared, as column selections of :func:`features`: the last layer
-    alone (with and without the patch tokens' mean: the score before this one) and each
-    tapped block alone."""
+def every_block(clf: Classifier) -> Taps:
+    """Taps on every block (the variants are column selections of these features)."""
     model = clf.loaded.model
-    taps = Taps.of(model)  # type: ignore[arg-type]
-    width = taps.layer_dim(model.config.embed_dim)  # type: ignore[union-attr]
-    d = width // (taps.num_prefix + 1)
-    last = (len(taps.blocks) - 1) * width
-    out: dict[str, Any] = {
-        "last layer, class + distillation tokens (previous score)": slice(last, last + width - d),
-        "last layer, tokens + patch mean": slice(last, last + width),
+    return Taps(Taps.of(model).num_prefix, tuple(range(model.config.depth)))  # type: ignore[arg-type]
+
+
+def feature_variants(clf: Classifier) -> dict[str, tuple[Taps, list[int]]]:
+    """The alternatives compared, each the taps it stands for and its columns of the
+    every-block features: all blocks, the shipped taps, the last layer alone (with and
+    without the patch tokens' mean: the latter is the score before this one), each block
+    alone. Each is fitted like the shipped score (per-layer standardised sum)."""
+    model = clf.loaded.model
+    taps = every_block(clf)
+    k, d = taps.num_prefix, model.config.embed_dim  # type: ignore[union-attr]
+    width = (k + 1) * d
+    last = taps.blocks[-1]
+
+    def cols(blocks: tuple[int, ...], patch_mean: bool = True) -> list[int]:
+        keep = width if patch_mean else k * d
+        return [b * width + j for b in blocks for j in range(keep)]
+
+    shipped = Taps.of(model).blocks  # type: ignore[arg-type]
+    out = {
+        f"every block {taps.blocks}": (taps, cols(taps.blocks)),
+        f"shipped: blocks {shipped}": (Taps(k, shipped), cols(shipped)),
+        "last layer, class + distillation tokens (previous score)": (
+            Taps(k, (last,)),
+            cols((last,), patch_mean=False),
+        ),
+        "last layer, tokens + patch mean": (Taps(k, (last,)), cols((last,))),
     }
-    for i, b in enumerate(taps.blocks):
-        out[f"block {b} alone"] = slice(i * width, (i + 1) * width)
+    for b in taps.blocks[:-1]:
+        out[f"block {b} alone"] = (Taps(k, (b,)), cols((b,)))
     return out
 
 
-def batch1_cost(clf: Classifier, image: Image.Image, runs: int = 200) -> dict[str, float]:
-    """Median ms of logits alone vs logits + score at batch 1, interleaved."""
-    x = preprocess_image(image, clf.loaded.preprocess)[None]
-    plain, scored = [], []
-    for _ in range(10):
-        clf.logits(x), clf.logits_and_ood(x)
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        clf.logits(x)
-        t1 = time.perf_counter()
-        clf.logits_and_ood(x)
-        t2 = time.perf_counter()
-        plain.append(t1 - t0)
-        scored.append(t2 - t1)
-    p, s = statistics.median(plain) * 1e3, statistics.median(scored) * 1e3
-    return {"logits_ms": p, "with_score_ms": s, "overhead": s / p - 1}
+def batch1_cost(clf: Classifier, path: Path, runs: int = 300) -> dict[str, float]:
+    """Median ms at batch 1, interleaved: the model's logits alone, logits + score, and the
+    whole prediction of the image file at ``path`` (decode, preprocess, model, score)."""
+    from deit.transforms import load_image
+
+    x = preprocess_image(load_image(str(path)), clf.loaded.preprocess)[None]
+    steps = {
+        "logits": lambda: clf.logits(x),
+        "with_score": lambda: clf.logits_and_ood(x),
+        "predict": lambda: clf.predict(str(path), batch_size=1),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(runs + 20):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= 20:
+                times[name].append(time.perf_counter() - t0)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    score = ms["with_score"] - ms["logits"]
+    return {
+        "logits_ms": ms["logits"],
+        "with_score_ms": ms["with_score"],
+        "predict_ms": ms["predict"],
+        "overhead_of_logits": score / ms["logits"],
+        "share_of_predict": score / ms["predict"],
+    }
 
 
 def rows_for(
@@ -190,24 +222,24 @@ def rows_for(
     fit: tuple[torch.Tensor, np.ndarray] | None,
 ) -> list[dict[str, Any]]:
     """One row per OOD set: the shipped score through ``Classifier``, the max softmax, and
-    (with ``fit`` = training features and labels) the feature variants."""
+    (with ``fit`` = every-block training features and labels) the feature variants."""
     in_results = clf.predict(in_images, top_k=1, batch_size=500)
     in_scores = [r.ood.score for r in in_results]
     in_msp = [1 - r[0].score for r in in_results]
     flagged = float(np.mean([r.ood.unusual for r in in_results]))
-    scorers: dict[str, tuple[slice, Any]] = {}
+    scorers: dict[str, tuple[list[int], Any]] = {}
     if fit is not None:
-        fit_features, fit_labels = fit
-        in_features = features(clf, in_images)
-        for name, cols in feature_variants(clf).items():
-            layer = LayerStats(
-                *fit_mahalanobis(
-                    fit_features[:, cols],
-                    torch.from_numpy(fit_labels),
-                    clf.loaded.config.num_classes,
-                )
+        fit_x, fit_y = fit
+        in_x = features(clf, in_images, every_block(clf))
+        for name, (taps, cols) in feature_variants(clf).items():
+            stats = fit_features(
+                fit_x[:, cols],
+                torch.from_numpy(fit_y),
+                in_x[:1, cols],  # the threshold is not used here
+                clf.loaded.config.num_classes,
+                taps,
             )
-            scorers[name] = (cols, layer.scorer())
+            scorers[name] = (cols, stats.scorer())
     rows = []
     for name, images in sets.items():
         t0 = time.perf_counter()
@@ -227,9 +259,9 @@ def rows_for(
             "predict_s_per_image": seconds / len(images),
         }
         if scorers:
-            out_features = features(clf, images)
+            out_x = features(clf, images, every_block(clf))
             for variant, (cols, scorer) in scorers.items():
-                a, b = scorer(in_features[:, cols]), scorer(out_features[:, cols])
+                a, b = scorer(in_x[:, cols]), scorer(out_x[:, cols])
                 row[f"auroc[{variant}]"] = auroc(a, b)
         rows.append(row)
     return rows
@@ -284,19 +316,20 @@ def main() -> None:
     fit = None
     if args.variants:
         train_images, train_labels = fashion("train", slice(0, args.variants))
-        fit = (features(clf, train_images), train_labels)
+        fit = (features(clf, train_images, every_block(clf)), train_labels)
     result: dict[str, Any] = {
         "model": args.model,
         "method": clf.calibration.method,
         "threshold": clf.calibration.threshold,
     }
     result["far"] = rows_for(clf, in_images, ood_sets(), fit)
-    result["cost"] = batch1_cost(clf, in_images[0])
+    sample = sorted((REPO / "samples" / "fashion-mnist").glob("*.png"))[0]
+    result["cost"] = batch1_cost(clf, sample)
     print(table(result["far"]))
     if args.near:
         near_clf, near_in, near_out = near_case(args.near)
         result["near"] = rows_for(near_clf, near_in, near_out, None)
-        result["near_cost"] = batch1_cost(near_clf, near_in[0])
+        result["near_cost"] = batch1_cost(near_clf, sample)
         print(table(result["near"]))
     print(json.dumps({k: v for k, v in result.items() if "cost" in k}, indent=1))
     for row in result["far"]:

@@ -100,9 +100,10 @@ def test_layers_are_standardised_by_their_training_scores_and_summed() -> None:
     assert stats.threshold == pytest.approx(np.sort(want)[47], rel=1e-3)  # 48th of 50: 95%
 
 
-def test_taps_cover_every_block_of_small_models_and_six_of_deep_ones() -> None:
-    assert tapped_blocks(2) == (0, 1) and tapped_blocks(6) == tuple(range(6))
-    assert tapped_blocks(12) == (1, 3, 5, 7, 9, 11) and tapped_blocks(24)[-1] == 23
+def test_taps_spread_three_blocks_over_the_depth_ending_with_the_last() -> None:
+    assert tapped_blocks(2) == (0, 1) and tapped_blocks(3) == (0, 1, 2)
+    assert tapped_blocks(6) == (1, 3, 5) and tapped_blocks(12) == (3, 7, 11)
+    assert tapped_blocks(24)[-1] == 23
 
 
 def test_the_tap_reads_each_block_and_the_final_norm(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ number, ``score`` (higher = less like the training data), and a verdict, ``unusu
   covariance per layer (OpenOOD v1.5 ranks Mahalanobis on L2-normalised features first among
   post-hoc scores on ViTs), read at several depths of the network as in Lee et al. (NeurIPS
   2018): early blocks see what the image is made of (strokes, textures, noise), the last one
-  what it shows. At each tapped block (:func:`tapped_blocks`: every block of a model up to
-  :data:`MAX_LAYERS` deep; the last read through the final norm) the features are the class
+  what it shows. At each tapped block (:func:`tapped_blocks`: :data:`MAX_LAYERS` blocks spread
+  over the depth; the last read through the final norm) the features are the class
   token, the distillation token (distilled models) and the mean of the patch tokens, each
   L2-normalised, concatenated. Each layer's squared distance to its nearest class mean, per
   feature dimension, is standardised by its mean and spread on the training images; the score
@@ -53,7 +53,7 @@ MAHALANOBIS = "mahalanobis-layers"
 MSP_UNCALIBRATED = "msp-uncalibrated"
 MSP_THRESHOLD = 0.5  # uncalibrated: unusual when the top class has under half the probability
 ACCEPT_RATE = 0.95  # the threshold accepts this share of held-out in-distribution images
-MAX_LAYERS = 6  # deeper models: this many blocks, spread evenly, ending with the last
+MAX_LAYERS = 3  # blocks tapped (deeper models: spread evenly, ending with the last)
 OUTPUT_NAME = "ood_score"  # the exported graphs' second output
 METADATA_KEY = "deit.ood"  # exported files: the JSON of OODStats.describe()
 
@@ -62,6 +62,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_DIM = 1 << 15  # features per layer (three tokens of the widest DeiT: 3 x 768)
 MAX_CLASSES = 1 << 17
 MAX_BLOCK = 1 << 10
+MAX_STORED_LAYERS = 64
 MAX_ELEMENTS = 1 << 28  # per tensor (1 GiB of float32)
 _LAYER_TENSORS = ("center", "whiten", "means")
 
@@ -96,7 +97,10 @@ UNCALIBRATED = Calibration(MSP_UNCALIBRATED, MSP_THRESHOLD)
 
 def tapped_blocks(depth: int) -> tuple[int, ...]:
     """The blocks whose outputs the score reads: all of them up to :data:`MAX_LAYERS`, else
-    that many spread evenly, always ending with the last (e.g. depth 12: 1, 3, 5, 7, 9, 11)."""
+    that many spread evenly, always ending with the last (depth 6: 1, 3, 5; depth 12: 3, 7,
+    11). Three layers score within 0.3 AUROC points of all six on the embedded model's far
+    sets (docs/results/ood.md) at half the cost: at batch 1 the score's time is reading its
+    whitening matrices, one per layer."""
     if depth <= MAX_LAYERS:
         return tuple(range(depth))
     return tuple(round((i + 1) * depth / MAX_LAYERS) - 1 for i in range(MAX_LAYERS))
@@ -522,13 +526,14 @@ def check_description(meta: Any, where: str) -> dict[str, Any]:
     blocks = meta.get("blocks")
     if (
         not isinstance(blocks, list)
-        or not 1 <= len(blocks) <= MAX_LAYERS
+        or not 1 <= len(blocks) <= MAX_STORED_LAYERS
         or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
         or blocks != sorted(set(blocks))
         or not 0 <= blocks[0] <= blocks[-1] < MAX_BLOCK
     ):
         raise CheckpointError(
-            f"{where}: blocks must be 1 to {MAX_LAYERS} increasing block indices, not {blocks!r}"
+            f"{where}: blocks must be 1 to {MAX_STORED_LAYERS} increasing block indices, "
+            f"not {blocks!r}"
         )
     for name, value, top in (("dim", dim, MAX_DIM), ("classes", classes, MAX_CLASSES)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
