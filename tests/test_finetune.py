@@ -583,3 +583,13 @@ def test_flip_check_counts_mirrored_mistakes() -> None:
     check = flip_check(model, x, y)
     assert check.images == 40 and check.accuracy > check.flipped_accuracy + 0.4
     assert check.changes_classes and check.z > 3
+
+
+def test_ties_in_validation_accuracy_go_to_the_lower_loss() -> None:
+    from deit.train.loop import is_better
+
+    assert is_better(0.9, 5.0, 0.8, 0.1)  # higher top-1 wins whatever the loss
+    assert not is_better(0.8, 0.01, 0.9, 5.0)
+    assert is_better(1.0, 0.05, 1.0, 0.08)  # saturated: the lower loss
+    assert not is_better(1.0, 0.08, 1.0, 0.08)  # a true tie keeps the earlier epoch
+    assert is_better(0.5, math.inf, -1.0, math.inf)  # the first evaluation

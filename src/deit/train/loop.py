@@ -240,6 +240,7 @@ class State:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     best_top1: float = -1.0
+    best_loss: float = math.inf  # its validation loss (breaks ties in top-1)
     best_epoch: int = -1  # the epoch whose weights best.pt holds (0: the initial model)
     at_chance: int = 0  # consecutive evaluations at chance level (not saved)
 
@@ -253,6 +254,7 @@ class State:
             "epoch": self.epoch,
             "step": self.step,
             "best_top1": self.best_top1,
+            "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
             "total_epochs": self.total_epochs,
             "rng": rng_state(),
@@ -278,6 +280,7 @@ class State:
         self.epoch, self.step, self.best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         self.total_epochs = ckpt["total_epochs"]
         self.best_epoch = int(ckpt.get("best_epoch", -1))
+        self.best_loss = float(ckpt.get("best_loss", math.inf))
         set_rng_state(ckpt["rng"])
 
 
@@ -808,8 +811,9 @@ def _end_of_epoch(
     top1 = record.get("val_top1", -1.0)
     if "val_top1" in record:
         _warn_at_chance(loop, st, top1)
-    if top1 > st.best_top1:
-        st.best_top1, st.best_epoch = top1, st.epoch
+    loss = record.get("val_loss", math.inf)
+    if is_better(top1, loss, st.best_top1, st.best_loss):
+        st.best_top1, st.best_loss, st.best_epoch = top1, loss, st.epoch
         if cfg.run.export == "best":
             atomic_save(
                 {"model": st.model.state_dict(), "epoch": st.epoch, "top1": top1},
@@ -826,6 +830,13 @@ def _end_of_epoch(
         ", ".join(f"{k} {v:.4g}" for k, v in record.items()),
         " (best so far)" if st.best_epoch == st.epoch and top1 >= 0 else "",
     )
+
+
+def is_better(top1: float, loss: float, best_top1: float, best_loss: float) -> bool:
+    """Whether an evaluation beats the best so far: higher top-1, or the same top-1 with a
+    lower validation loss (small validation sets saturate: 100% three epochs in a row says
+    nothing about which of them to keep, their loss does)."""
+    return top1 > best_top1 or (top1 == best_top1 and loss < best_loss)
 
 
 CHANCE_MARGIN = 0.1  # "at chance": within this fraction of the way from chance to 100%
