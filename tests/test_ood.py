@@ -32,10 +32,10 @@ from deit.ood import (
     fit_ood,
     fpr_at_tpr,
     layer_features,
-    load_ood,
     tapped_blocks,
     threshold_at,
 )
+from deit.ood_file import load_ood
 
 from .deploy_helpers import LABELS, save_tiny_model
 

@@ -27,15 +27,8 @@ from torch import Tensor, nn
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
 from deit.errors import MissingDependencyError, NonFiniteOutputError, UsageError
 from deit.onnx_model import load_onnx
-from deit.ood import (
-    UNCALIBRATED,
-    Calibration,
-    FeatureTap,
-    OODResult,
-    exported_calibration,
-    find_stats,
-    msp_score,
-)
+from deit.ood import UNCALIBRATED, Calibration, FeatureTap, OODResult, msp_score
+from deit.ood_file import exported_calibration, find_stats
 from deit.openvino_model import OpenVinoModel, load_openvino
 from deit.runtime import DTYPES, PRECISIONS, quantize_int8, resolve_device
 from deit.transforms import (

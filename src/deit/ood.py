@@ -14,8 +14,8 @@ number, ``score`` (higher = less like the training data), and a verdict, ``unusu
   feature dimension, is standardised by its mean and spread on the training images; the score
   is their sum. The threshold accepts :data:`ACCEPT_RATE` (95%) of held-out in-distribution
   images. :func:`fit_ood` fits it from labelled batches; :meth:`OODStats.save` writes it beside
-  the weights as ``ood.safetensors`` (tensors + a JSON header); :func:`load_ood` reads it back
-  after checking every declared size.
+  the weights as ``ood.safetensors`` (tensors + a JSON header); :mod:`deit.ood_file` reads it
+  back after checking every declared size.
 - **Uncalibrated** (``msp-uncalibrated``): models without fitted statistics (published
   checkpoints) get ``1 - max softmax`` and are called unusual when no class reaches half the
   probability. Nothing was measured for them, and the method name says so.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deit.checkpoints import LoadedModel
-from deit.errors import CheckpointError, UsageError
+from deit.errors import UsageError
 from deit.model import DeiT, Head, HeadLogits
 from deit.runtime import atomic_path
 
@@ -57,14 +55,7 @@ MAX_LAYERS = 3  # blocks tapped (deeper models: spread evenly, ending with the l
 OUTPUT_NAME = "ood_score"  # the exported graphs' second output
 METADATA_KEY = "deit.ood"  # exported files: the JSON of OODStats.describe()
 
-# Bounds checked on the file's header before anything is allocated.
-MAX_HEADER_BYTES = 1 << 20
-MAX_DIM = 1 << 15  # features per layer (three tokens of the widest DeiT: 3 x 768)
-MAX_CLASSES = 1 << 17
-MAX_BLOCK = 1 << 10
-MAX_STORED_LAYERS = 64
-MAX_ELEMENTS = 1 << 28  # per tensor (1 GiB of float32)
-_LAYER_TENSORS = ("center", "whiten", "means")
+LAYER_TENSORS = ("center", "whiten", "means")  # stored per layer as NAME.i
 
 
 @dataclass(frozen=True)
@@ -490,7 +481,7 @@ class OODStats:
         ``offset``, ``scale``."""
         out = {"offset": self.offset, "scale": self.scale}
         for i, layer in enumerate(self.layers):
-            for name in _LAYER_TENSORS:
+            for name in LAYER_TENSORS:
                 out[f"{name}.{i}"] = getattr(layer, name)
         return {k: v.float().contiguous() for k, v in out.items()}
 
@@ -503,154 +494,6 @@ class OODStats:
             meta = {METADATA_KEY: json.dumps(self.describe())}
             save_file(self.tensors(), str(tmp), metadata=meta)
         return out
-
-
-def check_description(meta: Any, where: str) -> dict[str, Any]:
-    """``meta`` (the JSON block of an ``ood.safetensors`` or an exported file) checked:
-    format and version, the method, a finite threshold, token count 1 or 2, the tapped
-    blocks, bounded sizes."""
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not deit out-of-distribution statistics")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(
-            f"{where}: statistics of format version {meta.get('version')!r}, this deit reads "
-            f"version {VERSION}: refit them with deit calibrate"
-        )
-    threshold, dim, classes = meta.get("threshold"), meta.get("dim"), meta.get("classes")
-    if meta.get("method") != MAHALANOBIS:
-        raise CheckpointError(f"{where}: unknown score method {meta.get('method')!r}")
-    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise CheckpointError(f"{where}: the threshold must be a finite number, not {threshold!r}")
-    if meta.get("num_prefix") not in (1, 2):
-        raise CheckpointError(f"{where}: num_prefix must be 1 or 2, not {meta.get('num_prefix')!r}")
-    blocks = meta.get("blocks")
-    if (
-        not isinstance(blocks, list)
-        or not 1 <= len(blocks) <= MAX_STORED_LAYERS
-        or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
-        or blocks != sorted(set(blocks))
-        or not 0 <= blocks[0] <= blocks[-1] < MAX_BLOCK
-    ):
-        raise CheckpointError(
-            f"{where}: blocks must be 1 to {MAX_STORED_LAYERS} increasing block indices, "
-            f"not {blocks!r}"
-        )
-    for name, value, top in (("dim", dim, MAX_DIM), ("classes", classes, MAX_CLASSES)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-            raise CheckpointError(
-                f"{where}: {name} must be an integer in [1, {top}], not {value!r}"
-            )
-    if not isinstance(meta.get("info", {}), dict):
-        raise CheckpointError(f"{where}: info must be an object")
-    return meta
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The safetensors header of ``path`` (length checked against the file and the bound)
-    and the number of data bytes after it."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated (no safetensors header)")
-        (length,) = struct.unpack("<Q", head)
-        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path}: header of {length} bytes in a {size}-byte file")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: malformed header: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: malformed header: a {type(header).__name__}")
-    return header, size - 8 - length
-
-
-def _check_tensors(
-    path: Path, header: dict[str, Any], want: dict[str, list[int]], data_bytes: int
-) -> None:
-    """Every tensor the JSON block implies, and only those, with the implied shape, float32,
-    and a byte range inside the file: nothing is allocated for a lying file."""
-    found = set(header) - {"__metadata__"}
-    if found != set(want):
-        raise CheckpointError(f"{path}: expected tensors {sorted(want)}, found {sorted(found)}")
-    for name, shape in want.items():
-        entry = header[name]
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (
-            not isinstance(entry, dict)
-            or entry.get("dtype") != "F32"
-            or not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-            or math.prod(shape) > MAX_ELEMENTS
-        ):
-            raise CheckpointError(f"{path}: tensor {name!r} is malformed or too large: {entry}")
-        if entry.get("shape") != shape:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} is {entry.get('shape')}, its header says {shape}"
-            )
-        if not 0 <= offsets[0] <= offsets[1] <= data_bytes or (
-            offsets[1] - offsets[0] != 4 * math.prod(shape)
-        ):
-            raise CheckpointError(f"{path}: tensor {name!r} does not fit the file ({offsets})")
-
-
-def load_ood(path: str | Path) -> OODStats:
-    """Read ``ood.safetensors`` (or the folder holding it), checked before allocating.
-
-    Raises:
-        CheckpointError: a file that is not ours, claims sizes beyond the bounds or the file's
-            length, or whose tensors disagree with its JSON block.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / OOD_FILE
-    header, data_bytes = _read_header(path)
-    try:
-        meta = json.loads(header["__metadata__"][METADATA_KEY])
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: no readable {METADATA_KEY} block ({e})") from None
-    meta = check_description(meta, str(path))
-    dim, classes, n_layers = meta["dim"], meta["classes"], len(meta["blocks"])
-    want = {"offset": [n_layers], "scale": [n_layers]}
-    for i in range(n_layers):
-        want |= {f"center.{i}": [dim], f"whiten.{i}": [dim, dim], f"means.{i}": [classes, dim]}
-    _check_tensors(path, header, want, data_bytes)
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
-    if not all(bool(torch.isfinite(v).all()) for v in t.values()):
-        raise CheckpointError(f"{path}: the statistics hold non-finite values")
-    if not bool((t["scale"] > 0).all()):
-        raise CheckpointError(f"{path}: the layers' scales must be positive")
-    layers = [LayerStats(*(t[f"{name}.{i}"] for name in _LAYER_TENSORS)) for i in range(n_layers)]
-    taps = Taps(int(meta["num_prefix"]), tuple(meta["blocks"]))
-    return OODStats(
-        layers,
-        t["offset"],
-        t["scale"],
-        float(meta["threshold"]),
-        taps,
-        info=dict(meta.get("info", {})),
-    )
-
-
-def check_fits(stats: OODStats, model: DeiT, where: str) -> OODStats:
-    """``stats`` if they were fitted for ``model``: the same taps, features per layer and
-    no more classes than it has."""
-    taps, c = Taps.of(model), model.config
-    if (
-        stats.taps != taps
-        or stats.layer_dim != taps.layer_dim(c.embed_dim)
-        or stats.classes > c.num_classes
-    ):
-        raise CheckpointError(
-            f"{where}: statistics for blocks {list(stats.taps.blocks)}, {stats.layer_dim} "
-            f"features per layer and {stats.classes} classes do not fit this model (blocks "
-            f"{list(taps.blocks)}, {taps.layer_dim(c.embed_dim)} features, {c.num_classes} "
-            "classes): refit them with deit calibrate"
-        )
-    return stats
 
 
 # --------------------------------------------------------------------------- measuring
@@ -685,31 +528,3 @@ def fpr_at_tpr(in_scores: Scores, out_scores: Scores, tpr: float = 0.95) -> floa
     b = np.sort(np.asarray(out_scores, dtype=np.float64))
     cut = b[max(0, math.floor((1 - tpr) * len(b)))]  # at least tpr of b are >= cut
     return float((a >= cut).mean())
-
-
-# --------------------------------------------------------------------------- finding
-
-
-def find_stats(loaded: LoadedModel) -> OODStats | None:
-    """The fitted statistics saved beside a model folder's weights (``ood.safetensors``),
-    checked against the model; None when there are none (exported files carry theirs in
-    the graph: see :func:`exported_calibration`)."""
-    if loaded.format in ("onnx", "openvino"):
-        return None
-    folder = Path(loaded.source)
-    if not (folder / OOD_FILE).is_file():
-        return None
-    return check_fits(load_ood(folder), loaded.model, str(folder))
-
-
-def exported_calibration(loaded: LoadedModel) -> Calibration | None:
-    """The calibration an exported file declares in its ``deit.ood`` metadata (its graph
-    then computes the score as a second output), or None."""
-    raw = loaded.metadata.get(METADATA_KEY)
-    if raw is None:
-        return None
-    try:
-        meta = check_description(json.loads(raw), f"{loaded.source} ({METADATA_KEY})")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{loaded.source}: malformed {METADATA_KEY} metadata: {e}") from None
-    return Calibration(str(meta["method"]), float(meta["threshold"]))

@@ -49,7 +49,8 @@ from deit.model import DeiT, Head, HeadLogits
 from deit.onnx_model import OnnxRunner, read_onnx_metadata
 from deit.ood import METADATA_KEY as OOD_METADATA
 from deit.ood import OUTPUT_NAME as OOD_OUTPUT
-from deit.ood import OODStats, ScoredLogits, find_stats
+from deit.ood import OODStats, ScoredLogits
+from deit.ood_file import find_stats
 from deit.openvino_model import ir_logits, read_openvino_metadata
 from deit.runtime import atomic_path, ensure_free_space, require, tensor_bytes
 from deit.safety import check_pt2, load_exported_module

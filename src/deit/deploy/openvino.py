@@ -35,7 +35,7 @@ from deit.deploy.export import (
 from deit.deploy.quantize import interleaved_median_ms, load_labelled, ms, pct
 from deit.errors import UsageError
 from deit.model import Head, HeadLogits
-from deit.ood import find_stats
+from deit.ood_file import find_stats
 from deit.openvino_model import (
     bf16_supported,
     compile_model,
