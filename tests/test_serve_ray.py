@@ -30,7 +30,7 @@ def test_two_ray_serve_replicas_answer_and_sigterm_cleans_up(tmp_path: Path) -> 
         [sys.executable, "-m", "deit", *argv], stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 75
+        deadline = time.monotonic() + 180  # a Ray cluster on a busy 2-core machine is slow
         while True:
             try:
                 if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
@@ -38,7 +38,7 @@ def test_two_ray_serve_replicas_answer_and_sigterm_cleans_up(tmp_path: Path) -> 
             except httpx.TransportError:
                 pass
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "Ray Serve did not come up in 75 s"
+            assert time.monotonic() < deadline, "Ray Serve did not come up in 180 s"
             time.sleep(1)
         image = (SAMPLE_IMAGES / "chelsea.png").read_bytes()
 
