@@ -159,28 +159,32 @@ class LayeredScore(nn.Module):
     scored by batched matrix products (a dozen operations whatever the depth, so the score
     stays cheap at batch 1)."""
 
-    center: Tensor
+    shift: Tensor
     whiten_t: Tensor
     means_w_t: Tensor
     means_sq: Tensor
-    offset: Tensor
-    scale: Tensor
+    weight: Tensor
+    bias: Tensor
 
     def __init__(self, layers: Sequence[MahalanobisScore], offset: Tensor, scale: Tensor) -> None:
         super().__init__()
-        for name in ("center", "whiten_t", "means_w_t", "means_sq"):
-            self.register_buffer(name, torch.stack([getattr(m, name) for m in layers]))
-        self.register_buffer("offset", offset.float()[:, None])
-        self.register_buffer("scale", scale.float()[:, None])
+        whiten_t = torch.stack([m.whiten_t for m in layers]).double()  # (L, D, D)
+        center = torch.stack([m.center for m in layers]).double()[:, None]  # (L, 1, D)
+        self.register_buffer("shift", -(center @ whiten_t).float())  # y = f W - c W
+        self.register_buffer("whiten_t", whiten_t.float())
+        self.register_buffer("means_w_t", torch.stack([m.means_w_t for m in layers]))
+        self.register_buffer("means_sq", torch.stack([m.means_sq for m in layers])[:, None])
         self.layers, self.dim = len(layers), layers[0].dim
+        # sum_l (d_l / D - offset_l) / scale_l = weight . d - bias
+        self.register_buffer("weight", (1.0 / (self.dim * scale.double())).float())
+        self.register_buffer("bias", (offset.double() / scale.double()).sum().float())
 
     def forward(self, features: Tensor) -> Tensor:
         f = features.float().unflatten(-1, (self.layers, self.dim)).transpose(0, 1)  # (L, B, D)
-        y = torch.matmul(f - self.center[:, None], self.whiten_t)
-        d2 = y.pow(2).sum(-1, keepdim=True) - 2 * torch.matmul(y, self.means_w_t)
-        d2 = d2 + self.means_sq[:, None]  # (L, B, C)
-        per_layer = d2.min(dim=-1).values.clamp_min(0) / self.dim  # (L, B)
-        return ((per_layer - self.offset) / self.scale).sum(0)
+        y = torch.baddbmm(self.shift, f, self.whiten_t)
+        d2 = torch.baddbmm(self.means_sq, y, self.means_w_t, alpha=-2)  # |m|^2 - 2 y.m
+        d2 = d2 + y.square().sum(-1, keepdim=True)  # (L, B, C)
+        return torch.matmul(self.weight, d2.amin(-1).clamp_min(0)) - self.bias
 
 
 class ScoredLogits(nn.Module):
