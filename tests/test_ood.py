@@ -283,6 +283,14 @@ def _honest_header(dim: int = 4, classes: int = 2) -> dict:
     return header
 
 
+def _with_meta(header: dict, **changes: object) -> dict:
+    """A copy of ``header`` whose deit.ood JSON block has ``changes``."""
+    out = json.loads(json.dumps(header))
+    meta = json.loads(out["__metadata__"]["deit.ood"])
+    out["__metadata__"]["deit.ood"] = json.dumps({**meta, **changes})
+    return out
+
+
 def test_lying_files_are_refused_before_allocating(tmp_path: Path) -> None:
     honest = _honest_header()
     body = np.ones(30, dtype=np.float32).tobytes()
@@ -300,12 +308,8 @@ def test_lying_files_are_refused_before_allocating(tmp_path: Path) -> None:
     (tmp_path / "len.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(CheckpointError, match="header of"):
         load_ood(tmp_path / "len.safetensors")
-    mismatch = json.loads(json.dumps(honest))
-    meta = json.loads(mismatch["__metadata__"]["deit.ood"])
-    meta["classes"] = 3
-    mismatch["__metadata__"]["deit.ood"] = json.dumps(meta)
     with pytest.raises(CheckpointError, match="its header says"):
-        load_ood(_write_raw(tmp_path / "mis.safetensors", mismatch, body))
+        load_ood(_write_raw(tmp_path / "mis.safetensors", _with_meta(honest, classes=3), body))
     nan = np.ones(30, dtype=np.float32)
     nan[5] = np.nan
     with pytest.raises(CheckpointError, match="non-finite"):
@@ -314,18 +318,11 @@ def test_lying_files_are_refused_before_allocating(tmp_path: Path) -> None:
     zero_scale[1] = 0.0
     with pytest.raises(CheckpointError, match="scales must be positive"):
         load_ood(_write_raw(tmp_path / "zero.safetensors", honest, zero_scale.tobytes()))
-    many = json.loads(json.dumps(honest))
-    meta = json.loads(many["__metadata__"]["deit.ood"])
-    meta["blocks"] = list(range(100))  # more layers than any score taps
-    many["__metadata__"]["deit.ood"] = json.dumps(meta)
+    many = _with_meta(honest, blocks=list(range(100)))  # more layers than any score taps
     with pytest.raises(CheckpointError, match="blocks must be"):
         load_ood(_write_raw(tmp_path / "many.safetensors", many, body))
-    old = json.loads(json.dumps(honest))
-    meta = json.loads(old["__metadata__"]["deit.ood"])
-    meta["version"] = 1
-    old["__metadata__"]["deit.ood"] = json.dumps(meta)
     with pytest.raises(CheckpointError, match="refit them with deit calibrate"):
-        load_ood(_write_raw(tmp_path / "v1.safetensors", old, body))
+        load_ood(_write_raw(tmp_path / "v1.safetensors", _with_meta(honest, version=1), body))
 
 
 def test_statistics_of_another_model_are_refused(calibrated: tuple[Path, Path], tmp_path) -> None:

@@ -161,18 +161,12 @@ class FlipCheck:
 def flip_check(model: DeiT, pixels: Tensor, labels: Tensor) -> FlipCheck:
     """:class:`FlipCheck` on preprocessed ``pixels`` (N, C, H, W) and their ``labels``: a
     seeded random half fits the probe (every row new), the other half is scored."""
-    was_training = model.training
-    model.eval()
-    heads = 2 if model.head_dist is not None else 1
 
     def features(x: Tensor) -> Tensor:
-        tokens = torch.cat([model.forward_features(b)[0][:, :heads] for b in x.split(256)])
-        return F.normalize(tokens.float().cpu(), dim=-1).flatten(1)
+        tokens, _ = token_features(model, zip(x.split(256), labels.split(256)), len(labels))
+        return F.normalize(tokens, dim=-1).flatten(1)
 
-    try:
-        plain, mirrored = features(pixels), features(pixels.flip(-1))
-    finally:
-        model.train(was_training)
+    plain, mirrored = features(pixels), features(pixels.flip(-1))
     classes = int(labels.max()) + 1
     probe = nn.Linear(plain.shape[1], classes)
     nn.init.zeros_(probe.weight)
