@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from deit.inference import Classifier
-from deit.ood import FeatureTap, Taps, auroc, fit_features, fpr_at_tpr
+from deit.ood import Taps, auroc, fit_features, fpr_at_tpr
 from deit.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from deit.transforms import preprocess_image
 
@@ -144,9 +144,7 @@ def features(
         x = torch.stack(
             [preprocess_image(im, clf.loaded.preprocess) for im in images[s : s + batch]]
         )
-        with FeatureTap(model, taps) as tap:
-            model(x)
-        out.append(tap.features)
+        out.append(taps.features(model(x, output_blocks=taps.blocks)))
     return torch.cat(out)
 
 
@@ -167,9 +165,9 @@ def feature_variants(clf: Classifier) -> dict[str, tuple[Taps, list[int]]]:
     width = (k + 1) * d
     last = taps.blocks[-1]
 
-    def cols(blocks: tuple[int, ...], patch_mean: bool = True) -> list[int]:
-        keep = width if patch_mean else k * d
-        return [b * width + j for b in blocks for j in range(keep)]
+    def cols(blocks: tuple[int, ...], parts: tuple[int, ...] = tuple(range(k + 1))) -> list[int]:
+        """The columns of ``parts`` (0: class token, 1: distillation token, k: patch mean)."""
+        return [b * width + p * d + j for b in blocks for p in parts for j in range(d)]
 
     shipped = Taps.of(model).blocks  # type: ignore[arg-type]
     out = {
@@ -177,12 +175,20 @@ def feature_variants(clf: Classifier) -> dict[str, tuple[Taps, list[int]]]:
         f"shipped: blocks {shipped}": (Taps(k, shipped), cols(shipped)),
         "last layer, class + distillation tokens (previous score)": (
             Taps(k, (last,)),
-            cols((last,), patch_mean=False),
+            cols((last,), tuple(range(k))),
         ),
         "last layer, tokens + patch mean": (Taps(k, (last,)), cols((last,))),
     }
     for b in taps.blocks[:-1]:
         out[f"block {b} alone"] = (Taps(k, (b,)), cols((b,)))
+    if len(shipped) > 2:
+        pair = (shipped[0], last)
+        out[f"blocks {pair}"] = (Taps(k, pair), cols(pair))
+        out[f"blocks {shipped}, class token + patch mean"] = (
+            Taps(k, shipped),
+            cols(shipped, (0, k)),
+        )
+        out[f"blocks {pair}, class token + patch mean"] = (Taps(k, pair), cols(pair, (0, k)))
     return out
 
 

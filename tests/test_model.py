@@ -61,10 +61,29 @@ def test_token_order_cls_then_dist(tiny_config: DeiTConfig) -> None:
     """The cls head reads token 0 and the distillation head token 1."""
     model = DeiT(tiny_config).eval()
     x = torch.randn(2, 3, 32, 32)
-    tokens, _ = model.forward_features(x)
+    tokens = model.forward_features(x)[0]
     out = model(x)
     torch.testing.assert_close(out.cls_logits, model.head(tokens[:, 0]))
     torch.testing.assert_close(out.dist_logits, model.head_dist(tokens[:, 1]))
+
+
+def test_block_outputs_are_the_blocks_tokens(tiny_config: DeiTConfig) -> None:
+    """``output_blocks`` returns the asked blocks' tokens in block order, the last through the
+    final norm, without changing the logits; bad indices are one clear error."""
+    model = DeiT(tiny_config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    hook = model.blocks[0].register_forward_hook(lambda _m, _i, out: seen.append(out[0]))
+    out = model(x, output_blocks=(tiny_config.depth - 1, 0))
+    hook.remove()
+    tokens = model.forward_features(x)[0]
+    assert out.block_outputs is not None and len(out.block_outputs) == 2
+    torch.testing.assert_close(out.block_outputs[0], seen[0])
+    torch.testing.assert_close(out.block_outputs[1], tokens)
+    torch.testing.assert_close(out.logits, model(x).logits)
+    assert model(x).block_outputs is None
+    with pytest.raises(ValueError, match="output_blocks"):
+        model(x, output_blocks=(tiny_config.depth,))
 
 
 def test_attention_weights_path_matches_fused(tiny_config: DeiTConfig) -> None:

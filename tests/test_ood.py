@@ -22,7 +22,6 @@ from deit.model import DeiT
 from deit.ood import (
     MAHALANOBIS,
     MSP_UNCALIBRATED,
-    FeatureTap,
     LayerStats,
     OODStats,
     Taps,
@@ -106,20 +105,28 @@ def test_taps_spread_three_blocks_over_the_depth_ending_with_the_last() -> None:
     assert tapped_blocks(24)[-1] == 23
 
 
-def test_the_tap_reads_each_block_and_the_final_norm(tmp_path: Path) -> None:
+def test_the_taps_read_each_block_and_the_final_norm(tmp_path: Path) -> None:
     model = load_model(save_tiny_model(tmp_path / "m")).model
     assert isinstance(model, DeiT)
+    taps = Taps.of(model)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), FeatureTap(model, Taps.of(model)) as tap:
-        model(x)
+    with torch.no_grad():
+        features = taps.features(model(x, output_blocks=taps.blocks))
         tokens = model._pos_embed(model.patch_embed(x), (4, 4), False)
         first = model.blocks[0](tokens)[0]
-        final, _ = model.forward_features(x)
-    want = torch.cat([layer_features(first, 2), layer_features(final, 2)], 1)
-    assert tap.features.shape == (3, 2 * 3 * 64)
-    torch.testing.assert_close(tap.features, want)
+        final = model.forward_features(x)[0]
+
+    def by_hand(t: torch.Tensor) -> torch.Tensor:  # class, distillation, patch mean; unit norm
+        parts = [t[:, 0], t[:, 1], t[:, 2:].mean(1)]
+        return torch.cat([torch.nn.functional.normalize(v, dim=-1) for v in parts], 1)
+
+    assert features.shape == (3, 2 * 3 * 64)
+    torch.testing.assert_close(features, torch.cat([by_hand(first), by_hand(final)], 1))
+    torch.testing.assert_close(layer_features(first, 2), by_hand(first))
     # the patch tokens' mean is one of the features: it is not the class token's copy
-    assert not torch.allclose(tap.features[:, 128:192], tap.features[:, :64])
+    assert not torch.allclose(features[:, 128:192], features[:, :64])
+    with pytest.raises(RuntimeError, match="output_blocks"):
+        taps.features(model(x))
 
 
 def test_threshold_accepts_95_percent() -> None:
@@ -178,9 +185,8 @@ def test_calibrate_writes_statistics_the_classifier_uses(
     results = clf.predict([str(p) for p in sample_images[:3]])
     loaded = load_model(model)
     x = torch.stack(_pixels(clf, sample_images[:3]))
-    with torch.no_grad(), FeatureTap(loaded.model, stats.taps) as tap:
-        loaded.model(x)
-    want = stats.scorer()(tap.features)
+    with torch.no_grad():
+        want = stats.scorer()(stats.taps.features(loaded.model(x, output_blocks=stats.taps.blocks)))
     for r, w in zip(results, want.tolist(), strict=True):
         assert r.ood.method == MAHALANOBIS
         assert r.ood.score == pytest.approx(w, rel=1e-5)
@@ -340,9 +346,10 @@ def test_fit_ood_from_loaders_matches_calibrate_math(calibrated: tuple[Path, Pat
     x, y = torch.randn(60, 3, 32, 32, generator=g), torch.arange(60) % 10
     stats = fit_ood(loaded.model, [(x[:30], y[:30]), (x[30:50], y[30:50])], [(x[50:], y[50:])])
     assert stats.info["train_samples"] == 50 and stats.info["val_samples"] == 10
-    with torch.no_grad(), FeatureTap(loaded.model, stats.taps) as tap:
-        loaded.model(x[50:])
-    val = stats.scorer()(tap.features)
+    with torch.no_grad():
+        val = stats.scorer()(
+            stats.taps.features(loaded.model(x[50:], output_blocks=stats.taps.blocks))
+        )
     assert int((val <= stats.threshold).sum()) >= 9.5  # 95% of 10, rounded up
 
 

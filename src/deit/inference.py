@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
 from deit.errors import MissingDependencyError, NonFiniteOutputError, UsageError
 from deit.onnx_model import load_onnx
-from deit.ood import UNCALIBRATED, Calibration, FeatureTap, OODResult, msp_score
+from deit.ood import UNCALIBRATED, Calibration, OODResult, msp_score
 from deit.ood_file import exported_calibration, find_stats
 from deit.openvino_model import OpenVinoModel, load_openvino
 from deit.runtime import DTYPES, PRECISIONS, quantize_int8, resolve_device
@@ -374,10 +374,11 @@ class Classifier:
             logits, score = scored(x)
             if score is None or self.calibration is UNCALIBRATED:
                 score = msp_score(logits)
-        elif self._ood_scorer is not None:
-            with FeatureTap(self.model, self.ood_stats.taps) as tap:  # type: ignore[union-attr]
-                logits = self.model(x).logits.float().cpu()
-            score = self._ood_scorer(tap.features.cpu())
+        elif self.ood_stats is not None and self._ood_scorer is not None:
+            taps = self.ood_stats.taps
+            out = self.model(x, output_blocks=taps.blocks)
+            logits = out.logits.float().cpu()
+            score = self._ood_scorer(taps.features(out).cpu())
         else:
             logits = self.model(x).logits.float().cpu()
             score = msp_score(logits)

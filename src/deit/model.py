@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -37,12 +38,16 @@ class DeiTOutput(NamedTuple):
         cls_logits: the class-token head (B, classes).
         dist_logits: the distillation-token head (B, classes); None for plain models.
         attentions: per block, softmax attention weights (B, heads, T, T); only when asked.
+        block_outputs: the tokens (B, T, D) after each block asked for with
+            ``output_blocks``, in block order; the last block's through the final norm, as the
+            heads read them. Only when asked (the out-of-distribution score reads them).
     """
 
     logits: Tensor
     cls_logits: Tensor
     dist_logits: Tensor | None = None
     attentions: tuple[Tensor, ...] | None = None
+    block_outputs: tuple[Tensor, ...] | None = None
 
 
 def resize_pos_embed(
@@ -231,20 +236,34 @@ class DeiT(nn.Module):
         *,
         interpolate_pos_encoding: bool = False,
         output_attentions: bool = False,
-    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        """Normalised tokens (B, prefix + N, D) and, when asked, each block's attention."""
-        p = self.config.patch_size
+        output_blocks: Sequence[int] = (),
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+        """Normalised tokens (B, prefix + N, D) and, when asked, each block's attention and
+        the outputs of the blocks in ``output_blocks`` (see :class:`DeiTOutput`)."""
+        p, depth = self.config.patch_size, self.config.depth
         h, w = pixel_values.shape[-2:]
         if h % p or w % p:
             raise ValueError(f"input size {h}x{w} is not a multiple of patch size {p}")
+        keep = sorted(set(output_blocks))
+        if keep and not 0 <= keep[0] <= keep[-1] < depth:
+            raise ValueError(f"output_blocks {list(output_blocks)} are not blocks 0-{depth - 1}")
         x = self._pos_embed(
             self.patch_embed(pixel_values), (h // p, w // p), interpolate_pos_encoding
         )
-        attentions = []
-        for block in self.blocks:
+        attentions, kept = [], []
+        for i, block in enumerate(self.blocks):
             x, weights = block(x, output_attentions)
             attentions.append(weights)
-        return self.norm(x), (tuple(attentions) if output_attentions else None)
+            if i in keep:
+                kept.append(x)
+        x = self.norm(x)
+        if keep and keep[-1] == depth - 1:
+            kept[-1] = x  # the last block as the heads read it
+        return (
+            x,
+            tuple(attentions) if output_attentions else None,
+            tuple(kept) if keep else None,
+        )
 
     def forward(
         self,
@@ -252,18 +271,21 @@ class DeiT(nn.Module):
         *,
         interpolate_pos_encoding: bool = False,
         output_attentions: bool = False,
+        output_blocks: Sequence[int] = (),
     ) -> DeiTOutput:
         """Classify a batch of normalised images (B, C, H, W)."""
-        x, attentions = self.forward_features(
+        x, attentions, blocks = self.forward_features(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
+            output_blocks=output_blocks,
         )
         cls_logits = self.head(x[:, 0])
         if self.head_dist is None:
-            return DeiTOutput(cls_logits, cls_logits, None, attentions)
+            return DeiTOutput(cls_logits, cls_logits, None, attentions, blocks)
         dist_logits = self.head_dist(x[:, 1])
-        return DeiTOutput((cls_logits + dist_logits) / 2, cls_logits, dist_logits, attentions)
+        logits = (cls_logits + dist_logits) / 2
+        return DeiTOutput(logits, cls_logits, dist_logits, attentions, blocks)
 
 
 Head = Literal["avg", "cls", "dist"]
@@ -283,10 +305,14 @@ class HeadLogits(nn.Module):
         self.head = head
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        out = self.model(pixel_values)
-        if self.head == "cls":
-            return out.cls_logits
-        if self.head == "dist":
-            assert out.dist_logits is not None  # checked in __init__
-            return out.dist_logits
-        return out.logits
+        return head_logits(self.model(pixel_values), self.head)
+
+
+def head_logits(out: DeiTOutput, head: Head) -> Tensor:
+    """The logits of ``head`` in a forward's output (``avg``: the inference logits)."""
+    if head == "cls":
+        return out.cls_logits
+    if head == "dist":
+        assert out.dist_logits is not None  # HeadLogits checks for a distillation head
+        return out.dist_logits
+    return out.logits

@@ -56,7 +56,7 @@ def token_features(
     heads = 2 if model.head_dist is not None else 1
     feats, labels, seen = [], [], 0
     for x, y in batches:
-        tokens, _ = model.forward_features(x)  # (B, prefix + N, D)
+        tokens = model.forward_features(x)[0]  # (B, prefix + N, D)
         feats.append(tokens[:, :heads].float().cpu())
         labels.append(y.cpu())
         seen += len(y)
