@@ -122,10 +122,10 @@ class Taps:
 
 
 @functools.lru_cache(maxsize=16)
-def _pooling(num_prefix: int, tokens: int, device: torch.device) -> Tensor:
+def _pooling(num_prefix: int, tokens: int) -> Tensor:
     """(num_prefix + 1, tokens): picks each prefix token, then averages the patch tokens."""
-    pool = torch.zeros(num_prefix + 1, tokens, device=device)
-    pool[:num_prefix, :num_prefix] = torch.eye(num_prefix, device=device)
+    pool = torch.zeros(num_prefix + 1, tokens)
+    pool[:num_prefix, :num_prefix] = torch.eye(num_prefix)
     pool[num_prefix, num_prefix:] = 1.0 / (tokens - num_prefix)
     return pool
 
@@ -135,7 +135,8 @@ def layer_features(tokens: Tensor, num_prefix: int) -> Tensor:
     token and the mean of the patch tokens, each L2-normalised, concatenated, in float32 (one
     pooling product and one division for every layer at once)."""
     t = tokens.float()
-    parts = _pooling(num_prefix, t.shape[-2], t.device) @ t  # (..., num_prefix + 1, D)
+    pool = _pooling(num_prefix, t.shape[-2])
+    parts = (pool if t.is_cpu else pool.to(t.device)) @ t  # (..., num_prefix + 1, D)
     norms = torch.linalg.vector_norm(parts, dim=-1, keepdim=True).clamp_min(1e-12)
     return (parts / norms).flatten(-2)
 
