@@ -15,7 +15,8 @@ validation split (for the best-epoch choice) and a separate held-out test split 
 
 For each: zero-shot (the model restricted to the matched classes, where there are any), the
 linear probe alone (``schedule.steps=0 schedule.linear_probe=on``), fine-tuned with the
-defaults (the command line gives only the data), from scratch (same shape, a step budget),
+defaults (the command line gives only the data), the same start distilled (hard) from that
+fine-tuned model as teacher, from scratch (same shape, a step budget),
 a classical baseline (RBF SVM and logistic regression on the pixels), and wall times.
 
 Usage::
@@ -225,6 +226,14 @@ def scenario(name: str, work: Path, skip: set[str]) -> dict[str, Any]:
             "schedule.linear_probe=on",
         ],
         "finetuned": ["model.init=fashion-mnist", *data, *extra],
+        # the same start, distilled from the fine-tuned run (a teacher above that start)
+        "distilled": [
+            "model.init=fashion-mnist",
+            *data,
+            *extra,
+            "distill.kind=hard",
+            f"distill.teacher={runs / 'finetuned' / 'model'}",
+        ],
         "scratch": [*SCRATCH, *data, f"model.img_size={s.get('size', 28)}"],
     }
     for key, args in plans.items():
@@ -243,8 +252,9 @@ def table(results: dict[str, Any]) -> str:
 
     lines = [
         "| scenario | zero-shot | linear probe | fine-tuned (defaults) | kept epoch / steps | "
-        "from scratch | SVM (pixels) | logistic regression | fine-tune wall time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "distilled from it | from scratch | SVM (pixels) | logistic regression | "
+        "fine-tune wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in sorted(results.items()):
         ft = r.get("finetuned", {})
@@ -252,6 +262,7 @@ def table(results: dict[str, Any]) -> str:
             f"| ({name}) {r['what']} | {pct(r.get('zero_shot'))} | "
             f"{pct(r.get('probe', {}).get('test_top1'))} | {pct(ft.get('test_top1'))} | "
             f"{ft.get('best_epoch', '–')} of {ft.get('epochs', '–')} / {ft.get('steps', '–')} | "
+            f"{pct(r.get('distilled', {}).get('test_top1'))} | "
             f"{pct(r.get('scratch', {}).get('test_top1'))} | {pct(r['classical']['svm'])} | "
             f"{pct(r['classical']['logreg'])} | {ft.get('wall_s', 0):.0f} s |"
         )

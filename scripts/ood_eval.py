@@ -221,6 +221,65 @@ def batch1_cost(clf: Classifier, path: Path, runs: int = 300) -> dict[str, float
     }
 
 
+def cost_breakdown(clf: Classifier, path: Path, runs: int = 500) -> dict[str, float]:
+    """Where the score's time goes at batch 1 (median µs, each step timed right after the
+    forward pass it follows, as in a prediction): the forward pass asked for the tapped
+    blocks against a plain one, the features, the score, the verdicts."""
+    assert clf.ood_stats is not None and clf._ood_scorer is not None
+    model, taps, scorer = clf.model, clf.ood_stats.taps, clf._ood_scorer
+    from deit.transforms import load_image
+
+    x = preprocess_image(load_image(str(path)), clf.loaded.preprocess)[None]
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    for _ in range(runs):
+        timed("forward", model, x)
+        out = timed("forward_with_taps", model, x, output_blocks=taps.blocks)
+        features = timed("features", taps.features, out)
+        scores = timed("score", scorer, features)
+        timed("verdicts", clf.calibration.verdicts, scores)
+    return {k: statistics.median(v[20:]) * 1e6 for k, v in times.items()}
+
+
+def tiny224_cost(runs: int = 100) -> dict[str, float]:
+    """The model card's shape (DeiT-tiny distilled, 224 px, 12 blocks, random weights, the
+    score fitted on 32 random images): median ms at batch 1 of the logits alone and of the
+    logits + score from the same forward pass, interleaved."""
+    from deit.config import VARIANTS
+    from deit.model import DeiT
+    from deit.ood import fit_ood
+
+    model = DeiT(VARIANTS["deit_tiny_distilled_patch16_224"]).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 224, 224, generator=g), torch.arange(16) % 4)] * 2
+    stats = fit_ood(model, batches, batches[:1])
+    scorer, taps = stats.scorer(), stats.taps
+    x = torch.randn(1, 3, 224, 224, generator=g)
+    steps = {
+        "logits": lambda: model(x).logits,
+        "with_score": lambda: scorer(taps.features(model(x, output_blocks=taps.blocks))),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(runs + 5):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= 5:
+                times[name].append(time.perf_counter() - t0)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {
+        "logits_ms": ms["logits"],
+        "with_score_ms": ms["with_score"],
+        "overhead_of_logits": ms["with_score"] / ms["logits"] - 1,
+    }
+
+
 def rows_for(
     clf: Classifier,
     in_images: list[Image.Image],
@@ -303,6 +362,22 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def measure_costs(clf: Classifier, near: str | None, json_path: str | None) -> None:
+    """The cost entries alone, 500 interleaved runs each, merged into ``json_path``."""
+    sample = sorted((REPO / "samples" / "fashion-mnist").glob("*.png"))[0]
+    result = json.loads(Path(json_path).read_text()) if json_path else {}
+    result["cost"] = batch1_cost(clf, sample, runs=500)
+    if near:
+        result["near_cost"] = batch1_cost(
+            Classifier.from_pretrained(near, device="cpu"), sample, 500
+        )
+    result["cost_breakdown_embedded_us"] = cost_breakdown(clf, sample)
+    result["cost_deit_tiny_distilled_224"] = [tiny224_cost() for _ in range(2)]
+    print(json.dumps({k: v for k, v in result.items() if "cost" in k}, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fashion-mnist", help="the model with fitted statistics")
@@ -315,9 +390,17 @@ def main() -> None:
         help="also compare feature choices, fitted on N training images",
     )
     p.add_argument("--json", help="write every number here")
+    p.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="only measure the costs (on a quiet machine), updating the --json file's entries",
+    )
     args = p.parse_args()
     torch.set_grad_enabled(False)
     clf = Classifier.from_pretrained(args.model, device="cpu")
+    if args.cost_only:
+        measure_costs(clf, args.near, args.json)
+        return
     in_images, _ = fashion("test", slice(5000, None))
     fit = None
     if args.variants:
