@@ -184,6 +184,8 @@ def feature_variants(clf: Classifier) -> dict[str, tuple[Taps, list[int]]]:
     if len(shipped) > 2:
         pair = (shipped[0], last)
         out[f"blocks {pair}"] = (Taps(k, pair), cols(pair))
+        middle = ((last + 1) // 2 - 1, last)
+        out[f"blocks {middle}"] = (Taps(k, middle), cols(middle))
         out[f"blocks {shipped}, class token + patch mean"] = (
             Taps(k, shipped),
             cols(shipped, (0, k)),
@@ -417,11 +419,22 @@ def main() -> None:
     print(table(result["far"]))
     if args.near:
         near_clf, near_in, near_out = near_case(args.near)
-        result["near"] = rows_for(near_clf, near_in, near_out, None)
+        near_fit = None
+        if args.variants:
+            names = [n.lower().replace("/", "-") for n in near_clf.labels]
+            index = {
+                i: names.index(n.lower().replace("/", "-"))
+                for i, n in enumerate(FASHION_MNIST_CLASSES)
+                if n.lower().replace("/", "-") in names
+            }
+            images, labels = fashion("train", slice(0, args.variants), sorted(index))
+            taps = every_block(near_clf)
+            near_fit = (features(near_clf, images, taps), np.array([index[c] for c in labels]))
+        result["near"] = rows_for(near_clf, near_in, near_out, near_fit)
         result["near_cost"] = batch1_cost(near_clf, sample)
         print(table(result["near"]))
     print(json.dumps({k: v for k, v in result.items() if "cost" in k}, indent=1))
-    for row in result["far"]:
+    for row in result["far"] + result.get("near", []):
         print(row["set"], {k: round(v, 4) for k, v in row.items() if k.startswith("auroc[")})
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -6,6 +6,7 @@ uncalibrated fallback, predict's text and JSON, ONNX/OpenVINO parity, calibrate,
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -337,6 +338,33 @@ def test_statistics_of_another_model_are_refused(calibrated: tuple[Path, Path], 
     load_ood(model).save(other)
     with pytest.raises(CheckpointError, match="do not fit this model"):
         Classifier.from_pretrained(other, device="cpu")
+
+
+def test_statistics_fitted_on_other_blocks_are_read_where_they_say(
+    calibrated: tuple[Path, Path], tmp_path: Path, sample_images: list[Path]
+) -> None:
+    """A file fitted on other blocks than today's default (here the last alone) keeps
+    working; one that does not end with the model's last block is refused."""
+    folder = tmp_path / "m"
+    shutil.copytree(calibrated[0], folder)
+    loaded = load_model(folder)
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for taps, fits in ((Taps(2, (1,)), True), (Taps(2, (0,)), False)):
+        with torch.no_grad():
+            feats = taps.features(loaded.model(x, output_blocks=taps.blocks))
+        stats = fit_features(feats, torch.arange(40) % 10, feats, 10, taps)
+        stats.save(folder)
+        if not fits:
+            with pytest.raises(CheckpointError, match="do not fit this model"):
+                Classifier.from_pretrained(folder, device="cpu")
+            continue
+        clf = Classifier.from_pretrained(folder, device="cpu")
+        assert clf.ood_stats is not None and clf.ood_stats.taps == taps
+        pixels = torch.stack(_pixels(clf, sample_images[:2]))
+        with torch.no_grad():
+            want = stats.scorer()(taps.features(loaded.model(pixels, output_blocks=taps.blocks)))
+        got = [r.ood.score for r in clf.predict([str(p) for p in sample_images[:2]])]
+        assert got == pytest.approx(want.tolist(), rel=1e-5)
 
 
 def test_fit_ood_from_loaders_matches_calibrate_math(calibrated: tuple[Path, Path]) -> None:

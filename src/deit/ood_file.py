@@ -174,18 +174,21 @@ def load_ood(path: str | Path) -> OODStats:
 
 
 def check_fits(stats: OODStats, model: DeiT, where: str) -> OODStats:
-    """``stats`` if they were fitted for ``model``: the same taps, features per layer and
-    no more classes than it has."""
+    """``stats`` if they were fitted for ``model``: taps it has (the same prefix tokens;
+    blocks, increasing as the reader checked, ending with its last: files fitted with other
+    tapped blocks keep working), its features per layer and no more classes than it has."""
     taps, c = Taps.of(model), model.config
+    blocks = stats.taps.blocks
     if (
-        stats.taps != taps
+        stats.taps.num_prefix != taps.num_prefix
+        or blocks[-1] != c.depth - 1
         or stats.layer_dim != taps.layer_dim(c.embed_dim)
         or stats.classes > c.num_classes
     ):
         raise CheckpointError(
-            f"{where}: statistics for blocks {list(stats.taps.blocks)}, {stats.layer_dim} "
-            f"features per layer and {stats.classes} classes do not fit this model (blocks "
-            f"{list(taps.blocks)}, {taps.layer_dim(c.embed_dim)} features, {c.num_classes} "
+            f"{where}: statistics for blocks {list(blocks)}, {stats.layer_dim} "
+            f"features per layer and {stats.classes} classes do not fit this model "
+            f"({c.depth} blocks, {taps.layer_dim(c.embed_dim)} features, {c.num_classes} "
             "classes): refit them with deit calibrate"
         )
     return stats
