@@ -157,8 +157,10 @@ def every_block(clf: Classifier) -> Taps:
 def feature_variants(clf: Classifier) -> dict[str, tuple[Taps, list[int]]]:
     """The alternatives compared, each the taps it stands for and its columns of the
     every-block features: all blocks, the shipped taps, the last layer alone (with and
-    without the patch tokens' mean: the latter is the score before this one), each block
-    alone. Each is fitted like the shipped score (per-layer standardised sum)."""
+    without the patch tokens' mean: the latter is the first score), each block alone, three
+    blocks spread evenly (the score before this one), the middle and last blocks, the
+    shipped blocks without the distillation token. Each is fitted like the shipped score
+    (per-layer standardised sum)."""
     model = clf.loaded.model
     taps = every_block(clf)
     k, d = taps.num_prefix, model.config.embed_dim  # type: ignore[union-attr]
@@ -173,7 +175,7 @@ def feature_variants(clf: Classifier) -> dict[str, tuple[Taps, list[int]]]:
     out = {
         f"every block {taps.blocks}": (taps, cols(taps.blocks)),
         f"shipped: blocks {shipped}": (Taps(k, shipped), cols(shipped)),
-        "last layer, class + distillation tokens (previous score)": (
+        "last layer, class + distillation tokens (the first score)": (
             Taps(k, (last,)),
             cols((last,), tuple(range(k))),
         ),
@@ -181,16 +183,15 @@ def feature_variants(clf: Classifier) -> dict[str, tuple[Taps, list[int]]]:
     }
     for b in taps.blocks[:-1]:
         out[f"block {b} alone"] = (Taps(k, (b,)), cols((b,)))
-    if len(shipped) > 2:
-        pair = (shipped[0], last)
-        out[f"blocks {pair}"] = (Taps(k, pair), cols(pair))
-        middle = ((last + 1) // 2 - 1, last)
-        out[f"blocks {middle}"] = (Taps(k, middle), cols(middle))
-        out[f"blocks {shipped}, class token + patch mean"] = (
-            Taps(k, shipped),
-            cols(shipped, (0, k)),
-        )
-        out[f"blocks {pair}, class token + patch mean"] = (Taps(k, pair), cols(pair, (0, k)))
+    depth = len(taps.blocks)
+    three = tuple(round((i + 1) * depth / 3) - 1 for i in range(3))
+    out[f"three blocks {three} (the score before this one)"] = (Taps(k, three), cols(three))
+    middle = (depth // 2 - 1, last)
+    out[f"blocks {middle}"] = (Taps(k, middle), cols(middle))
+    out[f"shipped blocks {shipped}, class token + patch mean"] = (
+        Taps(k, shipped),
+        cols(shipped, (0, k)),
+    )
     return out
 
 
@@ -364,15 +365,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def rounds_of(clf: Classifier, path: Path, rounds: int = 5) -> dict[str, Any]:
+    """:func:`batch1_cost` in ``rounds`` separate rounds of 500 runs (a shared machine's speed
+    drifts between rounds more than within one): each entry's median over the rounds, and
+    every round's share of the prediction."""
+    each = [batch1_cost(clf, path, runs=500) for _ in range(rounds)]
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in each) for k in each[0]}
+    out["share_of_predict_rounds"] = [r["share_of_predict"] for r in each]
+    return out
+
+
 def measure_costs(clf: Classifier, near: str | None, json_path: str | None) -> None:
-    """The cost entries alone, 500 interleaved runs each, merged into ``json_path``."""
+    """The cost entries alone, merged into ``json_path``."""
     sample = sorted((REPO / "samples" / "fashion-mnist").glob("*.png"))[0]
     result = json.loads(Path(json_path).read_text()) if json_path else {}
-    result["cost"] = batch1_cost(clf, sample, runs=500)
+    result["cost"] = rounds_of(clf, sample)
     if near:
-        result["near_cost"] = batch1_cost(
-            Classifier.from_pretrained(near, device="cpu"), sample, 500
-        )
+        result["near_cost"] = rounds_of(Classifier.from_pretrained(near, device="cpu"), sample)
     result["cost_breakdown_embedded_us"] = cost_breakdown(clf, sample)
     result["cost_deit_tiny_distilled_224"] = [tiny224_cost() for _ in range(2)]
     print(json.dumps({k: v for k, v in result.items() if "cost" in k}, indent=1))

@@ -100,10 +100,10 @@ def test_layers_are_standardised_by_their_training_scores_and_summed() -> None:
     assert stats.threshold == pytest.approx(np.sort(want)[47], rel=1e-3)  # 48th of 50: 95%
 
 
-def test_taps_spread_three_blocks_over_the_depth_ending_with_the_last() -> None:
-    assert tapped_blocks(2) == (0, 1) and tapped_blocks(3) == (0, 1, 2)
-    assert tapped_blocks(6) == (1, 3, 5) and tapped_blocks(12) == (3, 7, 11)
-    assert tapped_blocks(24)[-1] == 23
+def test_taps_are_an_early_block_and_the_last() -> None:
+    assert tapped_blocks(1) == (0,) and tapped_blocks(2) == (0, 1) and tapped_blocks(3) == (0, 2)
+    assert tapped_blocks(6) == (1, 5) and tapped_blocks(12) == (3, 11)
+    assert tapped_blocks(24) == (6, 23)
 
 
 def test_the_taps_read_each_block_and_the_final_norm(tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_the_taps_read_each_block_and_the_final_norm(tmp_path: Path) -> None:
 
     assert features.shape == (3, 2 * 3 * 64)
     torch.testing.assert_close(features, torch.cat([by_hand(first), by_hand(final)], 1))
-    torch.testing.assert_close(layer_features(first, 2), by_hand(first))
+    torch.testing.assert_close(layer_features([first], 2), by_hand(first))
     # the patch tokens' mean is one of the features: it is not the class token's copy
     assert not torch.allclose(features[:, 128:192], features[:, :64])
     with pytest.raises(RuntimeError, match="output_blocks"):

@@ -7,11 +7,11 @@ number, ``score`` (higher = less like the training data), and a verdict, ``unusu
   covariance per layer (OpenOOD v1.5 ranks Mahalanobis on L2-normalised features first among
   post-hoc scores on ViTs), read at several depths of the network as in Lee et al. (NeurIPS
   2018): early blocks see what the image is made of (strokes, textures, noise), the last one
-  what it shows. At each tapped block (:func:`tapped_blocks`: :data:`MAX_LAYERS` blocks spread
-  over the depth; the last read through the final norm) the features are the class
-  token, the distillation token (distilled models) and the mean of the patch tokens, each
-  L2-normalised, concatenated. Each layer's squared distance to its nearest class mean, per
-  feature dimension, is standardised by its mean and spread on the training images; the score
+  what it shows. At each tapped block (:func:`tapped_blocks`: one a quarter of the way in
+  and the last, read through the final norm) the features are the class token, the
+  distillation token (distilled models) and the mean of the patch tokens, each L2-normalised,
+  concatenated. Each layer's squared distance to its nearest class mean, per feature
+  dimension, is standardised by its mean and spread on the training images; the score
   is their sum. The threshold accepts :data:`ACCEPT_RATE` (95%) of held-out in-distribution
   images. :func:`fit_ood` fits it from labelled batches; :meth:`OODStats.save` writes it beside
   the weights as ``ood.safetensors`` (tensors + a JSON header); :mod:`deit.ood_file` reads it
@@ -50,7 +50,6 @@ MAHALANOBIS = "mahalanobis-layers"
 MSP_UNCALIBRATED = "msp-uncalibrated"
 MSP_THRESHOLD = 0.5  # uncalibrated: unusual when the top class has under half the probability
 ACCEPT_RATE = 0.95  # the threshold accepts this share of held-out in-distribution images
-MAX_LAYERS = 3  # blocks tapped (deeper models: spread evenly, ending with the last)
 OUTPUT_NAME = "ood_score"  # the exported graphs' second output
 METADATA_KEY = "deit.ood"  # exported files: the JSON of OODStats.describe()
 
@@ -86,14 +85,12 @@ UNCALIBRATED = Calibration(MSP_UNCALIBRATED, MSP_THRESHOLD)
 
 
 def tapped_blocks(depth: int) -> tuple[int, ...]:
-    """The blocks whose outputs the score reads: all of them up to :data:`MAX_LAYERS`, else
-    that many spread evenly, always ending with the last (depth 6: 1, 3, 5; depth 12: 3, 7,
-    11). Three layers score within 0.3 AUROC points of all six on the embedded model's far
-    sets (docs/results/ood.md) at half the cost: at batch 1 the score's time is reading its
-    whitening matrices, one per layer."""
-    if depth <= MAX_LAYERS:
-        return tuple(range(depth))
-    return tuple(round((i + 1) * depth / MAX_LAYERS) - 1 for i in range(MAX_LAYERS))
+    """The blocks whose outputs the score reads: one a quarter of the way in and the last
+    (depth 6: 1, 5; depth 12: 3, 11; depth 2: 0, 1). On the embedded model these two score
+    within 0.3 AUROC points of every block and of three (1, 3, 5) on each set, near case
+    included (docs/results/ood.md), at a third less than three: at batch 1 the score's time
+    is per-operation overhead and reading its whitening matrices, one per layer."""
+    return tuple(sorted({depth // 4, depth - 1}))
 
 
 @dataclass(frozen=True)
@@ -118,25 +115,27 @@ class Taps:
         with ``output_blocks=self.blocks``."""
         if out.block_outputs is None or len(out.block_outputs) != len(self.blocks):
             raise RuntimeError(f"the forward pass was not run with output_blocks={self.blocks}")
-        return layer_features(torch.stack(out.block_outputs, 1), self.num_prefix).flatten(1)
+        return layer_features(out.block_outputs, self.num_prefix)
 
 
 @functools.lru_cache(maxsize=16)
-def _pooling(num_prefix: int, tokens: int) -> Tensor:
-    """(num_prefix + 1, tokens): picks each prefix token, then averages the patch tokens."""
+def _pooling(num_prefix: int, tokens: int, layers: int) -> Tensor:
+    """(layers x (num_prefix + 1), layers x tokens), block-diagonal: per layer, picks each
+    prefix token, then averages the patch tokens."""
     pool = torch.zeros(num_prefix + 1, tokens)
     pool[:num_prefix, :num_prefix] = torch.eye(num_prefix)
     pool[num_prefix, num_prefix:] = 1.0 / (tokens - num_prefix)
-    return pool
+    return torch.block_diag(*[pool] * layers)
 
 
-def layer_features(tokens: Tensor, num_prefix: int) -> Tensor:
-    """A layer's features (..., (num_prefix + 1) * D) from its tokens (..., T, D): each prefix
-    token and the mean of the patch tokens, each L2-normalised, concatenated, in float32 (one
-    pooling product and one division for every layer at once)."""
-    t = tokens.float()
-    pool = _pooling(num_prefix, t.shape[-2])
-    parts = (pool if t.is_cpu else pool.to(t.device)) @ t  # (..., num_prefix + 1, D)
+def layer_features(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
+    """The features (B, layers x (num_prefix + 1) x D) of blocks' tokens (B, T, D): in each,
+    every prefix token and the mean of the patch tokens, each L2-normalised, concatenated, in
+    float32 (one concatenation, one pooling product and one division for all the layers: at
+    batch 1 the time is per operation)."""
+    tokens = torch.cat(list(blocks), -2).float()  # (B, layers x T, D)
+    pool = _pooling(num_prefix, blocks[0].shape[-2], len(blocks))
+    parts = (pool if tokens.is_cpu else pool.to(tokens.device)) @ tokens
     norms = torch.linalg.vector_norm(parts, dim=-1, keepdim=True).clamp_min(1e-12)
     return (parts / norms).flatten(-2)
 
@@ -174,20 +173,21 @@ class LayeredScore(nn.Module):
     """``sum_l (s_l(f_l) - offset_l) / scale_l`` for features (B, layers x D): each layer's
     :class:`MahalanobisScore` on its slice, standardised, summed.
 
-    The layers are stacked and scored by batched products in seven operations whatever the
-    depth: at batch 1 the score's time is per-operation overhead and reading the whitening
-    matrices, which are stored row-major for a matrix-vector product (twice as fast as a
-    vector-matrix one from a cache that the forward pass has just evicted). A layer's
-    standardisation is folded into its matrices: its weight ``1 / (D scale_l)`` scales the
-    whitened space by ``sqrt(weight)`` and ``offset_l / scale_l`` comes off the squared means.
-    The nearest class's distance is ``|y|^2 + min_c (|m_c|^2 - 2 y.m_c)``, as ``|y|^2`` does
-    not depend on the class.
+    The layers are stacked and scored in six operations whatever the depth, because at
+    batch 1 the score's time is per-operation overhead and reading the matrices, which the
+    forward pass has just evicted from the cache:
+
+    - one batched matrix-vector product gives both the whitened features ``y = W f + s`` and
+      each class's ``|m_c|^2 - 2 y.m_c``, its matrix ``[W; -2 M W]`` stored row-major (twice
+      as fast as a vector-matrix product here);
+    - the nearest class's squared distance is ``|y|^2 + min_c (|m_c|^2 - 2 y.m_c)``;
+    - a layer's standardisation is folded into its matrix: its weight ``1 / (D scale_l)``
+      scales the whitened space by ``sqrt(weight)``, and ``offset_l / scale_l`` comes off
+      the squared means.
     """
 
-    shift: Tensor
-    whiten: Tensor
-    means_w: Tensor
-    means_sq: Tensor
+    matrix: Tensor
+    bias: Tensor
 
     def __init__(self, layers: Sequence[MahalanobisScore], offset: Tensor, scale: Tensor) -> None:
         super().__init__()
@@ -195,17 +195,18 @@ class LayeredScore(nn.Module):
         whiten = root * torch.stack([m.whiten_t.T for m in layers]).double()  # (L, D, D)
         center = torch.stack([m.center for m in layers]).double()[..., None]  # (L, D, 1)
         means = root * torch.stack([m.means_w_t.T for m in layers]).double()  # (L, C, D)
-        means_sq = means.square().sum(-1, keepdim=True)  # (L, C, 1)
-        self.register_buffer("shift", -(whiten @ center).float())  # y = W f + shift
-        self.register_buffer("whiten", whiten.float().contiguous())
-        self.register_buffer("means_w", means.float().contiguous())
-        self.register_buffer("means_sq", (means_sq - (offset / scale)[:, None, None]).float())
+        shift = -(whiten @ center)  # y = W f + shift
+        means_sq = means.square().sum(-1, keepdim=True) - (offset / scale)[:, None, None]
+        matrix = torch.cat([whiten, -2 * means @ whiten], 1)  # (L, D + C, D)
+        bias = torch.cat([shift, means_sq - 2 * means @ shift], 1)  # (L, D + C, 1)
+        self.register_buffer("matrix", matrix.float().contiguous())
+        self.register_buffer("bias", bias.float())
         self.layers, self.dim = len(layers), layers[0].dim
 
     def forward(self, features: Tensor) -> Tensor:
         f = features.float().reshape(-1, self.layers, self.dim).permute(1, 2, 0)  # (L, D, B)
-        y = torch.baddbmm(self.shift, self.whiten, f)  # (L, D, B)
-        cross = torch.baddbmm(self.means_sq, self.means_w, y, alpha=-2)  # (L, C, B)
+        out = torch.baddbmm(self.bias, self.matrix, f)  # (L, D + C, B)
+        y, cross = out[:, : self.dim], out[:, self.dim :]
         return (cross.amin(1) + y.square().sum(1)).sum(0)  # (B,)
 
 
