@@ -471,7 +471,9 @@ def _evaluate(loop: Loop, model: nn.Module) -> dict[str, float]:
         precision=loop.cfg.run.precision,
         num_classes=loop.data.num_classes,
     )
-    return {f"val_{k}": v for k, v in report.items() if isinstance(v, float)}
+    record = {f"val_{k}": v for k, v in report.items() if isinstance(v, float)}
+    record["val_samples"] = float(report["num_samples"])
+    return record
 
 
 # --------------------------------------------------------------------------- entry point
@@ -812,13 +814,25 @@ def _end_of_epoch(
     if "val_top1" in record:
         _warn_at_chance(loop, st, top1)
     loss = record.get("val_loss", math.inf)
-    if is_better(top1, loss, st.best_top1, st.best_loss):
+    margin = start_margin(st.best_top1, record.get("val_samples", 0.0)) if st.best_epoch == 0 else 0
+    if is_better(top1, loss, st.best_top1, st.best_loss, margin):
         st.best_top1, st.best_loss, st.best_epoch = top1, loss, st.epoch
         if cfg.run.export == "best":
             atomic_save(
                 {"model": st.model.state_dict(), "epoch": st.epoch, "top1": top1},
                 run_dir / "best.pt",
             )
+    elif top1 > st.best_top1:
+        log.info(
+            "epoch %d: validation top-1 %.2f%% is above the starting model's %.2f%% by less "
+            "than %.2f points (%g standard errors on %d images): the starting model stays",
+            st.epoch,
+            100 * top1,
+            100 * st.best_top1,
+            100 * margin,
+            START_MARGIN_SE,
+            record.get("val_samples", 0),
+        )
     if final or st.epoch % max(cfg.run.save_every, 1) == 0:
         atomic_save(st.state_dict(cfg), run_dir / "last.pt")
     loop.metrics.write({"kind": "epoch", "epoch": st.epoch, "step": st.step, **record})
@@ -832,11 +846,31 @@ def _end_of_epoch(
     )
 
 
-def is_better(top1: float, loss: float, best_top1: float, best_loss: float) -> bool:
-    """Whether an evaluation beats the best so far: higher top-1, or the same top-1 with a
-    lower validation loss (small validation sets saturate: 100% three epochs in a row says
-    nothing about which of them to keep, their loss does)."""
+def is_better(
+    top1: float, loss: float, best_top1: float, best_loss: float, margin: float = 0.0
+) -> bool:
+    """Whether an evaluation beats the best so far: higher top-1 (by more than ``margin``),
+    or, without a margin, the same top-1 with a lower validation loss (small validation sets
+    saturate: 100% three epochs in a row says nothing about which of them to keep, their
+    loss does)."""
+    if margin > 0:
+        return top1 > best_top1 + margin
     return top1 > best_top1 or (top1 == best_top1 and loss < best_loss)
+
+
+START_MARGIN_SE = 2.0  # leaving the starting model takes this many standard errors of gain
+
+
+def start_margin(start_top1: float, samples: float) -> float:
+    """How much better than the starting model (epoch 0: the pretrained model, or its linear
+    probe) a later epoch's validation accuracy must be to replace it in ``best.pt``:
+    ``START_MARGIN_SE`` standard errors of the starting accuracy on that many images. On a
+    few hundred validation images one or two more right answers is noise, and a fine-tuned
+    model chosen on such noise can be worse than the model it started from on new images
+    (docs/results/fine-tuning.md)."""
+    if start_top1 < 0 or samples <= 0:
+        return 0.0
+    return START_MARGIN_SE * math.sqrt(start_top1 * (1.0 - start_top1) / samples)
 
 
 CHANCE_MARGIN = 0.1  # "at chance": within this fraction of the way from chance to 100%

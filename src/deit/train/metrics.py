@@ -3,7 +3,8 @@
 ``metrics.jsonl`` holds one JSON object per line. ``kind`` is ``"train"`` (every
 ``run.log_every`` steps: ``epoch``, ``step``, ``lr``, ``loss``, ``img_per_s``) or ``"epoch"``
 (end of each epoch: ``train_loss``, ``lr``, ``epoch_time``, ``img_per_s``, ``bad_samples`` and,
-when evaluated, ``val_top1``, ``val_top5``, ``val_cls_top1``, ``val_dist_top1``, ``val_loss``).
+when evaluated, ``val_top1``, ``val_top5``, ``val_cls_top1``, ``val_dist_top1``, ``val_loss``,
+``val_samples``).
 """
 
 from __future__ import annotations
