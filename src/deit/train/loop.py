@@ -1,7 +1,8 @@
 """Training and distillation: ``train(cfg) -> run_dir``, for DeiT students and plain classifiers.
 
 Sections, top to bottom: setup (devices, processes, run directory) → data → student and
-teacher → optimizer and schedule → the epoch loop → checkpoints and export. The same loop
+teacher → optimizer and schedule → the epoch loop → export (the state it mutates and its
+checkpoints, exact resume included: ``deit.train.state``). The same loop
 trains a DeiT (outputs ``DeiTOutput``) and any CNN (outputs a tensor), so a teacher can be
 trained first with the same command. Recipe defaults: ``deit.train.runconfig``; formulas:
 the paper and facebookresearch/deit ``main.py``; the how-to: ``docs/training.md``.
@@ -32,18 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from deit.checkpoints import save_model
-from deit.errors import ConfigError, TrainingError
+from deit.errors import ConfigError
 from deit.model import DeiT
 from deit.runtime import (
-    atomic_path,
     atomic_write,
     autocast,
-    ensure_free_space,
     resolve_device,
-    tensor_bytes,
 )
 from deit.train.classifiers import save_classifier
 from deit.train.data import BadSample, Data, DeviceBatches, build_data
@@ -60,6 +57,7 @@ from deit.train.losses import DistillationLoss
 from deit.train.metrics import MetricsWriter
 from deit.train.probe import linear_probe
 from deit.train.runconfig import TrainConfig, save_config
+from deit.train.state import State, atomic_save, new_ema, read_resume_state, resume_state
 from deit.train.student import build_student, output_layer
 from deit.train.teachers import load_teacher
 from deit.transforms import PreprocessConfig, preprocess_image
@@ -182,118 +180,6 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary sibling, then rename over ``path``.
-
-    A checkpoint that would not fit is refused before writing (PyTorch's zip writer can
-    abort the process on a full disk): :class:`~deit.runtime.DiskFullError`, and the
-    previous ``path`` is kept.
-    """
-    ensure_free_space(path, tensor_bytes(obj) * 21 // 20)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch and CUDA generator states, as tensors and primitives only."""
-    np_state: Any = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "gauss": float(np_state[4]),
-        },
-        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    n = state["numpy"]
-    keys = n["keys"].cpu().numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
-@dataclass
-class State:
-    """Everything the loop mutates; what a checkpoint restores."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    ema: AveragedModel | None
-    total_epochs: int = 0  # the schedule's length (cfg.schedule.epochs unless fitted to time)
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
-    best_top1: float = -1.0
-    best_loss: float = math.inf  # its validation loss (breaks ties in top-1)
-    best_epoch: int = -1  # the epoch whose weights best.pt holds (0: the initial model)
-    at_chance: int = 0  # consecutive evaluations at chance level (not saved)
-
-    def state_dict(self, cfg: TrainConfig) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"step": self.step, "epoch": self.epoch},
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "epoch": self.epoch,
-            "step": self.step,
-            "best_top1": self.best_top1,
-            "best_loss": self.best_loss,
-            "best_epoch": self.best_epoch,
-            "total_epochs": self.total_epochs,
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-        }
-
-    def load(self, ckpt: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved.
-
-        Raises:
-            KeyError: an entry is missing (not a ``last.pt`` of this loop).
-            RuntimeError, ValueError: the weights or optimizer state are of another model.
-        """
-        missing = [k for k in ("model", "optimizer", "scaler", "ema", "rng") if k not in ckpt]
-        if missing:
-            raise KeyError(f"no {', '.join(missing)} entry")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        self.epoch, self.step, self.best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
-        self.total_epochs = ckpt["total_epochs"]
-        self.best_epoch = int(ckpt.get("best_epoch", -1))
-        self.best_loss = float(ckpt.get("best_loss", math.inf))
-        set_rng_state(ckpt["rng"])
-
-
-@torch.no_grad()
-def new_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s parameters and floating buffers.
-
-    PyTorch's ``AveragedModel`` with its EMA update: ``ema = decay·ema + (1 − decay)·model``
-    after each optimizer step (the first update copies the model). ``ema.module`` is the
-    averaged network; its state dict (with ``n_averaged``) resumes exactly.
-    """
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    return ema.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- loop
@@ -516,7 +402,7 @@ def train(
             "another --out starts afresh"
         )
     # Read before anything in the run directory changes: an unusable last.pt stops here.
-    ckpt = _read_resume_state(last, dev) if resume and last.is_file() else None
+    ckpt = read_resume_state(last, dev) if resume and last.is_file() else None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:  # a fresh start: no curves of an earlier, unsaved attempt
@@ -540,7 +426,7 @@ def train(
     model.to(dev)
     loop, st = _prepare(cfg, data, model, dev, rank, world, run_dir)
     if ckpt is not None:
-        _resume(st, ckpt, last, cfg)
+        resume_state(st, ckpt, last, cfg)
         if rank == 0:  # only now: a resume that fails leaves the run's config.json alone
             atomic_write(run_dir / "config.json", lambda tmp: save_config(cfg, tmp))
         log.info("resumed from %s at epoch %d, step %d", last, st.epoch, st.step)
@@ -570,64 +456,6 @@ def _describe(cfg: TrainConfig, model: nn.Module, arch: str) -> str:
         return describe(model.config, n, init=cfg.model.init, name=cfg.model.name)
     origin = f"fine-tuned from {cfg.model.init}: " if cfg.model.init else ""
     return f"{origin}{arch} ({n / 1e6:.2f}M parameters)"
-
-
-def _start_afresh(path: Path) -> str:
-    """What to do about an unusable ``last.pt`` (the end of a resume error)."""
-    return f"delete {path} to start this run over, or start a new run with another --out (run.name)"
-
-
-def _read_resume_state(path: Path, device: torch.device) -> dict[str, Any]:
-    """The training checkpoint ``path`` (``last.pt``), or a one-line :class:`TrainingError`."""
-    if path.stat().st_size == 0:
-        raise TrainingError(f"cannot resume: {path} is empty (0 bytes); {_start_afresh(path)}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, garbage, or not written by this loop
-        raise TrainingError(
-            f"cannot resume: {path} is not a readable training checkpoint (truncated or "
-            f"corrupt: {type(e).__name__}); {_start_afresh(path)}"
-        ) from e
-    if not isinstance(ckpt, dict):
-        raise TrainingError(
-            f"cannot resume: {path} holds a {type(ckpt).__name__}, not a training checkpoint; "
-            f"{_start_afresh(path)}"
-        )
-    return ckpt
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def _resume(st: State, ckpt: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
-    """Restore ``st`` from ``ckpt``; a mismatch is a one-line :class:`TrainingError` that names
-    the settings that differ from the run's."""
-    try:
-        st.load(ckpt)
-    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
-        saved, now = _flat(ckpt.get("config", {})), _flat(cfg.to_dict())
-        differ = [k for k in now if k in saved and saved[k] != now[k]]
-        detail = str(e.args[0] if isinstance(e, KeyError) and e.args else e).splitlines()
-        reason = (detail[0] if detail else type(e).__name__).rstrip(":. ")
-        if "loading state_dict" in reason:  # torch's multi-line list of keys and shapes
-            reason = "its weights are of another architecture"
-        changed = (
-            f"; settings changed since it was saved: {', '.join(differ[:8])}"
-            + (f" (and {len(differ) - 8} more)" if len(differ) > 8 else "")
-            + ": resume with the run's own settings (its config.json)"
-            if differ
-            else ""
-        )
-        raise TrainingError(
-            f"cannot resume from {path}: it does not fit this run ({reason}){changed}; or "
-            f"{_start_afresh(path)}"
-        ) from e
 
 
 def _compile_fallback(compiled: bool) -> AbstractContextManager[Any]:
