@@ -228,8 +228,8 @@ def cost_breakdown(clf: Classifier, path: Path, runs: int = 500) -> dict[str, fl
     """Where the score's time goes at batch 1 (median µs, each step timed right after the
     forward pass it follows, as in a prediction): the forward pass asked for the tapped
     blocks against a plain one, the features, the score, the verdicts."""
-    assert clf.ood_stats is not None and clf._ood_scorer is not None
-    model, taps, scorer = clf.model, clf.ood_stats.taps, clf._ood_scorer
+    assert clf.ood_stats is not None
+    model, taps, scorer = clf.model, clf.ood_stats.taps, clf.ood_stats.scorer()
     from deit.transforms import load_image
 
     x = preprocess_image(load_image(str(path)), clf.loaded.preprocess)[None]

@@ -37,11 +37,7 @@ from torch import Tensor, nn
 from deit.checkpoints import save_model
 from deit.errors import ConfigError
 from deit.model import DeiT
-from deit.runtime import (
-    atomic_write,
-    autocast,
-    resolve_device,
-)
+from deit.runtime import atomic_write, autocast, resolve_device
 from deit.train.classifiers import save_classifier
 from deit.train.data import BadSample, Data, DeviceBatches, build_data
 from deit.train.evaluate import calibrate, evaluate_batches
