@@ -40,9 +40,10 @@ def main() -> None:
     import transformers
     from PIL import Image
 
-    from deit.checkpoints import hf_to_timm, read_state_dict
+    from deit.checkpoints import read_state_dict
     from deit.deploy.export import export_onnx
     from deit.deploy.quantize import quantize_onnx
+    from deit.hf_keys import hf_to_timm
     from deit.inference import Classifier, expand_paths
 
     paths = expand_paths([args.images]) * args.copies

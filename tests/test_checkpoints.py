@@ -14,15 +14,14 @@ import torch
 from deit.checkpoints import (
     CheckpointError,
     convert,
-    hf_to_timm,
     infer_config,
     load_model,
     read_state_dict,
     save_model,
-    timm_to_hf,
 )
 from deit.config import VARIANTS, DeiTConfig
 from deit.errors import UnsafeFileError
+from deit.hf_keys import hf_to_timm, timm_to_hf
 from deit.model import DeiT
 from deit.transforms import PreprocessConfig
 

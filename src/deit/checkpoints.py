@@ -1,4 +1,4 @@
-"""Checkpoints: detect the format, map keys, infer the architecture, load strictly, save.
+"""Checkpoints: detect the format, infer the architecture, load strictly, save, convert.
 
 Formats read:
     official  a ``torch.save``d dict with the weights under ``"model"`` (facebookresearch/deit)
@@ -9,12 +9,12 @@ Formats read:
               plain checkpoints the Hub stores as ViT models
     deit      this project's directory: ``config.json`` (``"format": "deit"``) and
               ``model.safetensors``
-and Hub ids (``facebook/deit-tiny-distilled-patch16-224``), downloaded through ``huggingface_hub``
-with its cache, ``revision`` and ``HF_HUB_OFFLINE``.
+and sources that :mod:`deit.hub` resolves: embedded models, variant names and Hub ids
+(``facebook/deit-tiny-distilled-patch16-224``), which it downloads into the local cache.
 
-The model uses the official/timm key names, so only transformers checkpoints are renamed: one
-table (:data:`_HF_BLOCK_KEYS`) plus the q/k/v fuse. Nothing executes code from a file:
-safetensors, or ``torch.load(weights_only=True)``.
+The model uses the official/timm key names, so only transformers checkpoints are renamed, by
+:mod:`deit.hf_keys` (keys and ``config.json``, both directions). Nothing executes code from a
+file: safetensors, or ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from deit.config import VARIANTS, DeiTConfig
+from deit.config import DeiTConfig
 from deit.errors import CheckpointError, UnsafeFileError
+from deit.hf_keys import config_from_hf, config_to_hf, hf_to_timm, timm_to_hf
+from deit.hub import WEIGHT_FILES, download, resolve_source
 from deit.labels import imagenet_labels, read_label_file
 from deit.model import DeiT, resize_pos_embed
 from deit.runtime import atomic_dir, atomic_path
@@ -49,8 +51,6 @@ Format = Literal["official", "timm", "hf", "deit", "onnx", "openvino"]
 PreprocessChoice = Literal["auto", "model-card", "official", "timm"]
 
 DEFAULT_MODEL = "facebook/deit-tiny-distilled-patch16-224"
-EMBEDDED_DIR = Path(__file__).parent / "data" / "models"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # config.json "format" of the CNN classifiers (teachers) that deit.train.teachers saves
 CLASSIFIER_FORMAT = "deit-classifier"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -156,153 +156,6 @@ def _unsafe_global(path: Path, error: Exception) -> str | None:
     except (OSError, zipfile.BadZipFile):
         pass
     return None
-
-
-# --------------------------------------------------------------------------- transformers keys
-
-# HF on-disk block keys (after ``{prefix}encoder.layer.{i}.``) → ours (after ``blocks.{i}.``).
-# q/k/v are separate in HF and fused (rows [q | k | v]) here; see _fuse_qkv.
-_HF_BLOCK_KEYS = {
-    "layernorm_before": "norm1",
-    "attention.output.dense": "attn.proj",
-    "layernorm_after": "norm2",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    # transformers 5 in-memory names (what ``model.state_dict()`` returns there)
-    "attention.o_proj": "attn.proj",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-_HF_QKV = {"query": "q", "key": "k", "value": "v", "q_proj": "q", "k_proj": "k", "v_proj": "v"}
-_HF_TOP_KEYS = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.distillation_token": "dist_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection": "patch_embed.proj",
-    "layernorm": "norm",
-}
-_HF_HEADS = {"cls_classifier": "head", "distillation_classifier": "head_dist", "classifier": "head"}
-
-
-def hf_to_timm(state: StateDict) -> StateDict:
-    """Rename a transformers DeiT/ViT state dict to our (official/timm) keys."""
-    prefix = "deit." if any(k.startswith("deit.") for k in state) else "vit."
-    out: StateDict = {}
-    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, value in state.items():
-        name = key[len(prefix) :] if key.startswith(prefix) else key
-        block = re.match(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$", name)
-        head = name.rsplit(".", 1)
-        if block:
-            i, sub, kind = int(block[1]), block[2], block[3]
-            qkv_part = re.fullmatch(r"attention\.(?:attention\.)?(\w+)", sub)
-            if qkv_part and qkv_part[1] in _HF_QKV:
-                qkv.setdefault((i, kind), {})[_HF_QKV[qkv_part[1]]] = value
-            else:
-                out[f"blocks.{i}.{_HF_BLOCK_KEYS.get(sub, sub)}.{kind}"] = value
-        elif name in _HF_TOP_KEYS:
-            out[_HF_TOP_KEYS[name]] = value
-        elif head[0] in _HF_TOP_KEYS:
-            out[f"{_HF_TOP_KEYS[head[0]]}.{head[1]}"] = value
-        elif head[0] in _HF_HEADS and not key.startswith(prefix):
-            out[f"{_HF_HEADS[head[0]]}.{head[1]}"] = value
-        else:
-            out[key] = value  # left for the strict check to name
-    for (i, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"block {i}: q/k/v {kind} incomplete ({sorted(parts)})")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return out
-
-
-def timm_to_hf(state: StateDict, config: DeiTConfig) -> StateDict:
-    """Our keys → transformers on-disk keys (``deit.`` for distilled, ``vit.`` for plain)."""
-    prefix = "deit." if config.distilled else "vit."
-    top = {v: k for k, v in _HF_TOP_KEYS.items()}
-    blocks = {v: k for k, v in _HF_BLOCK_KEYS.items()}
-    heads = {
-        "head": "cls_classifier" if config.has_dist_head else "classifier",
-        "head_dist": "distillation_classifier",
-    }
-    out: StateDict = {}
-    for key, value in state.items():
-        block = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
-        stem, _, kind = key.rpartition(".")
-        if block:
-            i, sub, kind = block[1], block[2], block[3]
-            base = f"{prefix}encoder.layer.{i}."
-            if sub == "attn.qkv":
-                for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
-                    out[f"{base}attention.attention.{name}.{kind}"] = part.contiguous()
-            else:
-                out[f"{base}{blocks[sub]}.{kind}"] = value
-        elif key in top:
-            out[prefix + top[key]] = value
-        elif stem in top:
-            out[f"{prefix}{top[stem]}.{kind}"] = value
-        else:
-            out[f"{heads[stem]}.{kind}"] = value
-    return out
-
-
-def config_from_hf(hf: Mapping[str, Any]) -> DeiTConfig:
-    """DeiTConfig from a transformers ``config.json`` (model_type ``deit`` or ``vit``)."""
-    model_type = hf.get("model_type")
-    if model_type not in ("deit", "vit"):
-        raise CheckpointError(f"config.json has model_type {model_type!r}, not 'deit' or 'vit'")
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r} (DeiT uses 'gelu')")
-    hidden = hf.get("hidden_size", 768)
-    architectures = hf.get("architectures") or []
-    num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
-    return DeiTConfig(
-        img_size=hf.get("image_size", 224),
-        patch_size=hf.get("patch_size", 16),
-        in_chans=hf.get("num_channels", 3),
-        num_classes=num_labels,
-        embed_dim=hidden,
-        depth=hf.get("num_hidden_layers", 12),
-        num_heads=hf.get("num_attention_heads", 12),
-        mlp_ratio=hf.get("intermediate_size", 4 * hidden) / hidden,
-        distilled=model_type == "deit",
-        distill_head="DeiTForImageClassification" not in architectures,
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        qkv_bias=hf.get("qkv_bias", True),
-    )
-
-
-def config_to_hf(config: DeiTConfig, labels: list[str]) -> dict[str, Any]:
-    """A transformers ``config.json`` for this architecture (DeiT when distilled, else ViT)."""
-    if config.distilled:
-        arch = (
-            "DeiTForImageClassificationWithTeacher"
-            if config.has_dist_head
-            else "DeiTForImageClassification"
-        )
-        model_type = "deit"
-    else:
-        arch, model_type = "ViTForImageClassification", "vit"
-    img = config.img_size if isinstance(config.img_size, int) else list(config.img_size)
-    return {
-        "architectures": [arch],
-        "model_type": model_type,
-        "hidden_size": config.embed_dim,
-        "num_hidden_layers": config.depth,
-        "num_attention_heads": config.num_heads,
-        "intermediate_size": config.mlp_hidden_dim,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": config.layer_norm_eps,
-        "image_size": img,
-        "patch_size": config.patch_size,
-        "num_channels": config.in_chans,
-        "qkv_bias": config.qkv_bias,
-        "encoder_stride": config.patch_size,
-        "id2label": {str(i): name for i, name in enumerate(labels)},
-        "label2id": {name: i for i, name in enumerate(labels)},
-    }
 
 
 # --------------------------------------------------------------------------- architecture
@@ -527,87 +380,6 @@ def _load_file(path: Path) -> LoadedModel:
     )
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """False when ``HF_HUB_OFFLINE`` is set or the Hub's host can't be reached quickly.
-
-    Checked once up front, so that a machine without network goes straight to the local
-    cache instead of retrying each file with back-off.
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # only the proxy knows; let huggingface_hub try
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    """Fetch config, weights and preprocessor of a Hub repo into the cache; return its folder."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    offline = not _hub_reachable()
-
-    def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=offline))
-
-    try:
-        folder = fetch("config.json").parent
-        for name in WEIGHT_FILES:
-            try:
-                fetch(name)
-                break
-            except EntryNotFoundError:  # includes "not in the local cache"
-                if name == WEIGHT_FILES[-1]:
-                    raise
-        with contextlib.suppress(EntryNotFoundError):  # optional file
-            fetch("preprocessor_config.json")
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"cannot download {repo_id!r} from the Hugging Face Hub (offline or no network) and "
-            "it is not in the local cache; connect once to cache it, give a local path, or use "
-            "the embedded offline model: --model fashion-mnist"
-        ) from None
-    except (
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        HFValidationError,
-        EntryNotFoundError,
-    ) as e:
-        raise CheckpointError(f"cannot load {repo_id!r} from the Hub: {e}") from None
-    return folder
-
-
-def resolve_source(source: str | Path) -> Path | str:
-    """A local path, an embedded model's folder, or a Hub id (returned as a string)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    name = str(source)
-    if (EMBEDDED_DIR / name / "config.json").is_file():
-        return EMBEDDED_DIR / name
-    if name in VARIANTS:  # published variants by their timm name → the facebook Hub copies
-        return "facebook/" + name.replace("_", "-")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
-        return name
-    raise CheckpointError(f"no such file, folder, embedded model or Hub id: {name!r}")
-
-
 def load_model(
     source: str | Path = DEFAULT_MODEL,
     *,
@@ -633,7 +405,7 @@ def load_model(
     """
     resolved = resolve_source(source)
     if isinstance(resolved, str):
-        resolved = _download(resolved, revision)
+        resolved = download(resolved, revision)
         loaded = _load_dir(resolved)
         loaded.source = str(source)
     elif resolved.is_dir():
@@ -813,7 +585,7 @@ def _stored_dtypes(source: str | Path, revision: str | None) -> dict[str, torch.
     """
     resolved = resolve_source(source)
     if isinstance(resolved, str):
-        resolved = _download(resolved, revision)  # already in the cache
+        resolved = download(resolved, revision)  # already in the cache
     if resolved.is_dir():
         weights = next((resolved / f for f in WEIGHT_FILES if (resolved / f).is_file()), None)
         if weights is None:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deit.checkpoints import EMBEDDED_DIR, LoadedModel
+from deit.checkpoints import LoadedModel
 from deit.errors import UsageError
+from deit.hub import EMBEDDED_DIR
 
 SAMPLES_DIR = Path(__file__).parent / "web" / "samples"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
