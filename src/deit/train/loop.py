@@ -1,8 +1,10 @@
 """Training and distillation: ``train(cfg) -> run_dir``, for DeiT students and plain classifiers.
 
 Sections, top to bottom: setup (devices, processes, run directory) → data → student and
-teacher → optimizer and schedule → the epoch loop → export (the state it mutates and its
-checkpoints, exact resume included: ``deit.train.state``). The same loop
+teacher → optimizer and schedule → the epoch loop and the best epoch (the state it mutates and
+its checkpoints, exact resume included: ``deit.train.state``) → the entry point, which leaves
+the export (which weights, ``model/``, its out-of-distribution statistics) to
+``deit.train.exporting``. The same loop
 trains a DeiT (outputs ``DeiTOutput``) and any CNN (outputs a tensor), so a teacher can be
 trained first with the same command. Recipe defaults: ``deit.train.runconfig``; formulas:
 the paper and facebookresearch/deit ``main.py``; the how-to: ``docs/training.md``.
@@ -16,9 +18,6 @@ checkpoints, ``torch.load(weights_only=True)``-safe), ``model/`` (the exported s
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
-import json
 import logging
 import math
 import os
@@ -34,13 +33,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deit.checkpoints import save_model
 from deit.errors import ConfigError
 from deit.model import DeiT
 from deit.runtime import atomic_write, autocast, resolve_device
-from deit.train.classifiers import save_classifier
 from deit.train.data import BadSample, Data, DeviceBatches, build_data
-from deit.train.evaluate import calibrate, evaluate_batches
+from deit.train.evaluate import evaluate_batches
+from deit.train.exporting import (
+    chosen_weights,
+    export_student,
+    fit_ood_statistics,
+    validate_as_exported,
+)
 from deit.train.finetune import (
     describe,
     inherited_preprocess,
@@ -56,7 +59,6 @@ from deit.train.runconfig import TrainConfig, save_config
 from deit.train.state import State, atomic_save, new_ema, read_resume_state, resume_state
 from deit.train.student import build_student, output_layer
 from deit.train.teachers import load_teacher
-from deit.transforms import PreprocessConfig, preprocess_image
 
 __all__ = ["lr_at", "param_groups", "train"]
 
@@ -414,7 +416,7 @@ def train(
         data = build_data(cfg, dev, rank, world, train_data, val_data, labels)
     parent = inherited_preprocess(loaded.preprocess, data.spec) if loaded is not None else None
     if parent is not None:
-        _validate_as_exported(data, parent)
+        validate_as_exported(data, parent)
     model, arch = build_student(cfg, data.num_classes, data.spec, log, data.labels, loaded)
     cfg.student = _describe(cfg, model, arch)
     if rank == 0 and ckpt is None:
@@ -433,7 +435,7 @@ def train(
     with _compile_fallback(cfg.run.compile):
         _run_epochs(loop, st, run_dir)
     if rank == 0:
-        model = _chosen_weights(cfg, st, run_dir)  # the best epoch's, with run.export=best
+        model = chosen_weights(cfg, st, run_dir)  # the best epoch's, with run.export=best
         out = export_student(cfg, model, st, run_dir, data, arch, parent)
         if arch == "deit":
             fit_ood_statistics(cfg, out)
@@ -727,69 +729,6 @@ def _warn_at_chance(loop: Loop, st: State, top1: float) -> None:
     )
 
 
-def eval_preprocess(data: Data) -> dict[str, Any]:
-    """Eval preprocessing for the exported model (``deit.transforms.PreprocessConfig`` fields).
-
-    Tensor data (Fashion-MNIST) was never resized or cropped during training: images of the
-    model's size are used as they are, other images are letterboxed to it (longer side
-    resized, black padding, aspect kept, as Fashion-MNIST framed its garments), and light
-    backgrounds are inverted to Fashion-MNIST's black. Image
-    folders get the official DeiT eval transform (shorter side to size / 0.875, center crop).
-    """
-    s = data.spec
-    common = {
-        "mean": list(s.mean),
-        "std": list(s.std),
-        "channels": s.in_chans,
-        "source": "deit train",
-    }
-    if data.on_device:
-        return {
-            "resize_mode": "longer",
-            "resize_size": s.img_size,
-            "crop_size": s.img_size,
-            "interpolation": "bilinear",
-            "invert_light_background": True,
-            **common,
-        }
-    return {
-        "resize_mode": "shorter",
-        "resize_size": int(s.img_size / data.crop_pct),
-        "crop_size": s.img_size,
-        "interpolation": "bicubic",
-        **common,
-    }
-
-
-def _chosen_weights(cfg: TrainConfig, st: State, run_dir: Path) -> nn.Module:
-    """The weights to export: the EMA's (``run.export=ema``), the best validated epoch's
-    (``best``, restored from ``best.pt`` and logged against the last epoch), or the last."""
-    if cfg.run.export == "ema" and st.ema is not None:
-        return st.ema.module
-    best = run_dir / "best.pt"
-    if cfg.run.export != "best" or not best.is_file():
-        return st.model
-    saved = torch.load(best, weights_only=True)
-    model = copy.deepcopy(st.model)
-    model.load_state_dict(saved["model"])
-    epochs = [
-        json.loads(x)
-        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if '"kind": "epoch"' in x
-    ]
-    last = epochs[-1].get("val_top1") if epochs else None
-    log.info(
-        "kept epoch %d of %d (val_top1 %.4g, the best of %d evaluated; the last epoch: %s): "
-        "the exported model is that epoch's",
-        saved["epoch"],
-        st.epoch,
-        saved["top1"],
-        sum("val_top1" in e for e in epochs),
-        f"{last:.4g}" if isinstance(last, float) else "not evaluated",
-    )
-    return model
-
-
 def _before_training(loop: Loop, st: State, run_dir: Path, loaded: Any) -> None:
     """A fresh run's start: the linear probe (LP-FT) when a fine-tuned model has new head rows
     (a model trained from scratch has only random features to probe: ``linear_probe=on``
@@ -834,120 +773,6 @@ def _new_rows(cfg: TrainConfig, data: Data, loaded: Any) -> list[int]:
     old = list(getattr(loaded, "labels", None) or [])
     matched = label_map(data.labels, old)
     return [i for i in range(data.num_classes) if i not in matched]
-
-
-def _validate_as_exported(data: Data, pre: PreprocessConfig) -> None:
-    """Validate image data with the exported model's preprocessing (the initial model's),
-    so that the best-epoch choice is made on what inference will see.
-
-    Reaches into the validation loader's dataset (``deit.train.data``'s transform wrapper);
-    tensor data and sources without that wrapper keep their own eval transform.
-    """
-    dataset = getattr(data.val, "dataset", None)
-    if data.on_device or dataset is None or not hasattr(dataset, "transform"):
-        return
-    dataset.transform = functools.partial(preprocess_image, cfg=pre)
-
-
-def export_student(
-    cfg: TrainConfig,
-    model: nn.Module,
-    st: State,
-    run_dir: Path,
-    data: Data,
-    arch: str,
-    parent: PreprocessConfig | None = None,
-) -> Path:
-    """Write ``model`` (the chosen weights: final / EMA / best) to ``run_dir/model``, with the
-    initial model's preprocessing (``parent``, adapted to the data) when fine-tuned."""
-    model = model.eval()
-    pre = parent.to_dict() if parent is not None else eval_preprocess(data)
-    meta = {
-        "arch": arch,
-        "epochs": st.epoch,
-        "steps": st.step,
-        "best_val_top1": st.best_top1,
-        "best_epoch": st.best_epoch,
-        "weights": cfg.run.export,
-        "train_config": cfg.to_dict(),
-    }
-    out = run_dir / "model"
-    if arch == "deit":
-        assert isinstance(model, DeiT)
-        save_model(
-            model,
-            out,
-            labels=data.labels,
-            preprocess=PreprocessConfig.from_dict(pre),
-            format="deit",
-            metadata=meta,
-        )
-    else:
-        save_classifier(
-            model,
-            out,
-            arch=arch,
-            num_classes=data.num_classes,
-            spec=data.spec,
-            labels=data.labels,
-            preprocess=pre,
-            metadata=meta,
-        )
-    log.info("exported the %s weights to %s", cfg.run.export, out)
-    return out
-
-
-OOD_FIT_LIMIT = 20_000  # training images the out-of-distribution statistics are fitted on
-
-
-def fit_ood_statistics(cfg: TrainConfig, model_dir: Path) -> Path | None:
-    """Fit the exported student's out-of-distribution statistics (:mod:`deit.ood`) and save
-    them beside its weights, so that its predictions say when an image is unlike the training
-    data.
-
-    The training images are read without augmentation, through the exported model's own
-    preprocessing (what inference will see), up to :data:`OOD_FIT_LIMIT` of them; the threshold
-    accepts 95% of the validation images (of a seeded 10% of the training images when there is
-    no validation folder). Streamed sources (``hf``, ``webdataset``) are left to
-    ``deit calibrate``, which the log says.
-    """
-    d = cfg.data
-    fit_on: str | None
-    held_out: str | None
-    if d.dataset == "fashion-mnist":
-        fit_on, held_out = "fashion-mnist:train", "fashion-mnist:test"
-        if d.train_subset:
-            fit_on = f"fashion-mnist:train[:{d.train_subset}]"
-        if d.val_subset:
-            held_out = f"fashion-mnist:test[:{d.val_subset}]"
-        root = d.path or None
-    elif d.dataset == "imagefolder" and d.path:
-        fit_on, held_out, root = d.path, d.val_path or None, None
-    else:
-        log.info(
-            "out-of-distribution statistics: not fitted on streamed or in-memory data; run "
-            "`deit calibrate --model %s --data ...` to fit them",
-            model_dir,
-        )
-        return None
-    stats, folder = calibrate(
-        model_dir,
-        fit_on,
-        val_data=held_out,
-        limit=OOD_FIT_LIMIT,
-        batch_size=d.eval_batch_size or 2 * d.batch_size,
-        device=cfg.run.device,
-        data_root=root,
-        seed=cfg.run.seed,
-    )
-    log.info(
-        "out-of-distribution statistics (%s, threshold %.4g) saved with %s: %s",
-        stats.method,
-        stats.threshold,
-        folder,
-        stats.info.get("data", ""),
-    )
-    return folder
 
 
 # --------------------------------------------------------------------------- CLI
