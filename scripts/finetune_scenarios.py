@@ -43,9 +43,10 @@ import torch
 from PIL import Image
 
 from deit.checkpoints import load_model
+from deit.images import load_image
 from deit.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from deit.train.finetune import label_map
-from deit.transforms import load_image, preprocess_image
+from deit.transforms import preprocess_image
 
 DEIT = str(Path(sys.executable).with_name("deit"))
 QUIET = ["run.progress=false", "data.num_workers=0"]

@@ -308,7 +308,8 @@ def garments(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def restricted_zero_shot(folder: Path) -> float:
     """The embedded model's accuracy on ``folder``, its prediction restricted to the folder's
     classes (matched by name), with its own preprocessing."""
-    from deit.transforms import load_image, preprocess_image
+    from deit.images import load_image
+    from deit.transforms import preprocess_image
 
     loaded = load_model("fashion-mnist")
     folders = sorted(d.name for d in folder.iterdir())
@@ -505,7 +506,8 @@ def test_zero_steps_give_the_parent_s_predictions_on_photos(tmp_path: Path) -> N
     """Ten folders named (loosely) after the model's labels, zero steps: the fine-tuned model
     keeps its parent's preprocessing (letterbox, bilinear, light backgrounds inverted) and
     gives exactly its predictions on the sample photos, whatever the folder order."""
-    from deit.transforms import load_image, preprocess_image
+    from deit.images import load_image
+    from deit.transforms import preprocess_image
 
     parent = load_model("fashion-mnist")
     folders = [n.split("/")[0].lower().replace(" ", "_") for n in parent.labels]  # t-shirt

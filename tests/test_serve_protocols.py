@@ -130,7 +130,8 @@ def test_tritonclient_binary_json_classification_and_pixels(
     assert int(index) == int(expected[0].argmax()) and label == f"class-{index}"
     assert float(score) == pytest.approx(expected[0].max(), abs=1e-5) and top.shape == (2, 3)
 
-    from deit.transforms import load_image, preprocess_image
+    from deit.images import load_image
+    from deit.transforms import preprocess_image
 
     x = preprocess_image(load_image(images[0]), loaded.preprocess)[None].numpy()
     pixels = triton.InferInput("pixels", list(x.shape), "FP32")

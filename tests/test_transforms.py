@@ -1,5 +1,5 @@
 """Tests for deit.transforms: parity with transformers (PIL backend), official DeiT and timm,
-every PIL mode, and loader failures."""
+every PIL mode; and for deit.images' loader failures."""
 
 from __future__ import annotations
 
@@ -17,17 +17,16 @@ import torch
 from PIL import Image, ImageFile, features
 
 from deit import transforms
+from deit.errors import ImageLoadError
+from deit.images import DEFAULT_MAX_PIXELS, load_image
 from deit.transforms import (
-    DEFAULT_MAX_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ImageLoadError,
     PreprocessConfig,
     _box_resize,
     center_crop_array,
     crop_offset,
     has_light_background,
-    load_image,
     preprocess,
     preprocess_image,
     resize_and_crop,

@@ -33,11 +33,10 @@ from PIL import Image
 from torch import Tensor
 
 from deit.checkpoints import LoadedModel, as_loaded
+from deit.images import ImageLike, load_image
 from deit.model import DeiT
 from deit.transforms import (
-    ImageLike,
     PreprocessConfig,
-    load_image,
     preprocess_image,
     resize_and_crop,
     to_mode,
@@ -140,7 +139,7 @@ def explain(
         model: A :class:`LoadedModel`, ``Classifier``, ``DeiT`` or a checkpoint source.
         image: Path, bytes, PIL image, array or tensor; preprocessed with the model's config.
         token: ``cls``, ``dist`` or ``both``.
-        max_pixels: Refuse larger images (see :func:`deit.transforms.load_image`).
+        max_pixels: Refuse larger images (see :func:`deit.images.load_image`).
     """
     loaded = as_loaded(model)
     img = load_image(image) if max_pixels is None else load_image(image, max_pixels=max_pixels)

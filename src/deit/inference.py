@@ -25,20 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from deit.checkpoints import DEFAULT_MODEL, LoadedModel, load_model
-from deit.errors import MissingDependencyError, NonFiniteOutputError, UsageError
+from deit.errors import ImageLoadError, MissingDependencyError, NonFiniteOutputError, UsageError
+from deit.images import IMAGE_EXTENSIONS, ImageLike, load_image
 from deit.onnx_model import load_onnx
 from deit.ood import UNCALIBRATED, Calibration, OODResult, msp_score
 from deit.ood_file import exported_calibration, find_stats
 from deit.openvino_model import OpenVinoModel, load_openvino
 from deit.runtime import DTYPES, PRECISIONS, quantize_int8, resolve_device
-from deit.transforms import (
-    IMAGE_EXTENSIONS,
-    ImageLike,
-    ImageLoadError,
-    load_image,
-    preprocess,
-    preprocess_image,
-)
+from deit.transforms import preprocess, preprocess_image
 
 log = logging.getLogger("deit.inference")
 
@@ -259,7 +253,7 @@ class Classifier:
     ``precision`` (``fp32``, ``bf16``, ``fp16`` or CPU-only ``int8``) and ``compile`` pick a
     faster path (see :func:`prepare_model`); the fp32 eager model is the reference.
     ``fast_decode`` lets large JPEGs decode at reduced size (faster, approximate; see
-    :func:`deit.transforms.load_image`). ``fast`` runs a PyTorch checkpoint on the CPU through
+    :func:`deit.images.load_image`). ``fast`` runs a PyTorch checkpoint on the CPU through
     OpenVINO when it is installed and its logits match (fp32: within 1e-4; ``bf16`` only when
     asked for), else PyTorch; ``engine`` says which runs.
     """

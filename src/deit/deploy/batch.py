@@ -33,9 +33,10 @@ import torch
 
 from deit.checkpoints import DEFAULT_MODEL
 from deit.errors import ImageLoadError, UsageError
+from deit.images import load_image
 from deit.inference import NON_FINITE, Classifier, expand_paths, finite_rows, load_any
 from deit.runtime import atomic_write, require
-from deit.transforms import PreprocessConfig, load_image, preprocess_image
+from deit.transforms import PreprocessConfig, preprocess_image
 
 log = logging.getLogger("deit.deploy.batch")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")

@@ -45,6 +45,7 @@ from deit.checkpoints import LoadedModel, as_loaded
 from deit.deploy.ort_graph import OPSET as ORT_OPSET
 from deit.deploy.ort_graph import build_ort_graph
 from deit.errors import CheckpointError, ExportError, ImageLoadError, UnsafeFileError
+from deit.images import ImageLike
 from deit.model import DeiT, Head, HeadLogits
 from deit.onnx_model import OnnxRunner, read_onnx_metadata
 from deit.ood import METADATA_KEY as OOD_METADATA
@@ -54,7 +55,7 @@ from deit.ood_file import find_stats
 from deit.openvino_model import ir_logits, read_openvino_metadata
 from deit.runtime import atomic_path, ensure_free_space, require, tensor_bytes
 from deit.safety import check_pt2, load_exported_module
-from deit.transforms import ImageLike, preprocess
+from deit.transforms import preprocess
 
 ExportFormat = Literal["onnx", "torch-export"]
 BACKENDS = {".onnx": "onnxruntime", ".pt2": "torch.export", ".xml": "openvino"}

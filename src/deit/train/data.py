@@ -35,13 +35,14 @@ from torch import Tensor
 
 from deit.checkpoints import LoadedModel
 from deit.errors import ConfigError
+from deit.images import IMAGE_EXTENSIONS
 from deit.train.augment import (
     image_eval_transform,
     image_train_transform,
     random_crop_flip,
     random_erasing,
 )
-from deit.transforms import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+from deit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("deit.train.data")
 
@@ -295,8 +296,9 @@ class BadSample:
 
 
 def _open_image(path: Path, channels: int) -> Any:
-    """PIL image in mode L or RGB (``deit.transforms`` handles odd modes, EXIF, bombs)."""
-    from deit.transforms import load_image, to_mode
+    """PIL image in mode L or RGB (``deit.images``: EXIF, bombs; ``deit.transforms``: modes)."""
+    from deit.images import load_image
+    from deit.transforms import to_mode
 
     return to_mode(load_image(path), channels)
 

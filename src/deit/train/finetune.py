@@ -32,8 +32,9 @@ from torch import nn
 from deit.checkpoints import LoadedModel
 from deit.config import DeiTConfig
 from deit.errors import ConfigError
+from deit.images import IMAGE_EXTENSIONS
 from deit.model import DeiT
-from deit.train.data import IMAGE_EXTENSIONS, InputSpec, _label_key
+from deit.train.data import InputSpec, _label_key
 from deit.train.runconfig import TrainConfig
 from deit.transforms import PreprocessConfig
 
@@ -426,8 +427,9 @@ def check_flips(cfg: TrainConfig, loaded: LoadedModel) -> None:
     """Turn the flip augmentation off (a noted default) when mirroring changes the classes
     of an image folder (digits, text, signs), judged by :func:`deit.train.probe.flip_check`
     on a sample of its training images read with the initial model's preprocessing."""
+    from deit.images import load_image
     from deit.train.probe import FLIP_CHECK_IMAGES, flip_check
-    from deit.transforms import load_image, preprocess_image
+    from deit.transforms import preprocess_image
 
     root = Path(cfg.data.path)
     if (

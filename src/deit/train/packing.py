@@ -40,7 +40,7 @@ def _pack_items(source: Any, split: str, channels: int | None) -> tuple[Iterator
     ):
         folder = ImageFolder(source, channels=channels or 3)
         if channels is None:  # keep each image's own mode (gray stays gray)
-            from deit.transforms import load_image
+            from deit.images import load_image
 
             def items() -> Iterator[Any]:
                 for path, label in folder.samples:

@@ -72,7 +72,8 @@ def _need(module: str) -> Any:
 
 def _decode(raw: Any, channels: int) -> Any:
     """PIL image (mode L/RGB) from bytes, a path, a ``datasets.Image`` dict or a PIL image."""
-    from deit.transforms import load_image, to_mode
+    from deit.images import load_image
+    from deit.transforms import to_mode
 
     if isinstance(raw, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
         raw = raw.get("bytes") or raw.get("path")
@@ -219,8 +220,8 @@ def _pick_split(dd: Any, name: str, fallbacks: Sequence[str] = ()) -> tuple[Any,
 class HFImages(torch.utils.data.Dataset):
     """A map-style ``datasets.Dataset`` as ``(PIL image, int label)`` pairs.
 
-    The image column is read undecoded and opened with ``deit.transforms`` (EXIF, odd modes,
-    decompression bombs); an unreadable row is a :class:`BadSample`.
+    The image column is read undecoded and opened with ``deit.images`` (EXIF, decompression
+    bombs) and ``deit.transforms`` (odd modes); an unreadable row is a :class:`BadSample`.
     """
 
     def __init__(

@@ -34,8 +34,9 @@ from deit.deploy.serve.limits import Budget, Gate, Reservation, pixel_cost
 from deit.deploy.serve.settings import ServeSettings
 from deit.errors import ApiError, BusyError, DeiTError, NonFiniteOutputError
 from deit.explain import explain_payload, rollout_maps
+from deit.images import load_image
 from deit.inference import NON_FINITE, Classifier, finite_rows
-from deit.transforms import load_image, preprocess_image
+from deit.transforms import preprocess_image
 
 T = TypeVar("T")
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")
