@@ -36,6 +36,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,73 +133,87 @@ def fashion(
 
 
 @torch.no_grad()
-def features(
-    clf: Classifier, images: list[Image.Image], taps: Taps | None = None, batch: int = 500
-) -> torch.Tensor:
-    """The score's features at ``taps`` (default: the model's) (N, layers x (tokens + 1) x D),
-    preprocessed as ``Classifier.predict`` does."""
+def token_parts(clf: Classifier, images: list[Image.Image], batch: int = 500) -> torch.Tensor:
+    """Every block's class token, distillation token (the class token again in a model
+    without one) and patch tokens' mean, as they are (N, depth, 3, D), the images
+    preprocessed as ``Classifier.predict`` does: the variants are made of these."""
     model = clf.loaded.model.eval()
-    taps = taps or Taps.of(model)  # type: ignore[arg-type]
+    k = Taps.of(model).num_prefix  # type: ignore[arg-type]
+    blocks = tuple(range(model.config.depth))  # type: ignore[union-attr]
     out = []
     for s in range(0, len(images), batch):
         x = torch.stack(
             [preprocess_image(im, clf.loaded.preprocess) for im in images[s : s + batch]]
         )
-        out.append(taps.features(model(x, output_blocks=taps.blocks)))
+        tokens = model(x, output_blocks=blocks).block_outputs
+        out.append(
+            torch.stack(
+                [torch.stack([t[:, 0], t[:, k - 1], t[:, k:].mean(1)], 1) for t in tokens], 1
+            )
+        )
     return torch.cat(out)
 
 
-def every_block(clf: Classifier) -> Taps:
-    """Taps on every block (the variants are column selections of these features)."""
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+PARTS = {  # what a variant reads at a block, from token_parts' (class, distillation, patches)
+    "tokens": lambda r: (r[..., 0, :] + r[..., 1, :]) / 2,  # shipped: the two tokens' mean
+    "class": lambda r: r[..., 0, :],
+    "distillation": lambda r: r[..., 1, :],
+    "patches": lambda r: r[..., 2, :],
+}
+Variant = tuple[Taps, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def feature_variants(clf: Classifier) -> dict[str, Variant]:
+    """The alternatives compared, each the taps it stands for and how its features come
+    from :func:`token_parts`: all blocks, the shipped taps, the last layer alone (the first
+    score read its two tokens), each block alone, three blocks spread evenly and the middle
+    and last (scores before this one), and at the shipped blocks the tokens read otherwise
+    (both apart, as the score before this one; either alone). Each is fitted like the
+    shipped score (per-layer standardised sum)."""
     model = clf.loaded.model
-    return Taps(Taps.of(model).num_prefix, tuple(range(model.config.depth)))  # type: ignore[arg-type]
+    k = Taps.of(model).num_prefix  # type: ignore[arg-type]
+    depth = model.config.depth  # type: ignore[union-attr]
+    last, shipped = depth - 1, Taps.of(model).blocks  # type: ignore[arg-type]
 
+    def variant(blocks: tuple[int, ...], parts: tuple[str, ...] = ("tokens", "patches")) -> Variant:
+        def read(raw: torch.Tensor) -> torch.Tensor:
+            picked = raw[:, list(blocks)]
+            return torch.stack([unit(PARTS[p](picked)) for p in parts], 2).flatten(1)
 
-def feature_variants(clf: Classifier) -> dict[str, tuple[Taps, list[int]]]:
-    """The alternatives compared, each the taps it stands for and its columns of the
-    every-block features: all blocks, the shipped taps, the last layer alone (with and
-    without the patch tokens' mean: the latter is the first score), each block alone, three
-    blocks spread evenly (the score before this one), the middle and last blocks, the
-    shipped blocks without the distillation token. Each is fitted like the shipped score
-    (per-layer standardised sum)."""
-    model = clf.loaded.model
-    taps = every_block(clf)
-    k, d = taps.num_prefix, model.config.embed_dim  # type: ignore[union-attr]
-    width = (k + 1) * d
-    last = taps.blocks[-1]
+        return Taps(k, blocks), read
 
-    def cols(blocks: tuple[int, ...], parts: tuple[int, ...] = tuple(range(k + 1))) -> list[int]:
-        """The columns of ``parts`` (0: class token, 1: distillation token, k: patch mean)."""
-        return [b * width + p * d + j for b in blocks for p in parts for j in range(d)]
-
-    shipped = Taps.of(model).blocks  # type: ignore[arg-type]
     out = {
-        f"every block {taps.blocks}": (taps, cols(taps.blocks)),
-        f"shipped: blocks {shipped}": (Taps(k, shipped), cols(shipped)),
-        "last layer, class + distillation tokens (the first score)": (
-            Taps(k, (last,)),
-            cols((last,), tuple(range(k))),
+        f"every block {tuple(range(depth))}": variant(tuple(range(depth))),
+        f"shipped: blocks {shipped}": variant(shipped),
+        "last layer, class + distillation tokens apart (the first score)": variant(
+            (last,), ("class", "distillation")
         ),
-        "last layer, tokens + patch mean": (Taps(k, (last,)), cols((last,))),
+        "last layer, tokens' mean + patch mean": variant((last,)),
     }
-    for b in taps.blocks[:-1]:
-        out[f"block {b} alone"] = (Taps(k, (b,)), cols((b,)))
-    depth = len(taps.blocks)
+    for b in range(depth - 1):
+        out[f"block {b} alone"] = variant((b,))
     three = tuple(round((i + 1) * depth / 3) - 1 for i in range(3))
-    out[f"three blocks {three} (the score before this one)"] = (Taps(k, three), cols(three))
+    out[f"three blocks {three}"] = variant(three)
     middle = (depth // 2 - 1, last)
-    out[f"blocks {middle}"] = (Taps(k, middle), cols(middle))
-    out[f"shipped blocks {shipped}, class token + patch mean"] = (
-        Taps(k, shipped),
-        cols(shipped, (0, k)),
-    )
+    out[f"blocks {middle}"] = variant(middle)
+    if k == 2:
+        for name, parts in (
+            ("both tokens apart (the score before this one)", ("class", "distillation")),
+            ("the class token alone", ("class",)),
+            ("the distillation token alone", ("distillation",)),
+        ):
+            out[f"blocks {shipped}, {name} + patch mean"] = variant(shipped, (*parts, "patches"))
     return out
 
 
 def batch1_cost(clf: Classifier, path: Path, runs: int = 300) -> dict[str, float]:
     """Median ms at batch 1, interleaved: the model's logits alone, logits + score, and the
     whole prediction of the image file at ``path`` (decode, preprocess, model, score)."""
-    from deit.transforms import load_image
+    from deit.images import load_image
 
     x = preprocess_image(load_image(str(path)), clf.loaded.preprocess)[None]
     steps = {
@@ -230,7 +245,7 @@ def cost_breakdown(clf: Classifier, path: Path, runs: int = 500) -> dict[str, fl
     blocks against a plain one, the features, the score, the verdicts."""
     assert clf.ood_stats is not None
     model, taps, scorer = clf.model, clf.ood_stats.taps, clf.ood_stats.scorer()
-    from deit.transforms import load_image
+    from deit.images import load_image
 
     x = preprocess_image(load_image(str(path)), clf.loaded.preprocess)[None]
     times: dict[str, list[float]] = {}
@@ -293,19 +308,19 @@ def rows_for(
     in_scores = [r.ood.score for r in in_results]
     in_msp = [1 - r[0].score for r in in_results]
     flagged = float(np.mean([r.ood.unusual for r in in_results]))
-    scorers: dict[str, tuple[list[int], Any]] = {}
+    scorers: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Any]] = {}
     if fit is not None:
         fit_x, fit_y = fit
-        in_x = features(clf, in_images, every_block(clf))
-        for name, (taps, cols) in feature_variants(clf).items():
+        in_x = token_parts(clf, in_images)
+        for name, (taps, read) in feature_variants(clf).items():
             stats = fit_features(
-                fit_x[:, cols],
+                read(fit_x),
                 torch.from_numpy(fit_y),
-                in_x[:1, cols],  # the threshold is not used here
+                read(in_x[:1]),  # the threshold is not used here
                 clf.loaded.config.num_classes,
                 taps,
             )
-            scorers[name] = (cols, stats.scorer())
+            scorers[name] = (read, stats.scorer())
     rows = []
     for name, images in sets.items():
         t0 = time.perf_counter()
@@ -325,9 +340,9 @@ def rows_for(
             "predict_s_per_image": seconds / len(images),
         }
         if scorers:
-            out_x = features(clf, images, every_block(clf))
-            for variant, (cols, scorer) in scorers.items():
-                a, b = scorer(in_x[:, cols]), scorer(out_x[:, cols])
+            out_x = token_parts(clf, images)
+            for variant, (read, scorer) in scorers.items():
+                a, b = scorer(read(in_x)), scorer(read(out_x))
                 row[f"auroc[{variant}]"] = auroc(a, b)
         rows.append(row)
     return rows
@@ -414,7 +429,7 @@ def main() -> None:
     fit = None
     if args.variants:
         train_images, train_labels = fashion("train", slice(0, args.variants))
-        fit = (features(clf, train_images, every_block(clf)), train_labels)
+        fit = (token_parts(clf, train_images), train_labels)
     result: dict[str, Any] = {
         "model": args.model,
         "method": clf.calibration.method,
@@ -435,8 +450,7 @@ def main() -> None:
                 if n.lower().replace("/", "-") in names
             }
             images, labels = fashion("train", slice(0, args.variants), sorted(index))
-            taps = every_block(near_clf)
-            near_fit = (features(near_clf, images, taps), np.array([index[c] for c in labels]))
+            near_fit = (token_parts(near_clf, images), np.array([index[c] for c in labels]))
         result["near"] = rows_for(near_clf, near_in, near_out, near_fit)
         result["near_cost"] = batch1_cost(near_clf, sample)
         print(table(result["near"]))

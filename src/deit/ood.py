@@ -8,9 +8,10 @@ number, ``score`` (higher = less like the training data), and a verdict, ``unusu
   post-hoc scores on ViTs), read at several depths of the network as in Lee et al. (NeurIPS
   2018): early blocks see what the image is made of (strokes, textures, noise), the last one
   what it shows. At each tapped block (:func:`tapped_blocks`: one a quarter of the way in
-  and the last, read through the final norm) the features are the class token, the
-  distillation token (distilled models) and the mean of the patch tokens, each L2-normalised,
-  concatenated. Each layer's squared distance to its nearest class mean, per feature
+  and the last, read through the final norm) the features are the mean of the class and
+  distillation tokens (the class token alone in a model without one: the tokens the heads
+  read, averaged as the model averages its heads) and the mean of the patch tokens, each
+  L2-normalised, concatenated. Each layer's squared distance to its nearest class mean, per feature
   dimension, is standardised by its mean and spread on the training images; the score
   is their sum. The threshold accepts :data:`ACCEPT_RATE` (95%) of held-out in-distribution
   images. :func:`fit_ood` fits it from labelled batches; :meth:`OODStats.save` writes it beside
@@ -45,7 +46,7 @@ from deit.runtime import atomic_path
 
 OOD_FILE = "ood.safetensors"  # beside config.json and model.safetensors
 FORMAT = "deit-ood"
-VERSION = 2  # 1: one layer, class/distillation tokens only (refit with deit calibrate)
+VERSION = 3  # 1: one layer, the two tokens; 2: the two tokens apart (refit: deit calibrate)
 MAHALANOBIS = "mahalanobis-layers"
 MSP_UNCALIBRATED = "msp-uncalibrated"
 MSP_THRESHOLD = 0.5  # uncalibrated: unusual when the top class has under half the probability
@@ -96,23 +97,25 @@ def tapped_blocks(depth: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Taps:
     """Where the score reads a model: ``blocks`` (the last through the final norm), and at
-    each the first ``num_prefix`` tokens (class, distillation) plus the patch tokens' mean."""
+    each the mean of the first ``num_prefix`` tokens (class, distillation) and the mean of
+    the patch tokens."""
 
     num_prefix: int
     blocks: tuple[int, ...]
 
     @classmethod
     def of(cls, model: DeiT) -> Taps:
-        """The taps for ``model``: both tokens when the distillation token has a head."""
+        """The taps for ``model``: both tokens, averaged, when the distillation token has a
+        head."""
         return cls(2 if model.head_dist is not None else 1, tapped_blocks(model.config.depth))
 
     def layer_dim(self, embed_dim: int) -> int:
-        """Features per tapped layer."""
-        return (self.num_prefix + 1) * embed_dim
+        """Features per tapped layer: the tokens' mean and the patches' mean."""
+        return 2 * embed_dim
 
     def features(self, out: DeiTOutput) -> Tensor:
-        """The score's features (B, layers x (prefix tokens + 1) x D) of a forward pass run
-        with ``output_blocks=self.blocks``."""
+        """The score's features (B, layers x 2 x D) of a forward pass run with
+        ``output_blocks=self.blocks``."""
         if out.block_outputs is None or len(out.block_outputs) != len(self.blocks):
             raise RuntimeError(f"the forward pass was not run with output_blocks={self.blocks}")
         return layer_features(out.block_outputs, self.num_prefix)
@@ -120,19 +123,19 @@ class Taps:
 
 @functools.lru_cache(maxsize=16)
 def _pooling(num_prefix: int, tokens: int, layers: int) -> Tensor:
-    """(layers x (num_prefix + 1), layers x tokens), block-diagonal: per layer, picks each
-    prefix token, then averages the patch tokens."""
-    pool = torch.zeros(num_prefix + 1, tokens)
-    pool[:num_prefix, :num_prefix] = torch.eye(num_prefix)
-    pool[num_prefix, num_prefix:] = 1.0 / (tokens - num_prefix)
+    """(layers x 2, layers x tokens), block-diagonal: per layer, averages the prefix tokens,
+    then the patch tokens."""
+    pool = torch.zeros(2, tokens)
+    pool[0, :num_prefix] = 1.0 / num_prefix
+    pool[1, num_prefix:] = 1.0 / (tokens - num_prefix)
     return torch.block_diag(*[pool] * layers)
 
 
 def layer_features(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
-    """The features (B, layers x (num_prefix + 1) x D) of blocks' tokens (B, T, D): in each,
-    every prefix token and the mean of the patch tokens, each L2-normalised, concatenated, in
-    float32 (one concatenation, one pooling product and one division for all the layers: at
-    batch 1 the time is per operation)."""
+    """The features (B, layers x 2 x D) of blocks' tokens (B, T, D): in each, the mean of
+    the ``num_prefix`` prefix tokens and the mean of the patch tokens, each L2-normalised,
+    concatenated, in float32 (one concatenation, one pooling product and one division for all
+    the layers: at batch 1 the time is per operation)."""
     tokens = torch.cat(list(blocks), -2).float()  # (B, layers x T, D)
     pool = _pooling(num_prefix, blocks[0].shape[-2], len(blocks))
     parts = (pool if tokens.is_cpu else pool.to(tokens.device)) @ tokens

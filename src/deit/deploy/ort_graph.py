@@ -74,6 +74,7 @@ def _ood_score(g: _GraphBuilder, stats: OODStats, layers: list[str]) -> str:
         axis1, last = g.ints(f"{n}.axis1", [1]), g.ints(f"{n}.last", [-1])
         k0, k1 = g.ints(f"{n}.k0", [0]), g.ints(f"{n}.k", [k])
         prefix = g.op("Slice", [tokens, k0, k1, axis1], f"{n}.prefix")
+        prefix = g.op("ReduceMean", [prefix, axis1], f"{n}.prefix_mean", keepdims=1)
         patches = g.op("Slice", [tokens, k1, g.ints(f"{n}.end", [2**62]), axis1], f"{n}.patches")
         mean = g.op("ReduceMean", [patches, axis1], f"{n}.patch_mean", keepdims=1)
         t = g.op("Concat", [prefix, mean], f"{n}.tokens", axis=1)
