@@ -172,17 +172,23 @@ def feature_variants(clf: Classifier) -> dict[str, Variant]:
     from :func:`token_parts`: all blocks, the shipped taps, the last layer alone (the first
     score read its two tokens), each block alone, three blocks spread evenly and the middle
     and last (scores before this one), and at the shipped blocks the tokens read otherwise
-    (both apart, as the score before this one; either alone). Each is fitted like the
-    shipped score (per-layer standardised sum)."""
+    (both apart, as the score before this one; either alone), and the shipped features
+    without their L2 normalisation. Each is fitted like the shipped score (per-layer
+    standardised sum)."""
     model = clf.loaded.model
     k = Taps.of(model).num_prefix  # type: ignore[arg-type]
     depth = model.config.depth  # type: ignore[union-attr]
     last, shipped = depth - 1, Taps.of(model).blocks  # type: ignore[arg-type]
 
-    def variant(blocks: tuple[int, ...], parts: tuple[str, ...] = ("tokens", "patches")) -> Variant:
+    def variant(
+        blocks: tuple[int, ...],
+        parts: tuple[str, ...] = ("tokens", "patches"),
+        normalise: bool = True,
+    ) -> Variant:
         def read(raw: torch.Tensor) -> torch.Tensor:
             picked = raw[:, list(blocks)]
-            return torch.stack([unit(PARTS[p](picked)) for p in parts], 2).flatten(1)
+            each = [PARTS[p](picked) for p in parts]
+            return torch.stack([unit(v) if normalise else v for v in each], 2).flatten(1)
 
         return Taps(k, blocks), read
 
@@ -207,6 +213,7 @@ def feature_variants(clf: Classifier) -> dict[str, Variant]:
             ("the distillation token alone", ("distillation",)),
         ):
             out[f"blocks {shipped}, {name} + patch mean"] = variant(shipped, (*parts, "patches"))
+    out[f"shipped blocks {shipped}, not L2-normalised"] = variant(shipped, normalise=False)
     return out
 
 
