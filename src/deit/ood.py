@@ -176,7 +176,7 @@ class LayeredScore(nn.Module):
     """``sum_l (s_l(f_l) - offset_l) / scale_l`` for features (B, layers x D): each layer's
     :class:`MahalanobisScore` on its slice, standardised, summed.
 
-    The layers are stacked and scored in six operations whatever the depth, because at
+    The layers are stacked and scored in five operations whatever the depth, because at
     batch 1 the score's time is per-operation overhead and reading the matrices, which the
     forward pass has just evicted from the cache:
 
@@ -210,7 +210,7 @@ class LayeredScore(nn.Module):
         f = features.float().reshape(-1, self.layers, self.dim).permute(1, 2, 0)  # (L, D, B)
         out = torch.baddbmm(self.bias, self.matrix, f)  # (L, D + C, B)
         y, cross = out[:, : self.dim], out[:, self.dim :]
-        return (cross.amin(1) + y.square().sum(1)).sum(0)  # (B,)
+        return (cross.amin(1) + torch.linalg.vecdot(y, y, dim=1)).sum(0)  # (B,)
 
 
 class ScoredLogits(nn.Module):
