@@ -131,6 +131,17 @@ def test_class_folders_match_labels_loosely_or_by_order(
     (tmp_path / "twice" / "trouser").mkdir(parents=True)
     with pytest.raises(ValueError, match="both match"):
         match_class_folders(tmp_path / "twice", labels)
+    # "/" separates alternatives, as when fine-tuning: `t-shirt` is "T-shirt/top"
+    for name in ("t-shirt", "trousers", "Ankle_Boot"):
+        (tmp_path / "short" / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match="1 of them not named"):  # no partial words
+        match_class_folders(tmp_path / "short", [*labels, "Bag"])
+    (tmp_path / "short" / "trousers").rename(tmp_path / "short" / "TROUSER")
+    assert match_class_folders(tmp_path / "short", labels) == ["t-shirt", "TROUSER", "Ankle_Boot"]
+    (tmp_path / "alt" / "top").mkdir(parents=True)
+    (tmp_path / "alt" / "t-shirt").mkdir(parents=True)
+    with pytest.raises(ValueError, match="folders 't-shirt' and 'top' both match the label"):
+        match_class_folders(tmp_path / "alt", labels)
 
 
 def test_imagefolder_recipe_needs_a_path() -> None:

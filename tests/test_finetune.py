@@ -17,6 +17,7 @@ from PIL import Image
 from deit.checkpoints import load_model
 from deit.config import DeiTConfig
 from deit.errors import ConfigError
+from deit.labels import label_map
 from deit.model import DeiT
 from deit.train.data import FASHION_MNIST_DIR, InputSpec, write_fashion_mnist_folder
 from deit.train.finetune import (
@@ -27,7 +28,6 @@ from deit.train.finetune import (
     adjust_warmup,
     data_config_from_model,
     freeze,
-    label_map,
     recipe,
     resolve,
     steps_to_epochs,

@@ -1,8 +1,12 @@
-"""Class names: the ImageNet-1k list shipped with the package, and user label files."""
+"""Class names: the ImageNet-1k list shipped with the package, user label files, and matching
+one list of names to another (folders, dataset classes and fine-tuned heads to a model's
+labels: :func:`label_map`)."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,3 +73,47 @@ def _parse_labels(text: str) -> list[str]:
     return [
         str(v[-1]) if isinstance(v, list) and v else str(v) for _, v in sorted(by_index.items())
     ]
+
+
+# --------------------------------------------------------------------------- matching names
+
+
+def label_key(name: str) -> str:
+    """A name with case, spaces and punctuation ignored (``T-shirt/top`` -> ``tshirttop``)."""
+    return re.sub(r"[^0-9a-z]+", "", name.lower())
+
+
+def label_keys(name: str) -> set[str]:
+    """The keys a class name matches by: the whole name and each ``/`` alternative, with case,
+    spaces and punctuation ignored (``T-shirt/top`` -> ``tshirttop``, ``tshirt``, ``top``)."""
+    parts = [name, *name.split("/")] if "/" in name else [name]
+    return {k for k in (label_key(p) for p in parts) if k}
+
+
+def label_map(new: Sequence[str], old: Sequence[str]) -> dict[int, int]:
+    """New name index -> old name index, for the new names that match an old one.
+
+    Names match when they share a key (:func:`label_keys`: case, spaces and punctuation
+    ignored, ``/`` separates alternatives, so ``t-shirt`` is ``T-shirt/top``). A whole-name
+    match wins over an alternative; each old name is given to one new name at most (the
+    first), so two classes never share one. Nothing is ever matched by position.
+    """
+    whole: dict[str, int] = {}
+    part: dict[str, int] = {}
+    for j, label in enumerate(old):
+        whole.setdefault(label_key(label), j)
+        for key in label_keys(label):
+            part.setdefault(key, j)
+    mapping: dict[int, int] = {}
+    taken: set[int] = set()
+    for exact in (True, False):
+        for i, name in enumerate(new):
+            if i in mapping:
+                continue
+            keys = [label_key(name)] if exact else sorted(label_keys(name))
+            found = [(whole if exact else part).get(k) for k in keys]
+            free = [j for j in found if j is not None and j not in taken]
+            if free:
+                mapping[i] = free[0]
+                taken.add(free[0])
+    return dict(sorted(mapping.items()))

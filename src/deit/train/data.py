@@ -36,6 +36,7 @@ from torch import Tensor
 from deit.checkpoints import LoadedModel
 from deit.errors import ConfigError
 from deit.images import IMAGE_EXTENSIONS
+from deit.labels import label_map
 from deit.train.augment import (
     image_eval_transform,
     image_train_transform,
@@ -303,15 +304,12 @@ def _open_image(path: Path, channels: int) -> Any:
     return to_mode(load_image(path), channels)
 
 
-def _label_key(name: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "", name.lower())
-
-
 def match_class_folders(root: str | Path, labels: Sequence[str]) -> list[str]:
     """The class folders of ``root`` in a model's class order (``ImageFolder``'s ``classes``).
 
-    A folder matches a label by name, ignoring case, spaces and punctuation (``t-shirt-top``
-    is ``T-shirt/top``); when every folder matches one, labels without a folder are simply
+    A folder matches a label by name (:func:`deit.labels.label_map`: case, spaces and
+    punctuation ignored, ``/`` separating alternatives, so ``t-shirt`` and ``t-shirt-top`` are
+    ``T-shirt/top``); when every folder matches one, labels without a folder are simply
     absent from the data. Otherwise there must be exactly one folder per class, and their
     sorted order is taken as the class order (with a warning: the names say nothing).
     """
@@ -319,23 +317,22 @@ def match_class_folders(root: str | Path, labels: Sequence[str]) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     folders = sorted(d.name for d in root.iterdir() if d.is_dir())
-    by_key: dict[str, int] = {}
-    for i, label in enumerate(labels):
-        by_key.setdefault(_label_key(label), i)
-    matched = {f: by_key.get(_label_key(f)) for f in folders}
-    if folders and all(i is not None for i in matched.values()):
+    matched = label_map(folders, labels)  # folder index -> label index
+    if folders and len(matched) == len(folders):
         classes = [f"/{i}" for i in range(len(labels))]  # "/" is never in a folder name
-        for folder, index in matched.items():
-            i = int(index)  # type: ignore[arg-type]  # every folder matched, checked above
-            if not classes[i].startswith("/"):
-                raise ValueError(
-                    f"{root}: folders {classes[i]!r} and {folder!r} both match "
-                    f"the label {labels[i]!r}"
-                )
-            classes[i] = folder
+        for f, i in matched.items():
+            classes[i] = folders[f]
         return classes
+    for f, folder in enumerate(folders):
+        alone = label_map([folder], labels)
+        if f not in matched and alone:  # its label went to another folder
+            other = next(folders[g] for g, i in matched.items() if i == alone[0])
+            raise ValueError(
+                f"{root}: folders {other!r} and {folder!r} both match the label "
+                f"{labels[alone[0]]!r}"
+            )
     if len(folders) != len(labels):
-        unmatched = [f for f, i in matched.items() if i is None]
+        unmatched = [f for i, f in enumerate(folders) if i not in matched]
         raise ValueError(
             f"{root} has {len(folders)} class folders, {len(unmatched)} of them not named "
             f"after the model's labels (e.g. {unmatched[:1] or folders[:1]}), and the model "

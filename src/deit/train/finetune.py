@@ -33,8 +33,9 @@ from deit.checkpoints import LoadedModel
 from deit.config import DeiTConfig
 from deit.errors import ConfigError
 from deit.images import IMAGE_EXTENSIONS
+from deit.labels import label_map
 from deit.model import DeiT
-from deit.train.data import InputSpec, _label_key
+from deit.train.data import InputSpec
 from deit.train.runconfig import TrainConfig
 from deit.transforms import PreprocessConfig
 
@@ -502,42 +503,6 @@ def describe(config: DeiTConfig, n_params: int, init: str = "", name: str = "") 
 
 
 # --------------------------------------------------------------------------- the student
-
-
-def label_keys(name: str) -> set[str]:
-    """The keys a class name matches by: the whole name and each ``/`` alternative, with case,
-    spaces and punctuation ignored (``T-shirt/top`` -> ``tshirttop``, ``tshirt``, ``top``)."""
-    parts = [name, *name.split("/")] if "/" in name else [name]
-    return {k for k in (_label_key(p) for p in parts) if k}
-
-
-def label_map(new: Sequence[str], old: Sequence[str]) -> dict[int, int]:
-    """New class index -> old class index, for the new classes whose name matches an old label.
-
-    Names match when they share a key (:func:`label_keys`: case, spaces and punctuation
-    ignored, ``/`` separates alternatives, so ``t-shirt`` is ``T-shirt/top``). A whole-name
-    match wins over an alternative; each old label is given to one new class at most (the
-    first), so two classes never start as the same row. Nothing is ever matched by position.
-    """
-    whole: dict[str, int] = {}
-    part: dict[str, int] = {}
-    for j, label in enumerate(old):
-        whole.setdefault(_label_key(label), j)
-        for key in label_keys(label):
-            part.setdefault(key, j)
-    mapping: dict[int, int] = {}
-    taken: set[int] = set()
-    for exact in (True, False):
-        for i, name in enumerate(new):
-            if i in mapping:
-                continue
-            keys = [_label_key(name)] if exact else sorted(label_keys(name))
-            found = [(whole if exact else part).get(k) for k in keys]
-            free = [j for j in found if j is not None and j not in taken]
-            if free:
-                mapping[i] = free[0]
-                taken.add(free[0])
-    return dict(sorted(mapping.items()))
 
 
 def is_head(name: str) -> bool:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from deit.errors import ConfigError
+from deit.labels import label_map
 from deit.model import DeiT
 from deit.runtime import atomic_write, autocast, resolve_device
 from deit.train.data import BadSample, Data, DeviceBatches, build_data
@@ -48,7 +49,6 @@ from deit.train.finetune import (
     describe,
     inherited_preprocess,
     is_head,
-    label_map,
     layer_id,
     resolve,
 )

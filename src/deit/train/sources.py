@@ -40,12 +40,12 @@ from typing import Any
 import torch
 
 from deit.errors import ConfigError, UsageError
+from deit.labels import label_map
 from deit.train.data import (
     BadSample,
     Data,
     InputSpec,
     _img_size,
-    _label_key,
     build_data,
     collate_skip_bad,
     image_defaults,
@@ -700,12 +700,11 @@ def eval_dataset(
     else:
         raise UsageError(f"unknown data source {kind!r} (hf:PATH[:split] or webdataset:PATTERN)")
     if list(ds.classes) != list(labels):
-        keys = {_label_key(n): i for i, n in enumerate(labels)}
-        mapping = [keys.get(_label_key(n)) for n in ds.classes]
-        if None in mapping:
-            missing = ds.classes[mapping.index(None)]
-            raise UsageError(f"{spec}: class {missing!r} is not one of the model's labels")
-        ds = _Relabel(ds, [int(i) for i in mapping])  # type: ignore[arg-type]
+        matched = label_map(ds.classes, labels)
+        missing = [n for i, n in enumerate(ds.classes) if i not in matched]
+        if missing:
+            raise UsageError(f"{spec}: class {missing[0]!r} is not one of the model's labels")
+        ds = _Relabel(ds, [matched[i] for i in range(len(ds.classes))])
     return ds, spec
 
 

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from deit.checkpoints import LoadedModel, load_model
 from deit.config import VARIANTS, DeiTConfig
+from deit.labels import label_map
 from deit.model import DeiT, resize_pos_embed
 from deit.train.classifiers import build_classifier, is_classifier_dir, load_classifier
 from deit.train.data import InputSpec
-from deit.train.finetune import freeze, label_map
+from deit.train.finetune import freeze
 from deit.train.runconfig import TrainConfig
 
 
@@ -172,7 +173,7 @@ def log_head_matches(
 def init_head_rows(model: DeiT, old: dict[str, Tensor], mapping: dict[int, int]) -> dict[int, int]:
     """Copy the old ``head``/``head_dist`` rows (weight and bias) of matched classes.
 
-    ``mapping`` is new class index -> old class index (:func:`deit.train.finetune.label_map`).
+    ``mapping`` is new class index -> old class index (:func:`deit.labels.label_map`).
     Rows of unmatched classes keep what they have (the new init, or the old rows when the
     class count did not change). A plain old model's ``head`` also seeds ``head_dist``.
 
