@@ -19,7 +19,7 @@ from PIL import Image
 from deit.config import DeiTConfig
 from deit.model import DeiT
 from deit.train.data import FASHION_MNIST_DIR
-from deit.train.loop import _fit_to_time, lr_at, param_groups, train
+from deit.train.loop import _fit_to_time, _setup_logging, lr_at, param_groups, train
 from deit.train.runconfig import TrainConfig, load_config
 from deit.train.state import State
 
@@ -98,6 +98,22 @@ def test_param_groups_skip_decay_on_1d_biases_and_tokens() -> None:
         n for n, p in model.named_parameters() if p.ndim > 1 and n not in skipped
     }
     assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)
+
+
+def test_train_log_receives_every_train_module_and_only_its_own_run(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    _setup_logging(first, rank=0)
+    logging.getLogger("deit.train.finetune").info("one")
+    _setup_logging(second, rank=0)  # a second run in the same process
+    logging.getLogger("deit.train.exporting").info("two")
+    _setup_logging(second, rank=1)  # other ranks add nothing
+    logging.getLogger("deit.train.loop").info("three")
+
+    def messages(run: Path) -> list[str]:
+        return [line.split()[-1] for line in (run / "train.log").read_text().splitlines()]
+
+    assert messages(first) == ["one"] and messages(second) == ["two", "three"]
 
 
 def test_run_directory_and_export(fake_fmnist: Path, tmp_path: Path) -> None:

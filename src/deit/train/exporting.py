@@ -40,8 +40,8 @@ __all__ = [
     "validate_as_exported",
 ]
 
-# The loop's logger: its run's train.log handler is attached there (``loop._setup_logging``).
-log = logging.getLogger("deit.train.loop")
+# Reaches the run's train.log through the ``deit.train`` logger (``loop._setup_logging``).
+log = logging.getLogger("deit.train.exporting")
 
 
 def eval_preprocess(data: Data) -> dict[str, Any]:

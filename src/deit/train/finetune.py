@@ -39,7 +39,7 @@ from deit.train.data import InputSpec
 from deit.train.runconfig import TrainConfig
 from deit.transforms import PreprocessConfig
 
-log = logging.getLogger("deit.train.loop")
+log = logging.getLogger("deit.train.finetune")
 
 SMALL_DATA = 10_000  # training images: below this, no RandAugment / mixup / cutmix / erasing
 LARGE_DATA = 100_000  # at or above this, the from-scratch augmentation strength

@@ -171,13 +171,19 @@ def _run_dir(cfg: TrainConfig, out: str | Path | None) -> Path:
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:
-    if rank != 0 or any(getattr(h, "_deit_run", None) == str(run_dir) for h in log.handlers):
+    """``run_dir/train.log`` receives what every ``deit.train`` module logs during the run
+    (the previous run's file, in the same process, stops receiving it)."""
+    package = logging.getLogger("deit.train")
+    if rank != 0 or any(getattr(h, "_deit_run", None) == str(run_dir) for h in package.handlers):
         return
+    for old in [h for h in package.handlers if hasattr(h, "_deit_run")]:
+        package.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(run_dir / "train.log")
     handler._deit_run = str(run_dir)  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 # --------------------------------------------------------------------------- loop
