@@ -283,7 +283,8 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     if not args.table:
         for name in args.only:
-            results[name] = scenario(name, args.work, set(args.skip))
+            # a skipped run keeps its earlier result
+            results[name] = {**results.get(name, {}), **scenario(name, args.work, set(args.skip))}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=1))
     print(table(results))

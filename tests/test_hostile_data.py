@@ -97,7 +97,7 @@ def test_predict_answers_the_others_of_a_batch_with_an_elongated_image(
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("webdataset")
 
-from deit.train import packing, shards, sources  # noqa: E402  (needs the optional packages above)
+from deit.train import hf_data, packing, shards, streams  # noqa: E402  (needs the optional packages above)
 from deit.train.data import FASHION_MNIST_CLASSES, BadSample  # noqa: E402
 
 
@@ -140,7 +140,7 @@ def _shard(path: Path, members: list[tuple[str, bytes]], raw: bytes = b"") -> Pa
 
 
 def _samples(pattern: str, classes: list[str] | None = None) -> list[object]:
-    ds = sources.WebDatasetShards(
+    ds = streams.WebDatasetShards(
         pattern, 1, labels=classes or FASHION_MNIST_CLASSES, train=False, shuffle_buffer=0
     )
     return list(ds.samples())
@@ -504,7 +504,7 @@ def test_save_to_disk_folders_that_lie_are_one_line_errors(disk_dataset: Path) -
     for name, (file, change) in cases.items():
         folder = _lying(disk_dataset, name, file, change)
         with pytest.raises(ConfigError) as e:
-            sources.open_hf(str(folder))
+            hf_data.open_hf(str(folder))
         assert str(folder) in str(e.value) and "\n" not in str(e.value), name
     (disk_dataset.parent / "link").mkdir()
     for f in disk_dataset.iterdir():
@@ -512,8 +512,8 @@ def test_save_to_disk_folders_that_lie_are_one_line_errors(disk_dataset: Path) -
     (disk_dataset.parent / "link" / "data-00000-of-00001.arrow").unlink()
     (disk_dataset.parent / "link" / "data-00000-of-00001.arrow").symlink_to(outside)
     with pytest.raises(ConfigError, match=r"is not an \.arrow file"):
-        sources.open_hf(str(disk_dataset.parent / "link"))
-    tr, _, _ = sources.open_hf(str(disk_dataset))  # the honest folder still loads
+        hf_data.open_hf(str(disk_dataset.parent / "link"))
+    tr, _, _ = hf_data.open_hf(str(disk_dataset))  # the honest folder still loads
     assert len(tr) == 4
 
 
@@ -540,8 +540,8 @@ def test_an_arrow_extension_type_never_unpickles(disk_dataset: Path, tmp_path: P
     with pa.ipc.new_stream(str(disk_dataset / "data-00000-of-00001.arrow"), table.schema) as w:
         w.write_table(table)
     try:
-        tr, _, _ = sources.open_hf(str(disk_dataset))
-        [sources.HFImages(tr)[i] for i in range(len(tr))]
+        tr, _, _ = hf_data.open_hf(str(disk_dataset))
+        [hf_data.HFImages(tr)[i] for i in range(len(tr))]
     except Exception as e:  # refusing is fine too, in one line
         assert "\n" not in str(e)
     assert not marker.exists()
@@ -568,7 +568,7 @@ def test_a_parquet_that_inflates_is_refused_before_conversion(
     del table
     assert (tmp_path / "bomb.parquet").stat().st_size < 4096
     with pytest.raises(ConfigError, match="decodes to more than"):
-        sources.open_hf(str(tmp_path / "bomb.parquet"))
+        hf_data.open_hf(str(tmp_path / "bomb.parquet"))
     (tmp_path / "cut.parquet").write_bytes((tmp_path / "bomb.parquet").read_bytes()[:-20])
     with pytest.raises(ConfigError, match="unreadable Parquet"):
-        sources.open_hf(str(tmp_path / "cut.parquet"))
+        hf_data.open_hf(str(tmp_path / "cut.parquet"))

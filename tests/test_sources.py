@@ -1,6 +1,7 @@
-"""Dataset sources (deit.train.sources): Hugging Face datasets on disk / Parquet / imagefolder /
-Hub (offline), WebDataset shards (rank and worker split, resumable epochs), ``deit data pack``,
-short training runs from each, and two-"node" torchrun over loopback."""
+"""Dataset sources (deit.train.sources, hf_data, streams): Hugging Face datasets on disk /
+Parquet / imagefolder / Hub (offline), WebDataset shards (rank and worker split, resumable
+epochs), ``deit data pack``, short training runs from each, and two-"node" torchrun over
+loopback."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .conftest import free_port
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("webdataset")
 
-from deit.train import sources  # noqa: E402  (needs the optional packages above)
+from deit.train import hf_data, streams  # noqa: E402  (needs the optional packages above)
 from deit.train.packing import pack  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -108,9 +109,9 @@ def _expected(fm: dict[str, Any], split: str = "train") -> list[tuple[bytes, int
 def test_hf_disk_and_parquet_match_the_tensors(fm: dict[str, Any], store: dict[str, Path]) -> None:
     for path in (str(store["disk"]), str(store["parquet"] / "*.parquet")):
         val_path = "" if "disk" in path else str(store["parquet"] / "test.parquet")
-        tr, va, va_name = sources.open_hf(path.replace("*", "train"), val_path=val_path)
-        train = sources.HFImages(tr, channels=1)
-        val = sources.HFImages(va, channels=1)
+        tr, va, va_name = hf_data.open_hf(path.replace("*", "train"), val_path=val_path)
+        train = hf_data.HFImages(tr, channels=1)
+        val = hf_data.HFImages(va, channels=1)
         assert train.classes == FASHION_MNIST_CLASSES  # from the ClassLabel feature
         assert (train.image_column, train.label_column) == ("image", "label")
         assert va_name in ("test", "validation")
@@ -124,8 +125,8 @@ def test_hf_imagefolder_builder_matches_image_folder(tmp_path: Path, fm: dict[st
         folder = tmp_path / f"c{int(y[i])}"
         folder.mkdir(exist_ok=True)
         _pil(x[i]).save(folder / f"{i:03d}.png")
-    tr, _, _ = sources.open_hf(str(tmp_path))
-    hf = sources.HFImages(tr, channels=1)
+    tr, _, _ = hf_data.open_hf(str(tmp_path))
+    hf = hf_data.HFImages(tr, channels=1)
     folder_ds = ImageFolder(tmp_path, channels=1)
     assert hf.classes == folder_ds.classes
     got = sorted(_arrays([hf[i] for i in range(len(hf))]))
@@ -140,13 +141,13 @@ def test_columns_overridable_and_bad_rows(fm: dict[str, Any]) -> None:
         {"pic": [{"bytes": buf.getvalue()}, {"bytes": b"not an image"}], "target": [3, 1]},
         features=datasets.Features({"pic": datasets.Image(), "target": datasets.Value("int64")}),
     )
-    images = sources.HFImages(ds, label_column="target", labels=["a", "b", "c", "d"], channels=1)
+    images = hf_data.HFImages(ds, label_column="target", labels=["a", "b", "c", "d"], channels=1)
     assert images.classes == ["a", "b", "c", "d"] and images.image_column == "pic"
     assert _arrays([images[0]]) == [(x[0].tobytes(), 3)]
     bad = images[1]
     assert isinstance(bad, BadSample) and "[1]" in bad.path
     with pytest.raises(ValueError, match="image_column"):
-        sources.HFImages(ds, image_column="nope", label_column="target")
+        hf_data.HFImages(ds, image_column="nope", label_column="target")
 
 
 def test_webdataset_matches_and_splits_across_ranks_and_workers(
@@ -155,12 +156,12 @@ def test_webdataset_matches_and_splits_across_ranks_and_workers(
     pattern = str(store["wds"] / "train-{000000..000011}.tar")
     meta = json.loads((store["wds"] / "classes.json").read_text())
     assert meta["classes"] == FASHION_MNIST_CLASSES
-    assert sources.read_classes(sources.expand_shards(pattern)) == FASHION_MNIST_CLASSES
-    whole = sources.WebDatasetShards(pattern, channels=1)
+    assert streams.read_classes(streams.expand_shards(pattern)) == FASHION_MNIST_CLASSES
+    whole = streams.WebDatasetShards(pattern, channels=1)
     assert len(whole) == N_TRAIN  # an epoch = all samples by default
     seen = {}
     for rank in range(2):
-        ds = sources.WebDatasetShards(pattern, rank=rank, world=2, channels=1, shuffle_buffer=50)
+        ds = streams.WebDatasetShards(pattern, rank=rank, world=2, channels=1, shuffle_buffer=50)
         ds.check_workers(2)
         assert len(ds) == N_TRAIN // 2
         for worker in range(2):
@@ -169,37 +170,37 @@ def test_webdataset_matches_and_splits_across_ranks_and_workers(
     everything = [s for part in seen.values() for s in part]
     assert sorted(everything) == sorted(_expected(fm))  # disjoint, and together the epoch
     with pytest.raises(ValueError, match="shards"):
-        sources.WebDatasetShards(pattern, world=4).check_workers(4)
+        streams.WebDatasetShards(pattern, world=4).check_workers(4)
 
 
 def test_webdataset_resumed_epoch_matches(store: dict[str, Path]) -> None:
     pattern = str(store["wds"] / "train-*.tar")
 
-    def epoch(ds: sources.WebDatasetShards, e: int) -> list[tuple[bytes, int]]:
+    def epoch(ds: streams.WebDatasetShards, e: int) -> list[tuple[bytes, int]]:
         ds.set_epoch(e)
         return _arrays(list(ds.samples()))
 
-    uninterrupted = sources.WebDatasetShards(pattern, 200, channels=1, shuffle_buffer=64)
+    uninterrupted = streams.WebDatasetShards(pattern, 200, channels=1, shuffle_buffer=64)
     first, second = epoch(uninterrupted, 0), epoch(uninterrupted, 1)
-    resumed = sources.WebDatasetShards(pattern, 200, channels=1, shuffle_buffer=64)
+    resumed = streams.WebDatasetShards(pattern, 200, channels=1, shuffle_buffer=64)
     assert epoch(resumed, 1) == second
     assert first != second and len(second) == 200  # reshuffled; epoch = sample count
 
 
 def test_hf_stream_ranks_and_resume(fm: dict[str, Any], store: dict[str, Path]) -> None:
-    tr, _, _ = sources.open_hf(str(store["parquet"] / "train.parquet"), streaming=True)
+    tr, _, _ = hf_data.open_hf(str(store["parquet"] / "train.parquet"), streaming=True)
     ranks = []
     for rank in range(2):
-        ds = sources.HFStream(tr, N_TRAIN, rank=rank, world=2, channels=1, shuffle_buffer=64)
+        ds = streams.HFStream(tr, N_TRAIN, rank=rank, world=2, channels=1, shuffle_buffer=64)
         ds.set_epoch(3)
         ranks.append(_arrays(list(ds.samples())))
         assert ds.classes == FASHION_MNIST_CLASSES and len(ranks[-1]) == N_TRAIN // 2
     assert sorted(ranks[0] + ranks[1]) == sorted(_expected(fm))  # disjoint, covering
-    again = sources.HFStream(tr, N_TRAIN, rank=1, world=2, channels=1, shuffle_buffer=64)
+    again = streams.HFStream(tr, N_TRAIN, rank=1, world=2, channels=1, shuffle_buffer=64)
     again.set_epoch(3)
     assert _arrays(list(again.samples())) == ranks[1]  # a resumed epoch reads the same
     with pytest.raises(ValueError, match="epoch_samples"):
-        sources.HFStream(tr, 0)
+        streams.HFStream(tr, 0)
 
 
 def test_webdataset_bad_sample_is_counted(tmp_path: Path, store: dict[str, Path]) -> None:
@@ -208,7 +209,7 @@ def test_webdataset_bad_sample_is_counted(tmp_path: Path, store: dict[str, Path]
     with wds.TarWriter(str(tmp_path / "bad-000000.tar")) as sink:
         sink.write({"__key__": "a", "png": b"garbage", "cls": "1"})
         sink.write({"__key__": "b", "cls": "2"})  # no image at all
-    items = list(sources.WebDatasetShards(str(tmp_path / "bad-000000.tar"), labels=["x"] * 3))
+    items = list(streams.WebDatasetShards(str(tmp_path / "bad-000000.tar"), labels=["x"] * 3))
     assert len(items) == 2 and all(isinstance(i, BadSample) for i in items)
 
 
@@ -317,7 +318,7 @@ def test_hub_name_offline_not_cached(tmp_path: Path) -> None:
         "HF_HOME": str(tmp_path / "hf"),
         "OMP_NUM_THREADS": "1",
     }
-    code = "from deit.train.sources import open_hf; open_hf('deit-test/not-cached', revision='v1')"
+    code = "from deit.train.hf_data import open_hf; open_hf('deit-test/not-cached', revision='v1')"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )

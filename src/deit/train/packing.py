@@ -26,7 +26,8 @@ from typing import Any
 from deit.errors import ConfigError, UsageError
 from deit.runtime import require
 from deit.train.data import BadSample, ImageFolder
-from deit.train.sources import CLASSES_FILE, HFImages, _load_hf, _pick_split
+from deit.train.hf_data import HFImages, load_hf, pick_split
+from deit.train.streams import CLASSES_FILE
 
 log = logging.getLogger("deit.train.packing")
 
@@ -52,7 +53,7 @@ def _pack_items(source: Any, split: str, channels: int | None) -> tuple[Iterator
             return items(), folder.classes
         return ((folder[i], folder.samples[i][1]) for i in range(len(folder))), folder.classes
     if isinstance(source, str | Path):
-        picked = _pick_split(_load_hf(str(source)), split)
+        picked = pick_split(load_hf(str(source)), split)
         if picked is None:
             raise ConfigError(f"{source} has no split {split!r}")
         source = picked[0]
