@@ -32,8 +32,9 @@ from deit.train.finetune import (
     resolve,
     steps_to_epochs,
 )
-from deit.train.loop import param_groups, train
+from deit.train.loop import train
 from deit.train.runconfig import TrainConfig, load_config
+from deit.train.schedule import param_groups
 from deit.train.student import build_student
 
 HAVE_FMNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
@@ -431,7 +432,7 @@ def test_linear_probe_fits_new_rows_and_keeps_matched_ones(tmp_path: Path) -> No
 def test_the_best_epoch_is_exported_and_logged(tmp_path: Path) -> None:
     """A learning rate that wrecks the model: the initial model (epoch 0) stays the best, and
     the exported weights are its, not the last epoch's."""
-    from deit.train.loop import start_margin
+    from deit.train.selection import start_margin
 
     root = _gray_folder(tmp_path / "data", ["coat", "bag", "sandal"], 8)
     cfg = load_config(
@@ -596,7 +597,7 @@ def test_flip_check_counts_mirrored_mistakes() -> None:
 
 
 def test_ties_in_validation_accuracy_go_to_the_lower_loss() -> None:
-    from deit.train.loop import is_better
+    from deit.train.selection import is_better
 
     assert is_better(0.9, 5.0, 0.8, 0.1)  # higher top-1 wins whatever the loss
     assert not is_better(0.8, 0.01, 0.9, 5.0)
@@ -609,7 +610,7 @@ def test_the_starting_model_is_left_only_for_a_significant_gain() -> None:
     """Scenario (a) of docs/results/fine-tuning.md: 89.0% against the start's 88.7% on 300
     validation images is one image, noise; the epoch it would have kept was 1.9 points below
     the starting model on the held-out test images."""
-    from deit.train.loop import START_MARGIN_SE, is_better, start_margin
+    from deit.train.selection import START_MARGIN_SE, is_better, start_margin
 
     margin = start_margin(0.8867, 300)
     assert margin == pytest.approx(START_MARGIN_SE * math.sqrt(0.8867 * 0.1133 / 300))

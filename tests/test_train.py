@@ -19,8 +19,9 @@ from PIL import Image
 from deit.config import DeiTConfig
 from deit.model import DeiT
 from deit.train.data import FASHION_MNIST_DIR
-from deit.train.loop import _fit_to_time, _setup_logging, lr_at, param_groups, train
+from deit.train.loop import _fit_to_time, _setup_logging, train
 from deit.train.runconfig import TrainConfig, load_config
+from deit.train.schedule import lr_at, param_groups
 from deit.train.state import State
 
 from .conftest import free_port, idx_bytes

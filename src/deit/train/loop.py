@@ -1,8 +1,9 @@
 """Training and distillation: ``train(cfg) -> run_dir``, for DeiT students and plain classifiers.
 
 Sections, top to bottom: setup (devices, processes, run directory) → data → student and
-teacher → optimizer and schedule → the epoch loop and the best epoch (the state it mutates and
-its checkpoints, exact resume included: ``deit.train.state``) → the entry point, which leaves
+teacher → optimizer (its groups and learning-rate schedule: ``deit.train.schedule``) → the
+epoch loop and the best epoch (the rule: ``deit.train.selection``; the state it mutates and its
+checkpoints, exact resume included: ``deit.train.state``) → the entry point, which leaves
 the export (which weights, ``model/``, its out-of-distribution statistics) to
 ``deit.train.exporting``. The same loop
 trains a DeiT (outputs ``DeiTOutput``) and any CNN (outputs a tensor), so a teacher can be
@@ -33,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deit.errors import ConfigError
 from deit.labels import label_map
 from deit.model import DeiT
 from deit.runtime import atomic_write, autocast, resolve_device
@@ -45,22 +45,18 @@ from deit.train.exporting import (
     fit_ood_statistics,
     validate_as_exported,
 )
-from deit.train.finetune import (
-    describe,
-    inherited_preprocess,
-    is_head,
-    layer_id,
-    resolve,
-)
+from deit.train.finetune import describe, inherited_preprocess, resolve
 from deit.train.losses import DistillationLoss
 from deit.train.metrics import MetricsWriter
 from deit.train.probe import linear_probe
 from deit.train.runconfig import TrainConfig, save_config
+from deit.train.schedule import lr_at, param_groups
+from deit.train.selection import START_MARGIN_SE, at_chance, is_better, start_margin
 from deit.train.state import State, atomic_save, new_ema, read_resume_state, resume_state
-from deit.train.student import build_student, output_layer
+from deit.train.student import build_student
 from deit.train.teachers import load_teacher
 
-__all__ = ["lr_at", "param_groups", "train"]
+__all__ = ["train"]
 
 log = logging.getLogger("deit.train.loop")
 
@@ -87,79 +83,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def lr_at(epoch: float, cfg: TrainConfig, base_lr: float, epochs: float | None = None) -> float:
-    """Learning rate at a fractional epoch: linear warmup, then cosine to ``min_lr``.
-
-    Warmup goes from ``warmup_lr`` to ``base_lr`` over ``warmup_epochs``; the cosine then runs
-    over the remaining epochs (timm's ``warmup_prefix=True``). Updated every step, unlike the
-    official per-epoch schedule (whose first two epochs both run at ``warmup_lr``).
-    ``epochs`` overrides ``cfg.schedule.epochs`` (a schedule fitted to a time limit).
-    """
-    s = cfg.schedule
-    if epoch < s.warmup_epochs:
-        return s.warmup_lr + (base_lr - s.warmup_lr) * epoch / s.warmup_epochs
-    span = max((epochs or s.epochs) - s.warmup_epochs, 1e-8)
-    t = min((epoch - s.warmup_epochs) / span, 1.0)
-    return s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + math.cos(math.pi * t))
-
-
-def param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    layer_decay: float = 1.0,
-    split_heads: bool = False,
-    head_lr_scale: float = 1.0,
-) -> list[dict[str, Any]]:
-    """DeiT's groups: no decay for 1-D params, biases and ``no_weight_decay()`` names.
-
-    With ``layer_decay`` < 1 (BEiT/timm layer-wise lr decay, DeiT students only) each group
-    also has one layer: its ``lr_scale`` is ``layer_decay ** (depth + 1 - layer)``, the patch
-    embedding and tokens at layer 0, block i at i + 1, final norm and heads at depth + 1
-    (scale 1). ``split_heads`` puts ``head``/``head_dist`` in groups of their own
-    (``"head": True``), for ``schedule.head_warmup_epochs``; ``head_lr_scale`` multiplies
-    their ``lr_scale`` (the output layer of a CNN counts as its head). Frozen parameters are
-    left out. Without any of these, exactly two groups: ``[no_decay, decay]``.
-    """
-    skip = set(getattr(model, "no_weight_decay", set)())
-    depth = model.config.depth if isinstance(model, DeiT) else 0
-    if (layer_decay < 1.0 or split_heads) and not isinstance(model, DeiT):  # head lr: any
-        raise ConfigError(
-            "optim.layer_decay and schedule.head_warmup_epochs need a DeiT student, "
-            f"not {type(model).__name__}"
-        )
-    split_heads = split_heads or head_lr_scale != 1.0
-    out = "" if isinstance(model, DeiT) else output_layer(model) + "."
-    groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-        layer = layer_id(name, depth) if layer_decay < 1.0 else 0
-        head = split_heads and (name.startswith(out) if out else is_head(name))
-        key = (layer, head, decays)
-        if key not in groups:
-            scale = layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0
-            groups[key] = {
-                "params": [],
-                "weight_decay": weight_decay if decays else 0.0,
-                "lr_scale": scale * (head_lr_scale if head else 1.0),
-                "head": head,
-            }
-        groups[key]["params"].append(p)
-    if layer_decay >= 1.0 and not split_heads:  # the two DeiT groups, even when one is empty
-        for decays in (False, True):
-            groups.setdefault(
-                (0, False, decays),
-                {
-                    "params": [],
-                    "weight_decay": weight_decay if decays else 0.0,
-                    "lr_scale": 1.0,
-                    "head": False,
-                },
-            )
-    return [groups[k] for k in sorted(groups)]
 
 
 def _run_dir(cfg: TrainConfig, out: str | Path | None) -> Path:
@@ -678,41 +601,10 @@ def _end_of_epoch(
     )
 
 
-def is_better(
-    top1: float, loss: float, best_top1: float, best_loss: float, margin: float = 0.0
-) -> bool:
-    """Whether an evaluation beats the best so far: higher top-1 (by more than ``margin``),
-    or, without a margin, the same top-1 with a lower validation loss (small validation sets
-    saturate: 100% three epochs in a row says nothing about which of them to keep, their
-    loss does)."""
-    if margin > 0:
-        return top1 > best_top1 + margin
-    return top1 > best_top1 or (top1 == best_top1 and loss < best_loss)
-
-
-START_MARGIN_SE = 2.0  # leaving the starting model takes this many standard errors of gain
-
-
-def start_margin(start_top1: float, samples: float) -> float:
-    """How much better than the starting model (epoch 0: the pretrained model, or its linear
-    probe) a later epoch's validation accuracy must be to replace it in ``best.pt``:
-    ``START_MARGIN_SE`` standard errors of the starting accuracy on that many images. On a
-    few hundred validation images one or two more right answers is noise, and a fine-tuned
-    model chosen on such noise can be worse than the model it started from on new images
-    (docs/results/fine-tuning.md)."""
-    if start_top1 < 0 or samples <= 0:
-        return 0.0
-    return START_MARGIN_SE * math.sqrt(start_top1 * (1.0 - start_top1) / samples)
-
-
-CHANCE_MARGIN = 0.1  # "at chance": within this fraction of the way from chance to 100%
-
-
 def _warn_at_chance(loop: Loop, st: State, top1: float) -> None:
     """Warn once validation has stayed at chance for two evaluated epochs in a row."""
     chance = 1.0 / max(loop.data.num_classes, 1)
-    at_chance = st.epoch > 0 and top1 <= chance + CHANCE_MARGIN * (1.0 - chance)
-    st.at_chance = st.at_chance + 1 if at_chance else 0
+    st.at_chance = st.at_chance + 1 if st.epoch > 0 and at_chance(top1, chance) else 0
     if st.at_chance != 2:
         return
     cfg = loop.cfg
