@@ -552,10 +552,17 @@ def _blob_folder(root: Path, where: dict[str, tuple[slice, slice]], n: int = 30)
     return root
 
 
-def test_flips_are_turned_off_where_mirroring_changes_the_class(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("start", "probed"),
+    [("model.init=fashion-mnist", "the initial model's features"), ("model.name=deit", "pixels")],
+)
+def test_flips_are_turned_off_where_mirroring_changes_the_class(
+    tmp_path: Path, start: str, probed: str
+) -> None:
     """Left vs right: a mirrored image is the other class, so no flip augmentation (noted with
     the probe's numbers); top vs bottom: mirroring keeps the class, flips stay; an explicit
-    augment.hflip always wins."""
+    augment.hflip always wins. Fine-tuning probes the initial model's features; a small
+    folder from scratch probes the pixels."""
     sides = _blob_folder(
         tmp_path / "sides",
         {"left": (slice(8, 20), slice(2, 10)), "right": (slice(8, 20), slice(18, 26))},
@@ -566,7 +573,7 @@ def test_flips_are_turned_off_where_mirroring_changes_the_class(tmp_path: Path) 
     )
 
     def resolved(root: Path, *extra: str) -> TrainConfig:
-        args = ["model.init=fashion-mnist", "data.dataset=imagefolder", f"data.path={root}"]
+        args = [start, "data.dataset=imagefolder", f"data.path={root}"]
         cfg = load_config(None, [*args, *extra, *QUIET])
         resolve(cfg)
         return cfg
@@ -574,7 +581,7 @@ def test_flips_are_turned_off_where_mirroring_changes_the_class(tmp_path: Path) 
     cfg = resolved(sides)
     assert cfg.augment.hflip == 0.0
     (why,) = [n for n in cfg.notes if n.startswith("augment.hflip = 0.0")]
-    assert "mirroring changes the classes" in why and "McNemar" in why
+    assert "mirroring changes the classes" in why and "McNemar" in why and probed in why
     kept = resolved(levels)
     assert kept.augment.hflip == 0.5
     assert any("mirroring keeps the classes" in n for n in kept.notes)
@@ -591,9 +598,10 @@ def test_flip_check_counts_mirrored_mistakes() -> None:
     y = torch.arange(80) % 2
     x[y == 0, :, 8:20, 2:10] += 2.0
     x[y == 1, :, 8:20, 18:26] += 2.0
-    check = flip_check(model, x, y)
-    assert check.images == 40 and check.accuracy > check.flipped_accuracy + 0.4
-    assert check.changes_classes and check.z > 3
+    for check in (flip_check(model, x, y), flip_check(None, x, y)):  # features, then pixels
+        assert check.images == 40 and check.accuracy > check.flipped_accuracy + 0.4
+        assert check.changes_classes and check.z > 3
+    assert "the pixels" in check.describe()
 
 
 def test_ties_in_validation_accuracy_go_to_the_lower_loss() -> None:

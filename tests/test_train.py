@@ -361,9 +361,9 @@ def test_two_processes_match_one(fake_fmnist: Path, tmp_path: Path) -> None:
 
 def test_small_gray_folder_from_scratch_gets_one_channel_and_enough_steps(tmp_path: Path) -> None:
     """The documented from-scratch command on a small grayscale folder: read as 1 channel, a
-    batch that leaves >= 16 steps per epoch (at least 8 images), the best epoch exported,
-    every choice noted."""
-    from deit.train.finetune import resolve
+    batch that leaves >= 16 steps per epoch (at least 8 images), the small-data augmentation
+    and rate, the best epoch exported, every choice noted."""
+    from deit.train.finetune import SCRATCH_SMALL_LR, resolve
 
     root = tmp_path / "gray"
     for c in ("even", "odd"):
@@ -375,7 +375,13 @@ def test_small_gray_folder_from_scratch_gets_one_channel_and_enough_steps(tmp_pa
     cfg = load_config(None, ["model.name=deit", "data.dataset=imagefolder", f"data.path={root}"])
     resolve(cfg)
     assert cfg.data.in_chans == 1 and cfg.data.batch_size == 8 and cfg.run.export == "best"
-    assert any("all grayscale: read as 1 channel" in n for n in cfg.notes)
+    assert any("all grayscale: 1 channel" in n for n in cfg.notes)
+    # not DeiT's ImageNet regularisation (it leaves a small student at chance here), and a
+    # rate that learns within the step budget
+    a = cfg.augment
+    assert (a.repeated_aug, a.mixup, a.cutmix, a.random_erasing, a.randaugment) == (1, 0, 0, 0, "")
+    assert a.scale == [0.35, 1.0] and cfg.optim.base_lr == SCRATCH_SMALL_LR
+    assert any(n.startswith("augment.mixup = 0.0") for n in cfg.notes)
     # batch 8 (the floor): 300 epochs of 10 steps meet the from-scratch budget, no steps set
     assert cfg.schedule.steps is None and cfg.schedule.epochs == 300
     budget = load_config(

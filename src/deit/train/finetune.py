@@ -47,6 +47,8 @@ LOW_RES = 64  # pixels: below this, no RandAugment (its ops wipe out 28-32 px im
 MIN_EPOCH_STEPS = 16  # small data: the batch leaves an epoch at least this many steps
 FT_MIN_STEPS = 1000  # fine-tuning on small data: at least this many optimizer steps in all
 SCRATCH_MIN_STEPS = 3000  # from scratch on small data: at least this many
+SCRATCH_SMALL_LR = 4e-3  # base lr from scratch on small data (x batch / 512: 5e-4 at batch 64)
+FLIP_PIXELS = 32  # from scratch, the flip check's probe reads the images at this size
 KNOWN_CLASSES_LR = 1e-4  # base lr (x batch / 512) when every class is one the model knows
 TRANSFER_LR = 2e-3  # base lr when some class is new (x batch / 512: 2.5e-4 at batch 64)
 HEAD_LR_SCALE = 10.0  # the heads' lr over the body's when some class is new
@@ -208,6 +210,32 @@ def recipe(
         set_default(cfg, "augment.randaugment", "rand-m6-mstd0.5-inc1", f"{size}: mild RandAugment")
     if not is_explicit(cfg, "data.batch_size"):
         small_data_schedule(cfg, n_train, size, FT_MIN_STEPS)
+
+
+def scratch_recipe(cfg: TrainConfig, n_train: int, img_size: int) -> None:
+    """The from-scratch defaults for a small image folder (fewer than ``SMALL_DATA`` images).
+
+    DeiT's ImageNet recipe (each image 3 times an epoch, mixup and cutmix on every batch,
+    RandAugment m9, random erasing, crops down to 8% of the image, lr 5e-4 x batch / 512)
+    regularises a model seeing 1.2M images for 300 epochs; on 1,350 digit scans it leaves a
+    small DeiT at chance for 20 epochs (docs/results/fine-tuning.md). Here: plain crops
+    keeping at least a third of the image, flips, label smoothing, and a higher rate.
+    """
+    size = f"{n_train} training images of {img_size} px"
+    set_default(cfg, "augment.repeated_aug", 1, f"{size}: each image once an epoch")
+    set_default(cfg, "augment.mixup", 0.0, f"{size}: no mixup")
+    set_default(cfg, "augment.cutmix", 0.0, f"{size}: no cutmix")
+    set_default(cfg, "augment.random_erasing", 0.0, f"{size}: no erasing")
+    set_default(cfg, "augment.randaugment", "", f"{size}: no RandAugment")
+    set_default(cfg, "augment.scale", [0.35, 1.0], f"{size}: crops keep a third or more")
+    set_default(
+        cfg,
+        "optim.base_lr",
+        SCRATCH_SMALL_LR,
+        f"{size}: a rate that learns within a few thousand steps",
+    )
+    set_default(cfg, "run.export", "best", f"{size}: the epoch with the best validation accuracy")
+    small_data_schedule(cfg, n_train, size, SCRATCH_MIN_STEPS)
 
 
 def small_data_schedule(cfg: TrainConfig, n_train: int, size: str, min_steps: int) -> None:
@@ -411,36 +439,43 @@ def resolve(
         if loaded is not None and train_data is None:
             check_flips(cfg, loaded)
     elif cfg.data.dataset == "imagefolder" and n is not None and n < SMALL_DATA:
-        size = f"{n} training images"
         if channels == 1:
-            set_default(cfg, "data.in_chans", 1, f"{size}, all grayscale: read as 1 channel")
-        set_default(
-            cfg, "run.export", "best", f"{size}: the epoch with the best validation accuracy"
-        )
-        small_data_schedule(cfg, n, size, SCRATCH_MIN_STEPS)
+            set_default(cfg, "data.in_chans", 1, f"{n} training images, all grayscale: 1 channel")
+        scratch_recipe(cfg, n, cfg.model.img_size or 224)
+        check_flips(cfg, None)
     steps_to_epochs(cfg, n)
     adjust_warmup(cfg)
     cfg.validate()
     return loaded
 
 
-def check_flips(cfg: TrainConfig, loaded: LoadedModel) -> None:
+def check_flips(cfg: TrainConfig, loaded: LoadedModel | None) -> None:
     """Turn the flip augmentation off (a noted default) when mirroring changes the classes
     of an image folder (digits, text, signs), judged by :func:`deit.train.probe.flip_check`
-    on a sample of its training images read with the initial model's preprocessing."""
+    on a sample of its training images: read with the initial model's preprocessing and
+    probed on its features, or, from scratch (``loaded`` None), probed on their pixels at
+    ``FLIP_PIXELS`` px."""
     from deit.images import load_image
     from deit.train.probe import FLIP_CHECK_IMAGES, flip_check
     from deit.transforms import preprocess_image
 
     root = Path(cfg.data.path)
+    model = None if loaded is None else loaded.model
     if (
         cfg.data.dataset != "imagefolder"
         or not root.is_dir()
         or cfg.augment.hflip == 0
         or is_explicit(cfg, "augment.hflip")
-        or not isinstance(loaded.model, DeiT)
+        or (model is not None and not isinstance(model, DeiT))
     ):
         return
+    if loaded is None:
+        chans = cfg.data.in_chans or 3
+        preprocess = PreprocessConfig(
+            "squash", FLIP_PIXELS, None, "bilinear", (0.5,) * chans, (0.5,) * chans, chans
+        )
+    else:
+        preprocess = loaded.preprocess
     folders = sorted(d for d in root.iterdir() if d.is_dir())
     files = [
         sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) for d in folders
@@ -453,13 +488,13 @@ def check_flips(cfg: TrainConfig, loaded: LoadedModel) -> None:
     pixels, labels = [], []
     for path, c in sample[:FLIP_CHECK_IMAGES]:
         try:
-            pixels.append(preprocess_image(load_image(str(path)), loaded.preprocess))
+            pixels.append(preprocess_image(load_image(str(path)), preprocess))
         except Exception:  # unreadable files are the loader's business
             continue
         labels.append(c)
     if len(set(labels)) < 2 or len(labels) < 40:
         return
-    check = flip_check(loaded.model, torch.stack(pixels), torch.tensor(labels))
+    check = flip_check(model, torch.stack(pixels), torch.tensor(labels))
     if check.changes_classes:
         set_default(
             cfg, "augment.hflip", 0.0, f"mirroring changes the classes here: {check.describe()}"

@@ -137,13 +137,15 @@ FLIP_Z = 2.0  # flips change the classes when the flipped images are this signif
 @dataclass
 class FlipCheck:
     """Whether mirroring an image changes its class, judged by a linear probe on the initial
-    model's frozen features: fitted on half of a sample of the training images, scored on the
-    other half as they are and mirrored left-right."""
+    model's frozen features (or, with no model to start from, on the pixels): fitted on half
+    of a sample of the training images, scored on the other half as they are and mirrored
+    left-right."""
 
     images: int  # scored images
     accuracy: float  # on them as they are
     flipped_accuracy: float  # on the same images mirrored
     z: float  # McNemar's statistic: (right only unflipped - right only flipped) / sqrt(sum)
+    on: str = "the initial model's features"  # what the probe read
 
     @property
     def changes_classes(self) -> bool:
@@ -151,18 +153,22 @@ class FlipCheck:
 
     def describe(self) -> str:
         return (
-            f"a linear probe on the initial model's features gets {self.accuracy:.1%} of "
+            f"a linear probe on {self.on} gets {self.accuracy:.1%} of "
             f"{self.images} held-out training images right and {self.flipped_accuracy:.1%} of "
             f"the same images mirrored (McNemar z = {self.z:.1f})"
         )
 
 
 @torch.no_grad()
-def flip_check(model: DeiT, pixels: Tensor, labels: Tensor) -> FlipCheck:
+def flip_check(model: DeiT | None, pixels: Tensor, labels: Tensor) -> FlipCheck:
     """:class:`FlipCheck` on preprocessed ``pixels`` (N, C, H, W) and their ``labels``: a
-    seeded random half fits the probe (every row new), the other half is scored."""
+    seeded random half fits the probe (every row new), the other half is scored. The probe
+    reads ``model``'s normalised token features, or the centred, normalised pixels when
+    ``model`` is None (a run from scratch)."""
 
     def features(x: Tensor) -> Tensor:
+        if model is None:
+            return F.normalize(x.flatten(1) - x.flatten(1).mean(1, keepdim=True), dim=-1)
         tokens, _ = token_features(model, zip(x.split(256), labels.split(256)), len(labels))
         return F.normalize(tokens, dim=-1).flatten(1)
 
@@ -181,6 +187,7 @@ def flip_check(model: DeiT, pixels: Tensor, labels: Tensor) -> FlipCheck:
     only_plain = int((right & ~right_flipped).sum())
     only_flipped = int((right_flipped & ~right).sum())
     z = (only_plain - only_flipped) / max(1.0, (only_plain + only_flipped) ** 0.5)
+    on = "the pixels" if model is None else "the initial model's features"
     return FlipCheck(
-        len(truth), right.float().mean().item(), right_flipped.float().mean().item(), z
+        len(truth), right.float().mean().item(), right_flipped.float().mean().item(), z, on
     )
