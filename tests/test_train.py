@@ -380,7 +380,7 @@ def test_small_gray_folder_from_scratch_gets_one_channel_and_enough_steps(tmp_pa
     # rate that learns within the step budget
     a = cfg.augment
     assert (a.repeated_aug, a.mixup, a.cutmix, a.random_erasing, a.randaugment) == (1, 0, 0, 0, "")
-    assert a.scale == [0.35, 1.0] and cfg.optim.base_lr == SCRATCH_SMALL_LR
+    assert a.scale == [0.35, 1.0] and cfg.optim.lr == SCRATCH_SMALL_LR
     assert any(n.startswith("augment.mixup = 0.0") for n in cfg.notes)
     # batch 8 (the floor): 300 epochs of 10 steps meet the from-scratch budget, no steps set
     assert cfg.schedule.steps is None and cfg.schedule.epochs == 300
@@ -390,6 +390,10 @@ def test_small_gray_folder_from_scratch_gets_one_channel_and_enough_steps(tmp_pa
     )
     resolve(budget)
     assert budget.schedule.epochs == math.ceil(50 / 10)  # whole epochs of 80 / 8 steps
+    args = ["model.name=deit", "data.dataset=imagefolder", f"data.path={root}"]
+    own = load_config(None, [*args, "optim.base_lr=1e-4"])  # a base rate of one's own: scaled
+    resolve(own)
+    assert own.optim.lr is None and own.optim.base_lr == 1e-4
     assert any(n.startswith("schedule.epochs = 5") for n in budget.notes)
 
 
