@@ -157,30 +157,28 @@ def find_columns(ds: Any, image_column: str = "", label_column: str = "") -> tup
     """The image and label column names (given, else found from the features)."""
     datasets = need("datasets")
     features = ds.features or {}
-    if not image_column:
-        found = [k for k, f in features.items() if isinstance(f, datasets.Image)]
-        if not found:
-            found = [k for k in ("image", "img", "jpg", "png") if k in features]
-        if not found:
-            raise ConfigError(
-                f"no image column (a datasets.Image feature) among {list(features)}: "
-                "set data.image_column"
-            )
-        image_column = found[0]
-    if not label_column:
-        found = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
-        if not found:
-            found = [k for k in ("label", "labels", "cls", "class") if k in features]
-        if not found:
-            raise ConfigError(
-                f"no label column (a datasets.ClassLabel feature) among {list(features)}: "
-                "set data.label_column"
-            )
-        label_column = found[0]
+    image_column = image_column or _column(
+        features, datasets.Image, ("image", "img", "jpg", "png"), "image_column"
+    )
+    label_column = label_column or _column(
+        features, datasets.ClassLabel, ("label", "labels", "cls", "class"), "label_column"
+    )
     for name, what in ((image_column, "image_column"), (label_column, "label_column")):
         if name not in features:
             raise ConfigError(f"data.{what} {name!r} is not a column ({list(features)})")
     return image_column, label_column
+
+
+def _column(features: Any, kind: type, names: Sequence[str], key: str) -> str:
+    """The first column whose feature is a ``kind``, else the first of the usual ``names``."""
+    found = [k for k, f in features.items() if isinstance(f, kind)]
+    found = found or [k for k in names if k in features]
+    if not found:
+        raise ConfigError(
+            f"no {key.split('_')[0]} column (a datasets.{kind.__name__} feature) among "
+            f"{list(features)}: set data.{key}"
+        )
+    return found[0]
 
 
 def class_names(ds: Any, label_column: str, labels: Sequence[str] | None) -> list[str]:
