@@ -15,6 +15,9 @@ Where the values come from (see ``docs/training.md``, "Fine-tuning"):
 * augmentation sized to the data: RandAugment, mixup/cutmix and random erasing only when the
   training set is large, crops kept large on small or low-resolution data;
 * a batch that gives an epoch at least ~16 steps on small folders.
+
+A small image folder trained from scratch gets a recipe of its own (:func:`scratch_recipe`):
+DeiT's ImageNet regularisation would keep a small student from learning it at all.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ class FlipCheck:
     accuracy: float  # on them as they are
     flipped_accuracy: float  # on the same images mirrored
     z: float  # McNemar's statistic: (right only unflipped - right only flipped) / sqrt(sum)
-    on: str = "the initial model's features"  # what the probe read
+    on: str  # what the probe read: "the initial model's features" or "the pixels"
 
     @property
     def changes_classes(self) -> bool:
