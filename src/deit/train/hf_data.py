@@ -8,8 +8,7 @@ the features (``datasets.Image``, ``datasets.ClassLabel`` with its names), or na
 :class:`HFImages` reads a map-style split as ``(PIL image, int label)`` pairs; streamed splits
 are :class:`deit.train.streams.HFStream`.
 
-Also the sample helpers every source shares: :func:`need` (an optional package, or a one-line
-install hint), :func:`decode_sample` and :func:`check_label`.
+Also the sample helpers every source shares: :func:`decode_sample` and :func:`check_label`.
 """
 
 from __future__ import annotations
@@ -26,21 +25,13 @@ from typing import Any
 import torch
 
 from deit.errors import ConfigError
+from deit.runtime import require
 from deit.train.data import BadSample
 from deit.train.shards import check_disk_dataset, check_parquet
 
 log = logging.getLogger("deit.train.hf_data")
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
-
-
-def need(module: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{module} is not installed: pip install 'deit[data]'") from e
 
 
 def decode_sample(raw: Any, channels: int) -> Any:
@@ -83,7 +74,7 @@ def load_hf(
     path: str, *, streaming: bool = False, revision: str | None = None, val_path: str = ""
 ) -> Any:
     """A ``DatasetDict``/``IterableDatasetDict`` (or a single dataset) for ``path``."""
-    datasets = need("datasets")
+    datasets = require("datasets", "datasets", "data")
     p = Path(path)
     suffix = Path(path.split(",")[0]).suffix.lower()
     try:
@@ -155,7 +146,7 @@ def _disk_shards(ds: Any) -> int:
 
 def find_columns(ds: Any, image_column: str = "", label_column: str = "") -> tuple[str, str]:
     """The image and label column names (given, else found from the features)."""
-    datasets = need("datasets")
+    datasets = require("datasets", "datasets", "data")
     features = ds.features or {}
     image_column = image_column or _column(
         features, datasets.Image, ("image", "img", "jpg", "png"), "image_column"
@@ -182,7 +173,7 @@ def _column(features: Any, kind: type, names: Sequence[str], key: str) -> str:
 
 
 def class_names(ds: Any, label_column: str, labels: Sequence[str] | None) -> list[str]:
-    datasets = need("datasets")
+    datasets = require("datasets", "datasets", "data")
     feature = (ds.features or {}).get(label_column)
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
@@ -222,7 +213,7 @@ class HFImages(torch.utils.data.Dataset):
         transform: Callable[[Any], Any] | None = None,
         name: str = "hf",
     ) -> None:
-        datasets = need("datasets")
+        datasets = require("datasets", "datasets", "data")
         self.image_column, self.label_column = find_columns(ds, image_column, label_column)
         self.classes = class_names(ds, self.label_column, labels)
         if isinstance(ds.features[self.image_column], datasets.Image):

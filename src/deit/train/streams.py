@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from deit.errors import ConfigError
+from deit.runtime import require
 from deit.train.data import BadSample
-from deit.train.hf_data import check_label, class_names, decode_sample, find_columns, need
+from deit.train.hf_data import check_label, class_names, decode_sample, find_columns
 from deit.train.shards import iter_shard
 
 log = logging.getLogger("deit.train.streams")
@@ -124,7 +125,7 @@ class _EpochStream(torch.utils.data.IterableDataset, abc.ABC):
 
 def expand_shards(urls: str | Sequence[str]) -> list[str]:
     """Shard URLs from brace patterns (``train-{000000..000009}.tar``), globs or a list."""
-    wds = need("webdataset")
+    wds = require("webdataset", "webdataset", "data")
     out: list[str] = []
     for u in [urls] if isinstance(urls, str) else urls:
         for part in wds.shardlists.expand_urls(str(u)):
@@ -223,7 +224,7 @@ class WebDatasetShards(_EpochStream):
         return order
 
     def _stream(self, epoch_pass: int, worker: int, workers: int) -> Iterator[Any]:
-        wds = need("webdataset")
+        wds = require("webdataset", "webdataset", "data")
         mine = self.shard_order(epoch_pass)[self.rank :: self.world][worker::workers]
         samples: Iterator[Any] = (s for u in mine for s in iter_shard(u, _SAMPLE_KEYS))
         if self.train and self.shuffle_buffer > 1:
@@ -262,7 +263,7 @@ class HFStream(_EpochStream):
         shuffle_buffer: int = 1000,
         **kw: Any,
     ) -> None:
-        datasets = need("datasets")
+        datasets = require("datasets", "datasets", "data")
         from datasets.distributed import split_dataset_by_node
 
         if not epoch_samples:
@@ -288,7 +289,7 @@ class HFStream(_EpochStream):
     def _stream(self, epoch_pass: int, worker: int, workers: int) -> Iterator[Any]:
         rows: Iterator[Any] = iter(self.ds)
         if self.train and self.shuffle_buffer > 1:
-            wds = need("webdataset")
+            wds = require("webdataset", "webdataset", "data")
             rng = random.Random(f"{self.seed}/{self.epoch}/{epoch_pass}/{self.rank}/{worker}")
             rows = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(rows)
         for i, row in enumerate(rows):
