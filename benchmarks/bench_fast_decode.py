@@ -30,7 +30,7 @@ from deit.config import VARIANTS
 from deit.inference import Classifier
 from deit.labels import imagenet_labels
 from deit.model import DeiT
-from deit.train.data import load_fashion_mnist
+from deit.train.fashion_mnist import load_fashion_mnist
 from deit.transforms import PreprocessConfig, preprocess
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from deit.train.data import load_fashion_mnist
+from deit.train.fashion_mnist import load_fashion_mnist
 
 
 def timed(argv: list[str]) -> float:

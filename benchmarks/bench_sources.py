@@ -36,7 +36,8 @@ def main() -> None:
     import datasets
 
     from deit.train import sources
-    from deit.train.data import FASHION_MNIST_CLASSES, build_data, write_fashion_mnist_folder
+    from deit.train.data import build_data
+    from deit.train.fashion_mnist import FASHION_MNIST_CLASSES, write_fashion_mnist_folder
     from deit.train.runconfig import load_config
 
     torch.set_num_threads(1)

@@ -69,7 +69,7 @@ def bench_augment(seconds: float) -> None:
     from PIL import Image
 
     from deit.train.augment import random_crop_flip, random_erasing
-    from deit.train.data import load_fashion_mnist
+    from deit.train.fashion_mnist import load_fashion_mnist
 
     torch.set_num_threads(1)
     photo = Image.open(PHOTO).convert("RGB")

@@ -44,7 +44,7 @@ from PIL import Image
 
 from deit.checkpoints import load_model
 from deit.images import load_image
-from deit.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from deit.train.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from deit.train.finetune import label_map
 from deit.transforms import preprocess_image
 

@@ -46,7 +46,7 @@ from PIL import Image
 
 from deit.inference import Classifier
 from deit.ood import Taps, auroc, fit_features, fpr_at_tpr
-from deit.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from deit.train.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from deit.transforms import preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from PIL import Image
 from deit.cli import main
 from deit.deploy.batch import Predict, Preprocess, _Writer, done_paths, predict_to_file, records
 from deit.inference import Classifier
-from deit.train.data import FASHION_MNIST_DIR, load_fashion_mnist
+from deit.train.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 
 from .deploy_helpers import save_tiny_model
 

@@ -11,16 +11,14 @@ from PIL import Image
 
 from deit.train.augment import random_crop_flip, random_erasing
 from deit.train.data import (
-    FASHION_MNIST_DIR,
     BadSample,
     DeviceBatches,
     ImageFolder,
     RepeatAugSampler,
     collate_skip_bad,
-    load_fashion_mnist,
-    read_idx,
     repeated_indices,
 )
+from deit.train.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist, read_idx
 
 from .conftest import idx_bytes
 

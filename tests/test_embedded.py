@@ -90,7 +90,7 @@ def test_ships_out_of_distribution_statistics(sample_images: list[Path]) -> None
     if not fmnist.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     from deit.ood import MAHALANOBIS
-    from deit.train.data import load_fashion_mnist
+    from deit.train.fashion_mnist import load_fashion_mnist
 
     clf = Classifier.from_pretrained("fashion-mnist", device="cpu")
     assert clf.calibration.method == MAHALANOBIS and clf.ood_stats is not None

@@ -133,7 +133,7 @@ def test_export_checks_images_and_preprocessing_before_writing(
 
 def _fashion_mnist_available() -> bool:
     try:
-        from deit.train.data import FASHION_MNIST_DIR
+        from deit.train.fashion_mnist import FASHION_MNIST_DIR
     except ImportError:
         return False
     return (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()

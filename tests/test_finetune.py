@@ -19,7 +19,8 @@ from deit.config import DeiTConfig
 from deit.errors import ConfigError
 from deit.labels import label_map
 from deit.model import DeiT
-from deit.train.data import FASHION_MNIST_DIR, InputSpec, write_fashion_mnist_folder
+from deit.train.data import InputSpec
+from deit.train.fashion_mnist import FASHION_MNIST_DIR, write_fashion_mnist_folder
 from deit.train.finetune import (
     FT_MIN_STEPS,
     HEAD_LR_SCALE,

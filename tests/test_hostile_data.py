@@ -98,7 +98,8 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("webdataset")
 
 from deit.train import hf_data, packing, shards, streams  # noqa: E402  (needs the optional packages above)
-from deit.train.data import FASHION_MNIST_CLASSES, BadSample  # noqa: E402
+from deit.train.data import BadSample  # noqa: E402
+from deit.train.fashion_mnist import FASHION_MNIST_CLASSES  # noqa: E402
 
 
 def _png(value: int = 128, size: int = 28) -> bytes:
@@ -223,7 +224,7 @@ def test_labels_out_of_range_or_not_integers_are_bad_samples(tmp_path: Path) -> 
 
 
 def _fm_folder(root: Path, names: dict[str, int], per_class: int = 4) -> Path:
-    from deit.train.data import load_fashion_mnist
+    from deit.train.fashion_mnist import load_fashion_mnist
 
     x, y = load_fashion_mnist("test")
     for folder, label in names.items():
@@ -440,7 +441,8 @@ def test_config_lengths_follow_the_channels() -> None:
 
 
 def test_a_given_std_is_the_one_the_model_gets(tmp_path: Path) -> None:
-    from deit.train.data import FASHION_MNIST_DIR, build_data
+    from deit.train.data import build_data
+    from deit.train.fashion_mnist import FASHION_MNIST_DIR
     from deit.train.runconfig import load_config
 
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():

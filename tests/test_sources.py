@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from deit.train.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, BadSample, ImageFolder
+from deit.train.data import BadSample, ImageFolder
+from deit.train.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 
 from .conftest import free_port
 
@@ -64,7 +65,7 @@ def _pil(a: np.ndarray) -> Any:
 
 @pytest.fixture(scope="module")
 def fm() -> dict[str, Any]:
-    from deit.train.data import load_fashion_mnist
+    from deit.train.fashion_mnist import load_fashion_mnist
 
     x, y = load_fashion_mnist("train")
     vx, vy = load_fashion_mnist("test")
@@ -372,7 +373,7 @@ def test_two_nodes_over_loopback(store: dict[str, Path], tmp_path: Path) -> None
 def test_each_source_learns_as_well_as_the_folder(tmp_path: Path) -> None:
     """The same CNN, recipe and seed from an image folder, a save_to_disk dataset, Parquet and
     WebDataset shards of the same 2,000 + 500 real images: accuracies within seed noise."""
-    from deit.train.data import load_fashion_mnist
+    from deit.train.fashion_mnist import load_fashion_mnist
 
     x, y = load_fashion_mnist("train")
     vx, vy = load_fashion_mnist("test")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from deit.config import DeiTConfig
 from deit.model import DeiT
-from deit.train.data import FASHION_MNIST_DIR
+from deit.train.fashion_mnist import FASHION_MNIST_DIR
 from deit.train.loop import _fit_to_time, _setup_logging, train
 from deit.train.runconfig import TrainConfig, load_config
 from deit.train.schedule import lr_at, param_groups

@@ -48,7 +48,8 @@ from deit.model import Head, HeadLogits
 from deit.onnx_model import OnnxRunner
 from deit.ood import OUTPUT_NAME as OOD_OUTPUT
 from deit.runtime import quantize_int8, require
-from deit.train.data import ImageFolder, load_fashion_mnist, match_class_folders
+from deit.train.data import ImageFolder, match_class_folders
+from deit.train.fashion_mnist import load_fashion_mnist
 from deit.transforms import preprocess_image
 
 

@@ -31,9 +31,9 @@ from deit.train.data import (
     InputSpec,
     collate_skip_bad,
     image_eval_transform,
-    load_fashion_mnist,
     match_class_folders,
 )
+from deit.train.fashion_mnist import load_fashion_mnist
 from deit.train.losses import split_heads
 from deit.train.plot import save_confusion_matrix
 from deit.train.teachers import load_teacher

@@ -520,7 +520,7 @@ def class_names(
     if train_data is not None:
         return list(labels) if labels is not None else None
     if cfg.data.dataset == "fashion-mnist":
-        from deit.train.data import FASHION_MNIST_CLASSES
+        from deit.train.fashion_mnist import FASHION_MNIST_CLASSES
 
         return list(FASHION_MNIST_CLASSES)
     root = Path(cfg.data.path)
