@@ -34,6 +34,7 @@ from deit.train.finetune import (
     steps_to_epochs,
 )
 from deit.train.loop import train
+from deit.train.probe import new_rows
 from deit.train.runconfig import TrainConfig, load_config
 from deit.train.schedule import param_groups
 from deit.train.student import build_student
@@ -202,6 +203,9 @@ def test_names_match_ignoring_case_punctuation_and_alternatives() -> None:
     assert label_map(["top", "t-shirt-top"], old) == {1: 0}
     assert label_map(["tshirt", "top"], old) == {0: 0}
     assert label_map(["bagel", "trousers", "8"], old) == {}  # no partial words, no positions
+    # the rows the linear probe fits: the unmatched classes; every class without a parent
+    assert new_rows(["t-shirt", "zebra", "coat", "8"], old) == [1, 3]
+    assert new_rows(["t-shirt", "zebra"], None) == [0, 1]
 
 
 def test_no_row_is_inherited_by_position(caplog: pytest.LogCaptureFixture) -> None:

@@ -19,9 +19,9 @@ from PIL import Image
 from deit.config import DeiTConfig
 from deit.model import DeiT
 from deit.train.fashion_mnist import FASHION_MNIST_DIR
-from deit.train.loop import _fit_to_time, _setup_logging, train
+from deit.train.loop import _setup_logging, train
 from deit.train.runconfig import TrainConfig, load_config
-from deit.train.schedule import lr_at, param_groups
+from deit.train.schedule import fit_to_time, lr_at, param_groups
 from deit.train.state import State
 
 from .conftest import free_port, idx_bytes
@@ -73,17 +73,17 @@ def test_time_limit_fits_the_schedule_and_ignores_one_slow_epoch() -> None:
     cfg = load_config(None, [*limit, "schedule.fit_to_time=true"])
     st = State(None, None, None, None, total_epochs=30, epoch=12)  # type: ignore[arg-type]
     # 12 epochs of 100 s, the last one slowed to 190 s by another job: 18 more still fit.
-    assert not _fit_to_time(cfg, st, 1290, [100.0] * 11 + [190.0])
+    assert not fit_to_time(cfg, st, 1290, [100.0] * 11 + [190.0])
     assert st.total_epochs == 30
     # The machine stays slow: the cosine is shortened to what fits.
     st.epoch = 14
-    assert not _fit_to_time(cfg, st, 1670, [100.0] * 11 + [190.0] * 3)
+    assert not fit_to_time(cfg, st, 1670, [100.0] * 11 + [190.0] * 3)
     assert st.total_epochs == 14 + (3100 - 1670) // 190
     # Without fit_to_time the run stops once another epoch would pass the limit.
     cfg = load_config(None, limit)
     st = State(None, None, None, None, total_epochs=30, epoch=20)  # type: ignore[arg-type]
-    assert _fit_to_time(cfg, st, 3050, [100.0] * 20)
-    assert not _fit_to_time(cfg, st, 2900, [100.0] * 20)
+    assert fit_to_time(cfg, st, 3050, [100.0] * 20)
+    assert not fit_to_time(cfg, st, 2900, [100.0] * 20)
     assert st.total_epochs == 30
 
 

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import statistics
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deit.labels import label_map
 from deit.model import DeiT
 from deit.runtime import atomic_write, autocast, resolve_device
 from deit.train.data import BadSample, Data, DeviceBatches, build_data
@@ -48,10 +46,16 @@ from deit.train.exporting import (
 from deit.train.finetune import describe, inherited_preprocess, resolve
 from deit.train.losses import DistillationLoss
 from deit.train.metrics import MetricsWriter
-from deit.train.probe import linear_probe
+from deit.train.probe import linear_probe, new_rows
 from deit.train.runconfig import TrainConfig, save_config
-from deit.train.schedule import lr_at, param_groups
-from deit.train.selection import START_MARGIN_SE, at_chance, is_better, start_margin
+from deit.train.schedule import fit_to_time, lr_at, param_groups, total_epochs
+from deit.train.selection import (
+    START_MARGIN_SE,
+    at_chance,
+    chance_warning,
+    is_better,
+    start_margin,
+)
 from deit.train.state import State, atomic_save, new_ema, read_resume_state, resume_state
 from deit.train.student import build_student
 from deit.train.teachers import load_teacher
@@ -452,22 +456,7 @@ def _prepare(
     loop = Loop(
         cfg, data, forward, criterion, _mixup(cfg, data.num_classes), base_lr, dev, rank, metrics
     )
-    return loop, State(model, optimizer, scaler, ema, total_epochs=_total_epochs(cfg, data))
-
-
-def _total_epochs(cfg: TrainConfig, data: Data) -> int:
-    """The schedule's length in epochs: ``schedule.epochs``, or ``schedule.steps`` rounded up
-    to whole epochs of this data (0 steps: no training at all)."""
-    steps = cfg.schedule.steps
-    if steps is None:
-        return cfg.schedule.epochs
-    if steps == 0:
-        return 0
-    try:
-        per_epoch = len(data.train)
-    except TypeError:  # a stream without a length: the epochs resolve() derived
-        return cfg.schedule.epochs
-    return math.ceil(steps / max(per_epoch, 1))
+    return loop, State(model, optimizer, scaler, ema, total_epochs=total_epochs(cfg, data))
 
 
 def _teacher(cfg: TrainConfig, data: Data, dev: torch.device) -> nn.Module | None:
@@ -496,38 +485,6 @@ def _teacher(cfg: TrainConfig, data: Data, dev: torch.device) -> nn.Module | Non
     return teacher
 
 
-def _fit_to_time(cfg: TrainConfig, st: State, elapsed: float, durations: list[float]) -> bool:
-    """Apply ``run.time_limit`` after an epoch; return True when the run must stop now.
-
-    One more epoch is expected to take the median of the last three ``durations``, so an
-    epoch slowed by another job on the machine does not move the schedule. Without
-    ``schedule.fit_to_time`` the run stops when one more epoch would pass the limit. With
-    it, the schedule's length is set to the epochs that fit (at most ``schedule.epochs``),
-    so the cosine still ends at ``min_lr``.
-    """
-    if not cfg.run.time_limit:
-        return False
-    epoch_time = statistics.median(durations[-3:])
-    fits = int((cfg.run.time_limit - elapsed) // max(epoch_time, 1e-6))
-    if cfg.schedule.fit_to_time:
-        total = max(st.epoch, min(cfg.schedule.epochs, st.epoch + fits))
-        if total != st.total_epochs:
-            log.info(
-                "schedule fitted to run.time_limit: %d epochs (was %d)", total, st.total_epochs
-            )
-            st.total_epochs = total
-        return st.epoch >= st.total_epochs
-    if fits < 1 and st.epoch < st.total_epochs:
-        log.warning(
-            "stopping after epoch %d of %d: run.time_limit %.0f s would be exceeded",
-            st.epoch,
-            st.total_epochs,
-            cfg.run.time_limit,
-        )
-        return True
-    return False
-
-
 def _agree_max(device: torch.device, *values: float) -> list[float]:
     """The largest of each value over all processes (the values as given in one process)."""
     dist = torch.distributed
@@ -549,7 +506,7 @@ def _run_epochs(loop: Loop, st: State, run_dir: Path) -> None:
         elapsed, last = _agree_max(loop.device, now - start, now - t0)  # same decision on all ranks
         durations.append(last)
         stop = bool(cfg.run.max_steps and st.step >= cfg.run.max_steps)
-        stop = _fit_to_time(cfg, st, elapsed, durations) or stop
+        stop = fit_to_time(cfg, st, elapsed, durations) or stop
         final = stop or st.epoch >= st.total_epochs
         if (cfg.run.eval_every and st.epoch % cfg.run.eval_every == 0) or final:
             record.update(_evaluate(loop, st.model))
@@ -605,72 +562,45 @@ def _warn_at_chance(loop: Loop, st: State, top1: float) -> None:
     """Warn once validation has stayed at chance for two evaluated epochs in a row."""
     chance = 1.0 / max(loop.data.num_classes, 1)
     st.at_chance = st.at_chance + 1 if st.epoch > 0 and at_chance(top1, chance) else 0
-    if st.at_chance != 2:
-        return
-    cfg = loop.cfg
-    steps = len(loop.data.train) if hasattr(loop.data.train, "__len__") else "?"
-    log.warning(
-        "validation accuracy has stayed at chance for 2 epochs (%.1f%%; chance with %d "
-        "classes is %.1f%%). Likely causes: a learning rate far too low or too high (it is "
-        "%.3g; try optim.lr), too few optimizer steps (%s per epoch, batch %d: lower "
-        "data.batch_size or set schedule.steps), images read differently from what the "
-        "model expects (data.in_chans=%s, data.mean/std, size %s px), or labels that do not "
-        "follow the images (class folders of training and validation data named differently).",
-        100 * top1,
-        loop.data.num_classes,
-        100 * chance,
-        loop.base_lr,
-        steps,
-        cfg.data.batch_size,
-        loop.data.spec.in_chans,
-        loop.data.spec.img_size,
-    )
+    if st.at_chance == 2:
+        steps = len(loop.data.train) if hasattr(loop.data.train, "__len__") else None
+        log.warning(
+            chance_warning(
+                top1,
+                loop.data.num_classes,
+                loop.base_lr,
+                steps,
+                loop.cfg.data.batch_size,
+                loop.data.spec.in_chans,
+                loop.data.spec.img_size,
+            )
+        )
 
 
 def _before_training(loop: Loop, st: State, run_dir: Path, loaded: Any) -> None:
     """A fresh run's start: the linear probe (LP-FT) when a fine-tuned model has new head rows
     (a model trained from scratch has only random features to probe: ``linear_probe=on``
-    forces it), then, when
-    fine-tuning (or not training at all), the starting model evaluated as epoch 0, so the
-    best-epoch choice can keep it."""
+    forces it), then, when fine-tuning (or not training at all), the starting model evaluated
+    as epoch 0, so the best-epoch choice can keep it."""
     cfg, model = loop.cfg, st.model
-    new_rows = _new_rows(cfg, loop.data, loaded)
+    old = (getattr(loaded, "labels", None) or []) if cfg.model.init else None
+    fresh = new_rows(loop.data.labels, old)
     probe = cfg.schedule.linear_probe
-    auto = probe == "auto" and bool(cfg.model.init) and bool(new_rows)
+    auto = probe == "auto" and bool(cfg.model.init) and bool(fresh)
     if isinstance(model, DeiT) and (probe == "on" or auto):
-        rows = new_rows if new_rows else list(range(loop.data.num_classes))
-        t0 = time.perf_counter()
+        rows = fresh or list(range(loop.data.num_classes))
         result = linear_probe(model, _batches(loop.data, loop.device, []), rows)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             heads = [m for m in (model.head, model.head_dist) if m is not None]
             for p in (p for m in heads for p in m.parameters()):  # each rank fitted its shard:
                 torch.distributed.broadcast(p.data, 0)  # all take rank 0's heads
-        log.info(
-            "linear probe: %d new head rows (of %d head%s) fitted on the frozen features of "
-            "%d training images in %.1f s; training accuracy %.1f%% -> %.1f%%",
-            result.new_rows,
-            result.heads,
-            "s" if result.heads > 1 else "",
-            result.images,
-            time.perf_counter() - t0,
-            100 * result.accuracy_before,
-            100 * result.accuracy_after,
-        )
+        log.info("%s", result)
     elif probe == "on":
         log.warning("schedule.linear_probe=on needs a DeiT student: skipped")
     if cfg.model.init or st.total_epochs == 0:
         record = _evaluate(loop, model)
         if loop.rank == 0:
             _end_of_epoch(loop, st, run_dir, record, final=st.total_epochs == 0)
-
-
-def _new_rows(cfg: TrainConfig, data: Data, loaded: Any) -> list[int]:
-    """The classes whose head rows did not come from the initial model (all without one)."""
-    if not cfg.model.init:
-        return list(range(data.num_classes))
-    old = list(getattr(loaded, "labels", None) or [])
-    matched = label_map(data.labels, old)
-    return [i for i in range(data.num_classes) if i not in matched]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -16,6 +16,7 @@ them. The fit is on features only: a few seconds for thousands of images.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deit.labels import label_map
 from deit.model import DeiT
 
 MAX_PROBE_IMAGES = 20_000  # features of at most this many training images are fitted on
@@ -39,6 +41,15 @@ class ProbeResult:
     heads: int  # heads fitted (1, or 2 with a distillation head)
     accuracy_before: float  # training accuracy of the (averaged) heads before the fit
     accuracy_after: float  # ... and after
+    seconds: float = 0.0  # wall time of the fit
+
+    def __str__(self) -> str:
+        return (
+            f"linear probe: {self.new_rows} new head rows (of {self.heads} "
+            f"head{'s' if self.heads > 1 else ''}) fitted on the frozen features of "
+            f"{self.images} training images in {self.seconds:.1f} s; training accuracy "
+            f"{100 * self.accuracy_before:.1f}% -> {100 * self.accuracy_after:.1f}%"
+        )
 
 
 @torch.no_grad()
@@ -119,13 +130,25 @@ def linear_probe(
         batches: ``(images, labels)`` training batches on the model's device.
         new_rows: the class indices whose rows are new (every row when nothing matched).
     """
+    t0 = time.perf_counter()
     feats, labels = token_features(model, batches)
     before = _accuracy(model, feats, labels)
     layers = [model.head] + ([model.head_dist] if model.head_dist is not None else [])
     for k, layer in enumerate(layers):
         fit_rows(layer, feats[:, k], labels, new_rows)
     after = _accuracy(model, feats, labels)
-    return ProbeResult(len(labels), len(new_rows), len(layers), before, after)
+    seconds = time.perf_counter() - t0
+    return ProbeResult(len(labels), len(new_rows), len(layers), before, after, seconds)
+
+
+def new_rows(labels: Sequence[str], old_labels: Sequence[str] | None) -> list[int]:
+    """The classes whose head rows do not come from the initial model: those whose names match
+    none of ``old_labels`` (:func:`deit.labels.label_map`); every class without an initial
+    model (``old_labels`` None)."""
+    if old_labels is None:
+        return list(range(len(labels)))
+    matched = label_map(labels, list(old_labels))
+    return [i for i in range(len(labels)) if i not in matched]
 
 
 # --------------------------------------------------------------------------- flips

@@ -1,21 +1,28 @@
-"""The optimizer's parameter groups (weight decay, layer-wise lr decay, the heads' own rate)
-and the learning-rate schedule (linear warm-up, then cosine), as the DeiT recipe and timm
-define them; :mod:`deit.train.loop` applies them every step."""
+"""The optimizer's parameter groups (weight decay, layer-wise lr decay, the heads' own rate),
+the learning-rate schedule (linear warm-up, then cosine), as the DeiT recipe and timm define
+them, and the run's length in epochs (from a step budget, and fitted to ``run.time_limit``);
+:mod:`deit.train.loop` applies them."""
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 from typing import Any
 
 from torch import nn
 
 from deit.errors import ConfigError
 from deit.model import DeiT
+from deit.train.data import Data
 from deit.train.finetune import is_head, layer_id
 from deit.train.runconfig import TrainConfig
+from deit.train.state import State
 from deit.train.student import output_layer
 
-__all__ = ["lr_at", "param_groups"]
+__all__ = ["fit_to_time", "lr_at", "param_groups", "total_epochs"]
+
+log = logging.getLogger("deit.train.schedule")
 
 
 def lr_at(epoch: float, cfg: TrainConfig, base_lr: float, epochs: float | None = None) -> float:
@@ -89,3 +96,53 @@ def param_groups(
                 },
             )
     return [groups[k] for k in sorted(groups)]
+
+
+# --------------------------------------------------------------------------- length
+
+
+def total_epochs(cfg: TrainConfig, data: Data) -> int:
+    """The schedule's length in epochs: ``schedule.epochs``, or ``schedule.steps`` rounded up
+    to whole epochs of this data (0 steps: no training at all)."""
+    steps = cfg.schedule.steps
+    if steps is None:
+        return cfg.schedule.epochs
+    if steps == 0:
+        return 0
+    try:
+        per_epoch = len(data.train)
+    except TypeError:  # a stream without a length: the epochs resolve() derived
+        return cfg.schedule.epochs
+    return math.ceil(steps / max(per_epoch, 1))
+
+
+def fit_to_time(cfg: TrainConfig, st: State, elapsed: float, durations: list[float]) -> bool:
+    """Apply ``run.time_limit`` after an epoch; return True when the run must stop now.
+
+    One more epoch is expected to take the median of the last three ``durations``, so an
+    epoch slowed by another job on the machine does not move the schedule. Without
+    ``schedule.fit_to_time`` the run stops when one more epoch would pass the limit. With
+    it, the schedule's length is set to the epochs that fit (at most ``schedule.epochs``),
+    so the cosine still ends at ``min_lr``.
+    """
+    if not cfg.run.time_limit:
+        return False
+    epoch_time = statistics.median(durations[-3:])
+    fits = int((cfg.run.time_limit - elapsed) // max(epoch_time, 1e-6))
+    if cfg.schedule.fit_to_time:
+        total = max(st.epoch, min(cfg.schedule.epochs, st.epoch + fits))
+        if total != st.total_epochs:
+            log.info(
+                "schedule fitted to run.time_limit: %d epochs (was %d)", total, st.total_epochs
+            )
+            st.total_epochs = total
+        return st.epoch >= st.total_epochs
+    if fits < 1 and st.epoch < st.total_epochs:
+        log.warning(
+            "stopping after epoch %d of %d: run.time_limit %.0f s would be exceeded",
+            st.epoch,
+            st.total_epochs,
+            cfg.run.time_limit,
+        )
+        return True
+    return False

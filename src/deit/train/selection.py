@@ -3,14 +3,21 @@
 The best epoch (:func:`is_better`) is the highest validation top-1, ties going to the lower
 validation loss; leaving the starting model of a fine-tuning run takes a gain larger than the
 noise of its validation accuracy (:func:`start_margin`). :func:`at_chance` is the test behind
-the loop's warning after two epochs at chance.
+the loop's warning after two epochs at chance, :func:`chance_warning` its text.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["CHANCE_MARGIN", "START_MARGIN_SE", "at_chance", "is_better", "start_margin"]
+__all__ = [
+    "CHANCE_MARGIN",
+    "START_MARGIN_SE",
+    "at_chance",
+    "chance_warning",
+    "is_better",
+    "start_margin",
+]
 
 
 def is_better(
@@ -47,3 +54,27 @@ def at_chance(top1: float, chance: float) -> bool:
     """Whether a validation top-1 is within ``CHANCE_MARGIN`` of the way from ``chance``
     (one over the number of classes) to 100%."""
     return top1 <= chance + CHANCE_MARGIN * (1.0 - chance)
+
+
+def chance_warning(
+    top1: float,
+    num_classes: int,
+    lr: float,
+    steps: int | None,
+    batch_size: int,
+    in_chans: int,
+    img_size: object,
+) -> str:
+    """The warning after two epochs at chance: the accuracy, and the likely causes with the
+    run's own values (rate, steps per epoch, batch, channels, size) and the settings to change."""
+    chance = 1.0 / max(num_classes, 1)
+    return (
+        f"validation accuracy has stayed at chance for 2 epochs ({100 * top1:.1f}%; chance "
+        f"with {num_classes} classes is {100 * chance:.1f}%). Likely causes: a learning rate "
+        f"far too low or too high (it is {lr:.3g}; try optim.lr), too few optimizer steps "
+        f"({'?' if steps is None else steps} per epoch, batch {batch_size}: lower "
+        "data.batch_size or set schedule.steps), images read differently from what the model "
+        f"expects (data.in_chans={in_chans}, data.mean/std, size {img_size} px), or labels "
+        "that do not follow the images (class folders of training and validation data named "
+        "differently)."
+    )
