@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from deit import transforms
+from deit import box_resize
 from deit.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess
 
 HF_CONFIG = {
@@ -116,12 +116,12 @@ def _contenders(preset: str) -> tuple[dict[str, Callable[[Path], torch.Tensor]],
     def deit(band_min_pixels: int, fast_decode: bool = False) -> Callable[[Path], torch.Tensor]:
         def run(p: Path) -> torch.Tensor:
             # Contenders never run at the same time, so each may set the band threshold.
-            transforms.BAND_MIN_PIXELS = band_min_pixels
+            box_resize.BAND_MIN_PIXELS = band_min_pixels
             return preprocess(p, cfg, fast_decode=fast_decode)[0]
 
         return run
 
-    default = transforms.BAND_MIN_PIXELS
+    default = box_resize.BAND_MIN_PIXELS
     ours = {
         "deit": deit(default),
         "deit 1 thread": deit(1 << 62),  # no image is large enough for row bands

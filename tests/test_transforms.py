@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image, ImageFile, features
 
-from deit import transforms
+from deit import box_resize as resizing
+from deit.box_resize import box_resize
 from deit.errors import ImageLoadError
 from deit.images import DEFAULT_MAX_PIXELS, load_image
 from deit.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PreprocessConfig,
-    _box_resize,
     center_crop_array,
     crop_offset,
     has_light_background,
@@ -555,7 +555,7 @@ def test_resize_and_crop_computes_the_crop_alone_bit_for_bit(mode):
             continue
         for bands in (1, 2, 3):
             cases += 1
-            got = _box_resize(img, (new_w, new_h), (left, top, cw, ch), resample, bands)
+            got = box_resize(img, (new_w, new_h), (left, top, cw, ch), resample, bands)
             if got is not None:
                 fast += 1
                 np.testing.assert_array_equal(got, want)
@@ -564,11 +564,11 @@ def test_resize_and_crop_computes_the_crop_alone_bit_for_bit(mode):
 
 def test_large_images_resize_in_bands(monkeypatch):
     img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 450, 3), np.uint8))
-    monkeypatch.setattr(transforms, "BAND_MIN_PIXELS", 0)
-    monkeypatch.setattr(transforms.os, "cpu_count", lambda: 3)
-    assert transforms._bands(img) == 3
-    assert transforms._bands(img, alone=False) == 1  # another resize is using the cores
+    monkeypatch.setattr(resizing, "BAND_MIN_PIXELS", 0)
+    monkeypatch.setattr(resizing.os, "cpu_count", lambda: 3)
+    assert resizing.bands(img) == 3
+    assert resizing.bands(img, alone=False) == 1  # another resize is using the cores
     cfg = PreprocessConfig(resize_mode="squash", resize_size=(256, 256))  # crop 224
     want = np.asarray(img.resize((256, 256), Image.Resampling.BICUBIC))[16:240, 16:240]
     np.testing.assert_array_equal(resize_and_crop(img, cfg), want)
-    assert transforms._box_resize_is_exact()
+    assert resizing.box_resize_is_exact()
