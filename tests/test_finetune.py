@@ -25,6 +25,7 @@ from deit.train.finetune import (
     FT_MIN_STEPS,
     HEAD_LR_SCALE,
     KNOWN_CLASSES_LR,
+    SMALL_DATA_LR,
     TRANSFER_LR,
     adjust_warmup,
     data_config_from_model,
@@ -91,7 +92,15 @@ def test_finetune_defaults_and_overrides_win(tmp_path: Path) -> None:
 def test_new_classes_get_the_transfer_rate_and_a_step_budget() -> None:
     cfg = load_config(None, ["model.init=x"])
     recipe(cfg, n_train=600, img_size=28, new_classes=True)
-    assert cfg.optim.base_lr == TRANSFER_LR and cfg.optim.head_lr_scale == HEAD_LR_SCALE
+    # small data: the transfer rate at batch 256, not shrunk with the small batch
+    assert cfg.optim.lr == SMALL_DATA_LR == TRANSFER_LR * 256 / 512
+    assert cfg.optim.head_lr_scale == HEAD_LR_SCALE
+    large = load_config(None, ["model.init=x"])
+    recipe(large, n_train=20_000, img_size=28, new_classes=True)
+    assert large.optim.lr is None and large.optim.base_lr == TRANSFER_LR
+    own = load_config(None, ["model.init=x", "optim.base_lr=1e-3"])  # the user's: scaled
+    recipe(own, n_train=600, img_size=28, new_classes=True)
+    assert own.optim.lr is None and own.optim.base_lr == 1e-3
     # 600 images: batch 32 (>= 16 steps per epoch), 30 epochs of 18 steps are too few
     assert cfg.data.batch_size == 32 and cfg.schedule.steps == FT_MIN_STEPS
     assert any(n.startswith("schedule.steps") and "540 optimizer steps" in n for n in cfg.notes)

@@ -365,7 +365,7 @@ def test_small_gray_folder_from_scratch_gets_one_channel_and_enough_steps(tmp_pa
     """The documented from-scratch command on a small grayscale folder: read as 1 channel, a
     batch that leaves >= 16 steps per epoch (at least 8 images), the small-data augmentation
     and rate, the best epoch exported, every choice noted."""
-    from deit.train.finetune import SCRATCH_SMALL_LR, resolve
+    from deit.train.finetune import SMALL_DATA_LR, resolve
 
     root = tmp_path / "gray"
     for c in ("even", "odd"):
@@ -382,7 +382,7 @@ def test_small_gray_folder_from_scratch_gets_one_channel_and_enough_steps(tmp_pa
     # rate that learns within the step budget
     a = cfg.augment
     assert (a.repeated_aug, a.mixup, a.cutmix, a.random_erasing, a.randaugment) == (1, 0, 0, 0, "")
-    assert a.scale == [0.35, 1.0] and cfg.optim.lr == SCRATCH_SMALL_LR
+    assert a.scale == [0.35, 1.0] and cfg.optim.lr == SMALL_DATA_LR
     assert any(n.startswith("augment.mixup = 0.0") for n in cfg.notes)
     # batch 8 (the floor): 300 epochs of 10 steps meet the from-scratch budget, no steps set
     assert cfg.schedule.steps is None and cfg.schedule.epochs == 300

@@ -50,7 +50,9 @@ LOW_RES = 64  # pixels: below this, no RandAugment (its ops wipe out 28-32 px im
 MIN_EPOCH_STEPS = 16  # small data: the batch leaves an epoch at least this many steps
 FT_MIN_STEPS = 1000  # fine-tuning on small data: at least this many optimizer steps in all
 SCRATCH_MIN_STEPS = 3000  # from scratch on small data: at least this many
-SCRATCH_SMALL_LR = 1e-3  # the lr from scratch on small data (not scaled by the batch)
+# small data, from scratch or fine-tuned to new classes: the lr whatever the batch (the batch
+# shrinks on small data to give enough steps; a rate scaled with it would undo that)
+SMALL_DATA_LR = 1e-3
 FLIP_PIXELS = 32  # from scratch, the flip check's probe reads the images at this size
 KNOWN_CLASSES_LR = 1e-4  # base lr (x batch / 512) when every class is one the model knows
 TRANSFER_LR = 2e-3  # base lr when some class is new (x batch / 512: 2.5e-4 at batch 64)
@@ -162,12 +164,22 @@ def recipe(
             "every class is one the model knows: a small lr that specialises without forgetting",
         )
     else:
-        set_default(
-            cfg,
-            "optim.base_lr",
-            TRANSFER_LR,
-            "new classes: the transfer rate (the body must learn new features)",
-        )
+        if small and not is_explicit(cfg, "optim.base_lr"):
+            set_default(
+                cfg,
+                "optim.lr",
+                SMALL_DATA_LR,
+                f"{size}, new classes: the transfer rate at batch 256 "
+                f"({TRANSFER_LR:g} x 256 / 512), whatever the smaller batch that gives small "
+                "data enough steps",
+            )
+        else:
+            set_default(
+                cfg,
+                "optim.base_lr",
+                TRANSFER_LR,
+                "new classes: the transfer rate (the body must learn new features)",
+            )
         set_default(
             cfg,
             "optim.head_lr_scale",
@@ -223,7 +235,7 @@ def scratch_recipe(cfg: TrainConfig, n_train: int, img_size: int) -> None:
     regularises a model seeing 1.2M images for 300 epochs; on 1,350 digit scans it leaves a
     small DeiT at chance for 20 epochs (docs/results/fine-tuning.md). Here: plain crops
     keeping at least a third of the image, flips (unless :func:`check_flips` finds they change
-    the classes), label smoothing, and a rate of ``SCRATCH_SMALL_LR`` (1e-3 at batch 64 against
+    the classes), label smoothing, and a rate of ``SMALL_DATA_LR`` (1e-3 at batch 64 against
     5e-4 there: 98.0% against 97.0% on those digits).
     """
     size = f"{n_train} training images of {img_size} px"
@@ -237,7 +249,7 @@ def scratch_recipe(cfg: TrainConfig, n_train: int, img_size: int) -> None:
         set_default(
             cfg,
             "optim.lr",
-            SCRATCH_SMALL_LR,
+            SMALL_DATA_LR,
             f"{size}: a rate that learns within a few thousand steps, whatever the batch",
         )
     set_default(cfg, "run.export", "best", f"{size}: the epoch with the best validation accuracy")
