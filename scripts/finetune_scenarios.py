@@ -16,7 +16,8 @@ validation split (for the best-epoch choice) and a separate held-out test split 
 For each: zero-shot (the model restricted to the matched classes, where there are any), the
 linear probe alone (``schedule.steps=0 schedule.linear_probe=on``), fine-tuned with the
 defaults (the command line gives only the data), the same start distilled (hard) from that
-fine-tuned model as teacher, from scratch (same shape, a step budget),
+fine-tuned model as teacher, from scratch (same shape, a step budget), a CNN teacher trained
+on the folder (``fmnist_cnn``, 1,000 steps) and the same start distilled (hard) from it,
 a classical baseline (RBF SVM and logistic regression on the pixels), and wall times.
 
 Usage::
@@ -44,6 +45,8 @@ from PIL import Image
 
 from deit.checkpoints import load_model
 from deit.images import load_image
+from deit.train.classifiers import is_classifier_dir
+from deit.train.evaluate import evaluate
 from deit.train.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from deit.train.finetune import label_map
 from deit.transforms import preprocess_image
@@ -73,6 +76,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "d": {"what": "same class count, other classes (digits 0-9), 28 px", "digits": "ten"},
 }
+CNN = ["model.name=fmnist_cnn", "data.in_chans=1", "schedule.steps=1000"]
 PER_CLASS = (500, 100, 300)  # Fashion-MNIST (test split: 1,000 per class): train, val, test
 
 
@@ -140,7 +144,10 @@ def _folder(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
 def accuracy(model_path: str | Path, test: Path) -> float:
     """Top-1 on ``test`` with the model's own inference preprocessing, its prediction
     restricted to the test folders' classes matched by name (for a fine-tuned model: all of
-    its classes; for the initial model: zero-shot)."""
+    its classes; for the initial model: zero-shot). A CNN (``deit-classifier`` folder):
+    ``deit.train.evaluate``, its classes matched to the folders by name."""
+    if is_classifier_dir(model_path):
+        return evaluate(model_path, str(test), device="cpu").top1
     loaded = load_model(model_path)
     classes, files, labels = _folder(test)
     mapping = label_map(classes, loaded.labels)
@@ -236,6 +243,15 @@ def scenario(name: str, work: Path, skip: set[str]) -> dict[str, Any]:
             f"distill.teacher={runs / 'finetuned' / 'model'}",
         ],
         "scratch": [*SCRATCH, *data, f"model.img_size={s.get('size', 28)}"],
+        # a teacher of another architecture, trained on the folder: a CNN (the paper's case)
+        "cnn": [*CNN, *data, f"model.img_size={s.get('size', 28)}"],
+        "distilled_cnn": [
+            "model.init=fashion-mnist",
+            *data,
+            *extra,
+            "distill.kind=hard",
+            f"distill.teacher={runs / 'cnn' / 'model'}",
+        ],
     }
     for key, args in plans.items():
         if key in skip:
@@ -253,9 +269,9 @@ def table(results: dict[str, Any]) -> str:
 
     lines = [
         "| scenario | zero-shot | linear probe | fine-tuned (defaults) | kept epoch / steps | "
-        "distilled from it | from scratch | SVM (pixels) | logistic regression | "
-        "fine-tune wall time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "distilled from it | CNN teacher | distilled from the CNN | from scratch | "
+        "SVM (pixels) | logistic regression | fine-tune wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in sorted(results.items()):
         ft = r.get("finetuned", {})
@@ -264,6 +280,8 @@ def table(results: dict[str, Any]) -> str:
             f"{pct(r.get('probe', {}).get('test_top1'))} | {pct(ft.get('test_top1'))} | "
             f"{ft.get('best_epoch', '–')} of {ft.get('epochs', '–')} / {ft.get('steps', '–')} | "
             f"{pct(r.get('distilled', {}).get('test_top1'))} | "
+            f"{pct(r.get('cnn', {}).get('test_top1'))} | "
+            f"{pct(r.get('distilled_cnn', {}).get('test_top1'))} | "
             f"{pct(r.get('scratch', {}).get('test_top1'))} | {pct(r['classical']['svm'])} | "
             f"{pct(r['classical']['logreg'])} | {ft.get('wall_s', 0):.0f} s |"
         )
