@@ -17,7 +17,6 @@ import torch
 from PIL import Image, ImageFile, features
 
 from deit import box_resize as resizing
-from deit.box_resize import box_resize
 from deit.errors import ImageLoadError
 from deit.images import DEFAULT_MAX_PIXELS, load_image
 from deit.transforms import (
@@ -555,7 +554,7 @@ def test_resize_and_crop_computes_the_crop_alone_bit_for_bit(mode):
             continue
         for bands in (1, 2, 3):
             cases += 1
-            got = box_resize(img, (new_w, new_h), (left, top, cw, ch), resample, bands)
+            got = resizing.box_resize(img, (new_w, new_h), (left, top, cw, ch), resample, bands)
             if got is not None:
                 fast += 1
                 np.testing.assert_array_equal(got, want)

@@ -3,7 +3,7 @@
 :func:`cropped_resize` computes pixels ``(left, top, width, height)`` of
 ``img.resize(size, resample)`` with PIL's resize of a source box, in row bands on several threads
 for large images, and only where Pillow's arithmetic makes that identical to resizing everything
-and cropping (:func:`source_interval`, :func:`horizontal_first`); :func:`box_resize_is_exact`
+and cropping (:func:`_source_interval`, :func:`_horizontal_first`); :func:`box_resize_is_exact`
 checks the installed Pillow once per process. :func:`deit.transforms.resize_and_crop` uses it.
 """
 
@@ -27,26 +27,28 @@ __all__ = ["BAND_MIN_PIXELS", "box_resize", "box_resize_is_exact", "cropped_resi
 # other resize is running in the process (else the cores are busy already: parallel decoding
 # in `deit predict`, the server's pool) and not in a DataLoader worker (one of several).
 BAND_MIN_PIXELS = 1 << 20
-_bandpool: tuple[int, ThreadPoolExecutor] | None = None
-_bandpool_lock = threading.Lock()
+_band_pool: tuple[int, ThreadPoolExecutor] | None = None
+_band_pool_lock = threading.Lock()
 _resizing = 0
 
 
 @contextlib.contextmanager
-def resize_slot() -> Iterator[bool]:
+def _resize_slot() -> Iterator[bool]:
     """Count running resizes; yields whether this one is the only one."""
     global _resizing
-    with _bandpool_lock:
+    with _band_pool_lock:
         _resizing += 1
         alone = _resizing == 1
     try:
         yield alone
     finally:
-        with _bandpool_lock:
+        with _band_pool_lock:
             _resizing -= 1
 
 
 def bands(img: Image.Image, alone: bool = True) -> int:
+    """How many row bands to resize ``img`` in: one for small images, while another resize
+    runs (``alone`` False) or inside a DataLoader worker; else up to 4, one per core."""
     if not alone or img.width * img.height < BAND_MIN_PIXELS:
         return 1
     if torch.utils.data.get_worker_info() is not None:
@@ -54,16 +56,16 @@ def bands(img: Image.Image, alone: bool = True) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def pool() -> ThreadPoolExecutor:
+def _pool() -> ThreadPoolExecutor:
     """This process's band threads (a forked child gets its own)."""
-    global _bandpool
-    with _bandpool_lock:
-        if _bandpool is None or _bandpool[0] != os.getpid():
-            _bandpool = (os.getpid(), ThreadPoolExecutor(4, thread_name_prefix="deit-resize"))
-        return _bandpool[1]
+    global _band_pool
+    with _band_pool_lock:
+        if _band_pool is None or _band_pool[0] != os.getpid():
+            _band_pool = (os.getpid(), ThreadPoolExecutor(4, thread_name_prefix="deit-resize"))
+        return _band_pool[1]
 
 
-def source_interval(
+def _source_interval(
     insize: int, outsize: int, start: int, length: int
 ) -> tuple[float, float] | None:
     """The source interval (one side of a PIL resize box) whose ``length`` outputs are outputs
@@ -86,7 +88,7 @@ def source_interval(
     return float(in0), float(in1)
 
 
-def horizontal_first(width: int, height: int, out_w: int, out_h: int) -> bool:
+def _horizontal_first(width: int, height: int, out_w: int, out_h: int) -> bool:
     """Pillow's (13) choice of pass order: vertical first if the height shrinks by more than
     twice what the width does. Bands must make the same choice as the whole image, since the
     intermediate image is rounded to 8 bits between the passes."""
@@ -105,21 +107,21 @@ def box_resize(
     threads; None where that would not be bit-identical."""
     (width, height), (new_w, new_h), (left, top, cw, ch) = img.size, size, crop
     img.load()  # decode now, not in two threads at once
-    xs = source_interval(width, new_w, left, cw)
+    xs = _source_interval(width, new_w, left, cw)
     if xs is None:  # resize all columns, crop them afterwards
         xs, out_w, x0 = (0.0, float(width)), new_w, left
     else:
         out_w, x0 = cw, 0
-    order = horizontal_first(width, height, new_w, new_h)
+    order = _horizontal_first(width, height, new_w, new_h)
     cuts = [round(i * ch / bands) for i in range(bands + 1)]
     jobs = []
     for y0, y1 in itertools.pairwise(cuts):
-        ys = source_interval(height, new_h, top + y0, y1 - y0)
-        if ys is None or horizontal_first(width, height, out_w, y1 - y0) != order:
+        ys = _source_interval(height, new_h, top + y0, y1 - y0)
+        if ys is None or _horizontal_first(width, height, out_w, y1 - y0) != order:
             return None
         jobs.append(((out_w, y1 - y0), (xs[0], ys[0], xs[1], ys[1])))
     # PIL releases the GIL while resampling: the bands run in parallel.
-    futures = [pool().submit(img.resize, s, resample, b) for s, b in jobs[1:]]
+    futures = [_pool().submit(img.resize, s, resample, b) for s, b in jobs[1:]]
     parts = [img.resize(jobs[0][0], resample, box=jobs[0][1])] + [f.result() for f in futures]
     rows = np.concatenate([np.asarray(p) for p in parts])
     return rows[:, x0 : x0 + cw]
@@ -158,5 +160,5 @@ def cropped_resize(
 ) -> np.ndarray | None:
     """:func:`box_resize` in as many row bands as the image and the process allow (one while
     another resize is running); None where that would not be bit-identical."""
-    with resize_slot() as alone:
+    with _resize_slot() as alone:
         return box_resize(img, size, crop, resample, bands(img, alone))

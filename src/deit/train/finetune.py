@@ -164,16 +164,8 @@ def recipe(
             "every class is one the model knows: a small lr that specialises without forgetting",
         )
     else:
-        if small and not is_explicit(cfg, "optim.base_lr"):
-            set_default(
-                cfg,
-                "optim.lr",
-                SMALL_DATA_LR,
-                f"{size}, new classes: the transfer rate at batch 256 "
-                f"({TRANSFER_LR:g} x 256 / 512), whatever the smaller batch that gives small "
-                "data enough steps",
-            )
-        else:
+        why = f"the transfer rate at batch 256 ({TRANSFER_LR:g} x 256 / 512), whatever the batch"
+        if not (small and small_data_rate(cfg, f"{size}, new classes: {why}")):
             set_default(
                 cfg,
                 "optim.base_lr",
@@ -245,15 +237,20 @@ def scratch_recipe(cfg: TrainConfig, n_train: int, img_size: int) -> None:
     set_default(cfg, "augment.random_erasing", 0.0, f"{size}: no erasing")
     set_default(cfg, "augment.randaugment", "", f"{size}: no RandAugment")
     set_default(cfg, "augment.scale", [0.35, 1.0], f"{size}: crops keep a third or more")
-    if not is_explicit(cfg, "optim.base_lr"):
-        set_default(
-            cfg,
-            "optim.lr",
-            SMALL_DATA_LR,
-            f"{size}: a rate that learns within a few thousand steps, whatever the batch",
-        )
+    small_data_rate(
+        cfg, f"{size}: a rate that learns within a few thousand steps, whatever the batch"
+    )
     set_default(cfg, "run.export", "best", f"{size}: the epoch with the best validation accuracy")
     small_data_schedule(cfg, n_train, size, SCRATCH_MIN_STEPS)
+
+
+def small_data_rate(cfg: TrainConfig, why: str) -> bool:
+    """``optim.lr`` = ``SMALL_DATA_LR`` (noted with ``why``) unless the user gave a base rate of
+    their own (``optim.base_lr``, scaled by the batch as usual); False in that case only."""
+    if is_explicit(cfg, "optim.base_lr"):
+        return False
+    set_default(cfg, "optim.lr", SMALL_DATA_LR, why)
+    return True
 
 
 def small_data_schedule(cfg: TrainConfig, n_train: int, size: str, min_steps: int) -> None:
