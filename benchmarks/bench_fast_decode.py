@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from deit.checkpoints import load_model, save_model
+from deit.checkpoints import load_model
 from deit.config import VARIANTS
 from deit.inference import Classifier
 from deit.labels import imagenet_labels
 from deit.model import DeiT
+from deit.saving import save_model
 from deit.train.fashion_mnist import load_fashion_mnist
 from deit.transforms import PreprocessConfig, preprocess
 

@@ -45,9 +45,9 @@ def save_random_model(folder: Path) -> Path:
     """A random DeiT-tiny-distilled in the embedded Fashion-MNIST model's shape."""
     import torch
 
-    from deit.checkpoints import save_model
     from deit.config import DeiTConfig
     from deit.model import DeiT
+    from deit.saving import save_model
     from deit.transforms import PreprocessConfig
 
     torch.manual_seed(0)

@@ -90,7 +90,8 @@ import sys
 
 import torch
 
-from deit.checkpoints import load_model, save_model
+from deit.checkpoints import load_model
+from deit.saving import save_model
 
 m = load_model(sys.argv[1])
 save_model(m.model, sys.argv[2], labels=m.labels, preprocess=m.preprocess, format="deit",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from deit.checkpoints import save_model
 from deit.config import DeiTConfig
 from deit.model import DeiT
+from deit.saving import save_model
 from deit.transforms import PreprocessConfig
 
 LABELS = [f"class-{i}" for i in range(10)]

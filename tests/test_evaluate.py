@@ -31,7 +31,7 @@ def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from deit.checkpoints import save_model
+    from deit.saving import save_model
 
     torch.manual_seed(0)
     config = DeiTConfig(

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deit.checkpoints import save_model
 from deit.cli import main
 from deit.config import DeiTConfig
 from deit.errors import ImageTooLargeError
 from deit.model import DeiT
+from deit.saving import save_model
 from deit.transforms import (
     MAX_SIZE,
     PreprocessConfig,

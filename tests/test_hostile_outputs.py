@@ -22,13 +22,14 @@ import pytest
 import torch
 from PIL import Image
 
-from deit.checkpoints import convert, load_model, save_model
+from deit.checkpoints import load_model
 from deit.cli import main
 from deit.config import DeiTConfig
 from deit.errors import CheckpointError, ConfigError, TrainingError, UsageError
 from deit.inference import expand_paths
 from deit.model import DeiT
 from deit.runtime import DiskFullError
+from deit.saving import convert, save_model
 from deit.transforms import PreprocessConfig
 
 from .conftest import idx_bytes

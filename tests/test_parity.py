@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deit.checkpoints import load_model, save_model
+from deit.checkpoints import load_model
 from deit.config import VARIANTS, DeiTConfig
+from deit.saving import save_model
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")

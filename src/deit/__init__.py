@@ -7,12 +7,13 @@ Public API (everything else is reachable through its module):
     >>> clf.predict("shoe.png", top_k=3)
 """
 
-from deit.checkpoints import LoadedModel, convert, load_model, save_model
+from deit.checkpoints import LoadedModel, load_model
 from deit.config import VARIANTS, DeiTConfig
 from deit.errors import CheckpointError, DeiTError, ImageLoadError
 from deit.images import load_image
 from deit.inference import Classifier, FileResult, Prediction
 from deit.model import DeiT, DeiTOutput
+from deit.saving import convert, save_model
 from deit.transforms import PreprocessConfig, preprocess
 
 __version__ = "0.1.0"

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deit.checkpoints import as_loaded, save_model
+from deit.checkpoints import as_loaded
 from deit.config import VARIANTS, DeiTConfig
 from deit.model import DeiT
 from deit.onnx_model import OnnxRunner
 from deit.runtime import DTYPES, autocast, quantize_int8, resolve_device
+from deit.saving import save_model
 from deit.transforms import PreprocessConfig
 
 IMPLS = ("deit", "timm", "hf")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deit.checkpoints import convert
+from deit.saving import convert
 
 NAME = "convert"
 HELP = "convert a checkpoint to our format or transformers'"

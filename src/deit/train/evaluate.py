@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deit.checkpoints import load_model, save_model
+from deit.checkpoints import load_model
 from deit.errors import UsageError
 from deit.inference import EXPORTED_SUFFIXES, Classifier, expand_paths, load_any
 from deit.ood import OODStats, Taps, auroc, collect, fit_features, fpr_at_tpr, msp_score
 from deit.runtime import resolve_device
+from deit.saving import save_model
 from deit.train.classifiers import is_classifier_dir, load_classifier, logits_of
 from deit.train.data import (
     DeviceBatches,

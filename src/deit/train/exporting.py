@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deit.checkpoints import save_model
 from deit.model import DeiT
+from deit.saving import save_model
 from deit.train.classifiers import save_classifier
 from deit.train.data import Data
 from deit.train.evaluate import calibrate
