@@ -24,6 +24,7 @@ Usage::
 
     python scripts/finetune_scenarios.py --work /tmp/ftsc [--only a b] [--skip scratch]
     python scripts/finetune_scenarios.py --work /tmp/ftsc --table   # the markdown table
+    python scripts/finetune_scenarios.py --work /tmp/ftsc_s1 --only b d --split-seed 1
 
 Everything is written under ``--work`` (data, runs, ``results.json``), nothing in the repo.
 """
@@ -105,13 +106,14 @@ def build_fashion(root: Path, folders: dict[str, str], size: int) -> None:
                 _save(x[i, 0].numpy(), root / split / folder / f"{i:05d}.png", size)
 
 
-def build_digits(root: Path, task: str, size: int = 28) -> None:
-    """scikit-learn's 1,797 digit scans (16 levels -> 0-255), shuffled with a fixed seed:
-    1,350 train, 150 val, 297 test."""
+def build_digits(root: Path, task: str, size: int = 28, seed: int = 0) -> None:
+    """scikit-learn's 1,797 digit scans (16 levels -> 0-255), shuffled with ``seed`` (the
+    scenarios' split is seed 0; others measure how much the split matters): 1,350 train,
+    150 val, 297 test."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    order = np.random.default_rng(0).permutation(len(digits.target))
+    order = np.random.default_rng(seed).permutation(len(digits.target))
     pixels = (digits.images * (255 / 16)).round()
     splits = {"train": order[:1350], "val": order[1350:1500], "test": order[1500:]}
     for split, ids in splits.items():
@@ -121,7 +123,7 @@ def build_digits(root: Path, task: str, size: int = 28) -> None:
             _save(pixels[i], root / split / folder / f"{i:04d}.png", size)
 
 
-def build(name: str, work: Path) -> Path:
+def build(name: str, work: Path, split_seed: int = 0) -> Path:
     root = work / "data" / name
     if (root / "test").is_dir():
         return root
@@ -129,7 +131,7 @@ def build(name: str, work: Path) -> Path:
     if "fashion" in s:
         build_fashion(root, s["fashion"], s["size"])
     else:
-        build_digits(root, s["digits"])
+        build_digits(root, s["digits"], seed=split_seed)
     return root
 
 
@@ -209,8 +211,8 @@ def run(args: list[str], out: Path) -> dict[str, Any]:
     }
 
 
-def scenario(name: str, work: Path, skip: set[str]) -> dict[str, Any]:
-    root = build(name, work)
+def scenario(name: str, work: Path, skip: set[str], split_seed: int = 0) -> dict[str, Any]:
+    root = build(name, work, split_seed)
     s = SCENARIOS[name]
     data = [
         "data.dataset=imagefolder",
@@ -296,13 +298,22 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=sorted(SCENARIOS))
     parser.add_argument("--skip", nargs="*", default=[])
     parser.add_argument("--table", action="store_true", help="print the table and exit")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="shuffle the digits (b, d) with this seed; use a --work of its own per seed",
+    )
     args = parser.parse_args()
     path = args.work / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     if not args.table:
         for name in args.only:
             # a skipped run keeps its earlier result
-            results[name] = {**results.get(name, {}), **scenario(name, args.work, set(args.skip))}
+            results[name] = {
+                **results.get(name, {}),
+                **scenario(name, args.work, set(args.skip), args.split_seed),
+            }
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=1))
     print(table(results))
