@@ -1,8 +1,9 @@
 """Writing models: :func:`save_model` (our folder format, or one transformers loads) and
 :func:`convert` (any checkpoint :mod:`deit.checkpoints` reads, written in another format).
 
-Every folder is written next to its final place and renamed into it once complete, so a
-failed write (a full disk) leaves nothing half-written.
+Files are written next to their final names and renamed into place once complete: a new
+folder appears whole or not at all, and a failed write (a full disk) leaves an existing
+folder's previous files as they were.
 """
 
 from __future__ import annotations
