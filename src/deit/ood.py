@@ -135,10 +135,13 @@ def layer_features(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
     """The features (B, layers x 2 x D) of blocks' tokens (B, T, D): in each, the mean of
     the ``num_prefix`` prefix tokens and the mean of the patch tokens, each L2-normalised,
     concatenated, in float32 (one concatenation, one pooling product and one division for all
-    the layers: at batch 1 the time is per operation)."""
+    the layers: at batch 1 the time is per operation). The product is an explicit ``bmm``:
+    the broadcast ``pool @ tokens`` gives the same features about 35 µs later at batch 1 on
+    CPU, a tenth of the score's time."""
     tokens = torch.cat(list(blocks), -2).float()  # (B, layers x T, D)
     pool = _pooling(num_prefix, blocks[0].shape[-2], len(blocks))
-    parts = (pool if tokens.is_cpu else pool.to(tokens.device)) @ tokens
+    pool = pool if tokens.is_cpu else pool.to(tokens.device)
+    parts = torch.bmm(pool.expand(tokens.shape[0], -1, -1), tokens)
     norms = torch.linalg.vector_norm(parts, dim=-1, keepdim=True).clamp_min(1e-12)
     return (parts / norms).flatten(-2)
 
