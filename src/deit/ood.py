@@ -136,8 +136,8 @@ def layer_features(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
     the ``num_prefix`` prefix tokens and the mean of the patch tokens, each L2-normalised,
     concatenated, in float32 (one concatenation, one pooling product and one division for all
     the layers: at batch 1 the time is per operation). The product is an explicit ``bmm``:
-    the broadcast ``pool @ tokens`` gives the same features about 35 µs later at batch 1 on
-    CPU, a tenth of the score's time."""
+    the broadcast ``pool @ tokens`` gives the same features 8-22 µs later at batch 1 on CPU,
+    about 5% of the score's work (``benchmarks/bench_ood_pooling.py``)."""
     tokens = torch.cat(list(blocks), -2).float()  # (B, layers x T, D)
     pool = _pooling(num_prefix, blocks[0].shape[-2], len(blocks))
     pool = pool if tokens.is_cpu else pool.to(tokens.device)
