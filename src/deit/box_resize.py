@@ -145,8 +145,8 @@ def box_resize_is_exact() -> bool:
         for resample in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR):
             whole = np.asarray(img.resize((new_w, new_h), resample))
             want = whole[top : top + ch, left : left + cw]
-            for bands in (1, 2):
-                got = box_resize(img, (new_w, new_h), (left, top, cw, ch), resample, bands)
+            for n in (1, 2):  # row bands
+                got = box_resize(img, (new_w, new_h), (left, top, cw, ch), resample, n)
                 if got is not None and not np.array_equal(got, want):
                     return False
     return True

@@ -41,7 +41,7 @@ class ProbeResult:
     heads: int  # heads fitted (1, or 2 with a distillation head)
     accuracy_before: float  # training accuracy of the (averaged) heads before the fit
     accuracy_after: float  # ... and after
-    seconds: float = 0.0  # wall time of the fit
+    seconds: float  # wall time of the fit
 
     def __str__(self) -> str:
         return (
