@@ -98,6 +98,92 @@ def _ood_score(g: _GraphBuilder, stats: OODStats, layers: list[str]) -> str:
     return g.op("Identity", [total], OOD_OUTPUT)
 
 
+class _Weights:
+    """The model's float32 weights, written into a graph's nodes as they are used."""
+
+    def __init__(self, g: _GraphBuilder, model: DeiT) -> None:
+        self.g, self.cfg = g, model.config
+        self.sd = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+
+    def layer_norm(self, name: str, key: str, inp: str) -> str:
+        weight = self.g.const(f"{name}.w", self.sd[f"{key}.weight"])
+        bias = self.g.const(f"{name}.b", self.sd[f"{key}.bias"])
+        eps = self.cfg.layer_norm_eps
+        return self.g.op("LayerNormalization", [inp, weight, bias], name, axis=-1, epsilon=eps)
+
+    def linear(self, name: str, key: str, inp: str) -> str:
+        w = self.g.const(f"{name}.w", self.sd[f"{key}.weight"].T)
+        y = self.g.op("MatMul", [inp, w], f"{name}.mm")
+        return self.g.op("Add", [y, self.g.const(f"{name}.b", self.sd[f"{key}.bias"])], name)
+
+
+def _embeddings(w: _Weights) -> str:
+    """The tokens (B, prefix + patches, D) entering the first block."""
+    g, sd, cfg = w.g, w.sd, w.cfg
+    d, p, n_prefix = cfg.embed_dim, cfg.patch_size, cfg.num_prefix_tokens
+    # Patches: conv (B, D, h, w) -> (B, h*w, D), plus their position embeddings.
+    conv_w = g.const("patch.w", sd["patch_embed.proj.weight"])
+    conv_b = g.const("patch.b", sd["patch_embed.proj.bias"])
+    x = g.op(
+        "Conv", ["pixel_values", conv_w, conv_b], "patch.conv", kernel_shape=[p, p], strides=[p, p]
+    )
+    x = g.op("Reshape", [x, g.ints("patch.shape", [0, d, -1])], "patch.flat")
+    x = g.op("Transpose", [x], "patch.tokens", perm=[0, 2, 1])
+    pos = sd["pos_embed"]
+    x = g.op("Add", [x, g.const("patch.pos", pos[:, n_prefix:])], "patch.embedded")
+    # Prefix tokens ([CLS] or [CLS, DIST]) with their position embeddings: one constant,
+    # repeated over the batch.
+    tokens = [sd["cls_token"]] + ([sd["dist_token"]] if cfg.distilled else [])
+    prefix = g.const("prefix", torch.cat(tokens, dim=1) + pos[:, :n_prefix])
+    batch = g.op("Shape", [x], "batch", start=0, end=1)
+    shape = g.op("Concat", [batch, g.ints("prefix.dims", [n_prefix, d])], "prefix.shape", axis=0)
+    prefix = g.op("Expand", [prefix, shape], "prefix.batch")
+    return g.op("Concat", [prefix, x], "tokens", axis=1)
+
+
+def _block(w: _Weights, i: int, x: str) -> str:
+    """Block ``i`` applied to the tokens ``x``."""
+    g, sd, cfg = w.g, w.sd, w.cfg
+    key, name = f"blocks.{i}", f"b{i}"
+    y = w.layer_norm(f"{name}.norm1", f"{key}.norm1", x)
+    # Attention's weights are (D, 3D) with columns [q | k | v], heads contiguous: the
+    # transpose of our fused qkv linear. Its default scale is 1/sqrt(head_dim).
+    qkv_w = g.const(f"{name}.qkv.w", sd[f"{key}.attn.qkv.weight"].T)
+    qkv_b = g.const(f"{name}.qkv.b", sd.get(f"{key}.attn.qkv.bias", torch.zeros(3 * cfg.embed_dim)))
+    y = g.op(
+        "Attention", [y, qkv_w, qkv_b], f"{name}.attn", domain=ORT_DOMAIN, num_heads=cfg.num_heads
+    )
+    y = w.linear(f"{name}.proj", f"{key}.attn.proj", y)
+    x = g.op("Add", [x, y], f"{name}.residual1")
+    y = w.layer_norm(f"{name}.norm2", f"{key}.norm2", x)
+    y = w.linear(f"{name}.fc1", f"{key}.mlp.fc1", y)
+    y = g.op("Gelu", [y], f"{name}.gelu")
+    y = w.linear(f"{name}.fc2", f"{key}.mlp.fc2", y)
+    return g.op("Add", [x, y], f"{name}.residual2")
+
+
+def _logits(w: _Weights, head: str, distilled: bool, x: str) -> None:
+    """The ``logits`` output of ``head`` from the final tokens ``x``."""
+    g, sd, d = w.g, w.sd, w.cfg.embed_dim
+    if head == "avg" and distilled:
+        # avg = (cls @ Wc + bc + dist @ Wd + bd) / 2 = [cls, dist] @ [Wc; Wd] / 2 + ...
+        x = g.op(
+            "Slice",
+            [x, g.ints("head.start", [0]), g.ints("head.end", [2]), g.ints("axis1", [1])],
+            "head.tokens",
+        )
+        x = g.op("Reshape", [x, g.ints("head.shape", [0, 2 * d])], "head.flat")
+        weight = torch.cat([sd["head.weight"].T, sd["head_dist.weight"].T]) / 2
+        x = g.op("MatMul", [x, g.const("head.w", weight)], "head.mm")
+        g.op("Add", [x, g.const("head.b", (sd["head.bias"] + sd["head_dist.bias"]) / 2)], "logits")
+    else:
+        index, key = (1, "head_dist") if head == "dist" else (0, "head")
+        x = g.op("Gather", [x, g.ints("head.index", [index])], "head.token", axis=1)
+        x = g.op("Reshape", [x, g.ints("head.shape", [0, d])], "head.flat")
+        x = g.op("MatMul", [x, g.const("head.w", sd[f"{key}.weight"].T)], "head.mm")
+        g.op("Add", [x, g.const("head.b", sd[f"{key}.bias"])], "logits")
+
+
 def build_ort_graph(
     model: DeiT,
     head: Literal["avg", "cls", "dist"] = "avg",
@@ -115,99 +201,28 @@ def build_ort_graph(
     cfg = model.config
     if head == "dist" and model.head_dist is None:
         raise ValueError("head 'dist' needs a distilled model with a distillation head")
-    sd = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
-    d, p, n_prefix = cfg.embed_dim, cfg.patch_size, cfg.num_prefix_tokens
     g = _GraphBuilder()
-
-    # Patches: conv (B, D, h, w) -> (B, h*w, D), plus their position embeddings.
-    conv_w = g.const("patch.w", sd["patch_embed.proj.weight"])
-    conv_b = g.const("patch.b", sd["patch_embed.proj.bias"])
-    x = g.op(
-        "Conv", ["pixel_values", conv_w, conv_b], "patch.conv", kernel_shape=[p, p], strides=[p, p]
-    )
-    x = g.op("Reshape", [x, g.ints("patch.shape", [0, d, -1])], "patch.flat")
-    x = g.op("Transpose", [x], "patch.tokens", perm=[0, 2, 1])
-    pos = sd["pos_embed"]
-    x = g.op("Add", [x, g.const("patch.pos", pos[:, n_prefix:])], "patch.embedded")
-
-    # Prefix tokens ([CLS] or [CLS, DIST]) with their position embeddings: one constant,
-    # repeated over the batch.
-    tokens = [sd["cls_token"]] + ([sd["dist_token"]] if cfg.distilled else [])
-    prefix = g.const("prefix", torch.cat(tokens, dim=1) + pos[:, :n_prefix])
-    batch = g.op("Shape", [x], "batch", start=0, end=1)
-    shape = g.op("Concat", [batch, g.ints("prefix.dims", [n_prefix, d])], "prefix.shape", axis=0)
-    prefix = g.op("Expand", [prefix, shape], "prefix.batch")
-    x = g.op("Concat", [prefix, x], "tokens", axis=1)
-
-    def layer_norm(name: str, key: str, inp: str) -> str:
-        weight = g.const(f"{name}.w", sd[f"{key}.weight"])
-        bias = g.const(f"{name}.b", sd[f"{key}.bias"])
-        return g.op(
-            "LayerNormalization", [inp, weight, bias], name, axis=-1, epsilon=cfg.layer_norm_eps
-        )
-
-    def linear(name: str, key: str, inp: str) -> str:
-        y = g.op("MatMul", [inp, g.const(f"{name}.w", sd[f"{key}.weight"].T)], f"{name}.mm")
-        return g.op("Add", [y, g.const(f"{name}.b", sd[f"{key}.bias"])], name)
-
+    w = _Weights(g, model)
+    x = _embeddings(w)
     taps: list[str] = []  # the tokens the out-of-distribution score reads
     for i in range(cfg.depth):
-        key, name = f"blocks.{i}", f"b{i}"
-        y = layer_norm(f"{name}.norm1", f"{key}.norm1", x)
-        # Attention's weights are (D, 3D) with columns [q | k | v], heads contiguous: the
-        # transpose of our fused qkv linear. Its default scale is 1/sqrt(head_dim).
-        qkv_w = g.const(f"{name}.qkv.w", sd[f"{key}.attn.qkv.weight"].T)
-        qkv_b = g.const(f"{name}.qkv.b", sd.get(f"{key}.attn.qkv.bias", torch.zeros(3 * d)))
-        y = g.op(
-            "Attention",
-            [y, qkv_w, qkv_b],
-            f"{name}.attn",
-            domain=ORT_DOMAIN,
-            num_heads=cfg.num_heads,
-        )
-        y = linear(f"{name}.proj", f"{key}.attn.proj", y)
-        x = g.op("Add", [x, y], f"{name}.residual1")
-        y = layer_norm(f"{name}.norm2", f"{key}.norm2", x)
-        y = linear(f"{name}.fc1", f"{key}.mlp.fc1", y)
-        y = g.op("Gelu", [y], f"{name}.gelu")
-        y = linear(f"{name}.fc2", f"{key}.mlp.fc2", y)
-        x = g.op("Add", [x, y], f"{name}.residual2")
+        x = _block(w, i, x)
         if ood is not None and i in ood.taps.blocks[:-1]:
             taps.append(x)
-    x = layer_norm("norm", "norm", x)
+    x = w.layer_norm("norm", "norm", x)
     outputs = []
     if ood is not None:
         _ood_score(g, ood, [*taps, x])
         outputs.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, [None]))
+    _logits(w, head, model.head_dist is not None, x)
 
-    # Heads. avg = (cls @ Wc + bc + dist @ Wd + bd) / 2 = [cls, dist] @ [Wc; Wd] / 2 + ...
-    if head == "avg" and model.head_dist is not None:
-        x = g.op(
-            "Slice",
-            [x, g.ints("head.start", [0]), g.ints("head.end", [2]), g.ints("axis1", [1])],
-            "head.tokens",
-        )
-        x = g.op("Reshape", [x, g.ints("head.shape", [0, 2 * d])], "head.flat")
-        weight = torch.cat([sd["head.weight"].T, sd["head_dist.weight"].T]) / 2
-        x = g.op("MatMul", [x, g.const("head.w", weight)], "head.mm")
-        g.op("Add", [x, g.const("head.b", (sd["head.bias"] + sd["head_dist.bias"]) / 2)], "logits")
-    else:
-        index, key = (1, "head_dist") if head == "dist" else (0, "head")
-        x = g.op("Gather", [x, g.ints("head.index", [index])], "head.token", axis=1)
-        x = g.op("Reshape", [x, g.ints("head.shape", [0, d])], "head.flat")
-        x = g.op("MatMul", [x, g.const("head.w", sd[f"{key}.weight"].T)], "head.mm")
-        g.op("Add", [x, g.const("head.b", sd[f"{key}.bias"])], "logits")
-
-    h, w = cfg.image_hw
+    h, wd = cfg.image_hw
     batch_dim: str | int = "batch" if dynamic_batch else 1
+    pixels = [batch_dim, cfg.in_chans, h, wd]
     graph = helper.make_graph(
         g.nodes,
         "deit",
-        [
-            helper.make_tensor_value_info(
-                "pixel_values", TensorProto.FLOAT, [batch_dim, cfg.in_chans, h, w]
-            )
-        ],
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, pixels)],
         [
             helper.make_tensor_value_info(
                 "logits", TensorProto.FLOAT, [batch_dim, cfg.num_classes]

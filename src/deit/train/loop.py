@@ -181,39 +181,12 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
     for i, (x, y) in enumerate(_batches(loop.data, dev, bad)):
         t = st.epoch + i / steps
         heads_only = t < head_phase
-        # the head warm-up: only the heads, at the base lr; then the schedule over the rest
-        lr = (
-            loop.base_lr
-            if heads_only
-            else lr_at(t - head_phase, cfg, loop.base_lr, st.total_epochs - head_phase)
-        )
-        for group in st.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        targets = y
-        if loop.mixup is not None:
-            if len(y) % 2:
-                x, y = x[:-1], y[:-1]
-            x, targets = loop.mixup(x, y)
-        with autocast(dev, cfg.run.precision):
-            loss = loop.criterion(x, loop.forward(x), targets)
-        st.optimizer.zero_grad(set_to_none=True)
-        st.scaler.scale(loss).backward()
-        if heads_only:  # no gradient: AdamW skips these parameters (no moments, no decay)
-            for group in st.optimizer.param_groups:
-                if not group.get("head"):
-                    for p in group["params"]:
-                        p.grad = None
-        if cfg.optim.clip_grad > 0:
-            st.scaler.unscale_(st.optimizer)
-            nn.utils.clip_grad_norm_(st.model.parameters(), cfg.optim.clip_grad)
-        st.scaler.step(st.optimizer)
-        st.scaler.update()
-        if st.ema is not None:
-            st.ema.update_parameters(st.model)
+        lr = _set_lr(loop, st, t, heads_only)
+        loss, n = _step(loop, st, x, y, heads_only)
         d = loss.detach().float()
         bad_step = torch.where((~torch.isfinite(d)) & (bad_step < 0), st.step, bad_step)
         loss_sum += d
-        seen += len(y)
+        seen += n
         st.step += 1
         if bar is not None:
             bar.update(1)
@@ -256,6 +229,48 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
         "bad_samples": len(bad),
         "lr": lr,
     }
+
+
+def _set_lr(loop: Loop, st: State, t: float, heads_only: bool) -> float:
+    """Set every group's rate at epoch position ``t`` and return the base one: during the
+    head warm-up the base lr (only the heads train), then the schedule over the rest."""
+    head_phase = loop.cfg.schedule.head_warmup_epochs
+    lr = (
+        loop.base_lr
+        if heads_only
+        else lr_at(t - head_phase, loop.cfg, loop.base_lr, st.total_epochs - head_phase)
+    )
+    for group in st.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def _step(loop: Loop, st: State, x: Tensor, y: Tensor, heads_only: bool) -> tuple[Tensor, int]:
+    """One optimizer step on the batch ``(x, y)``: its loss and how many images it used
+    (mixup pairs images, so an odd batch drops its last one)."""
+    cfg = loop.cfg
+    targets = y
+    if loop.mixup is not None:
+        if len(y) % 2:
+            x, y = x[:-1], y[:-1]
+        x, targets = loop.mixup(x, y)
+    with autocast(loop.device, cfg.run.precision):
+        loss = loop.criterion(x, loop.forward(x), targets)
+    st.optimizer.zero_grad(set_to_none=True)
+    st.scaler.scale(loss).backward()
+    if heads_only:  # no gradient: AdamW skips these parameters (no moments, no decay)
+        for group in st.optimizer.param_groups:
+            if not group.get("head"):
+                for p in group["params"]:
+                    p.grad = None
+    if cfg.optim.clip_grad > 0:
+        st.scaler.unscale_(st.optimizer)
+        nn.utils.clip_grad_norm_(st.model.parameters(), cfg.optim.clip_grad)
+    st.scaler.step(st.optimizer)
+    st.scaler.update()
+    if st.ema is not None:
+        st.ema.update_parameters(st.model)
+    return loss, len(y)
 
 
 def _world() -> int:
