@@ -24,6 +24,7 @@ from sklearn.svm import SVC
 
 from deit.checkpoints import load_model
 from deit.images import load_image
+from deit.train.finetune import label_map
 from deit.transforms import preprocess_image
 
 
@@ -47,7 +48,10 @@ def counts(model_dir: Path, root: Path) -> np.ndarray:
     svm.fit(_pixels(train + val), np.concatenate([y, vy]))
     svm_right = svm.predict(_pixels(test)) == ty
     loaded = load_model(model_dir)
-    columns = [loaded.labels.index(c) for c in classes]
+    mapping = label_map(classes, loaded.labels)  # folders matched to labels by name
+    if len(mapping) < len(classes):
+        raise SystemExit(f"{root}: classes {classes} are not all among {model_dir}'s labels")
+    columns = [mapping[i] for i in range(len(classes))]
     x = torch.stack([preprocess_image(load_image(f), loaded.preprocess) for f in test])
     model_right = loaded.model.eval()(x).logits[:, columns].argmax(1).numpy() == ty
     return np.array(

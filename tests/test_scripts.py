@@ -1,4 +1,5 @@
-"""scripts/seed_table.py: the seed summary of the results page, on made-up `deit eval` files."""
+"""scripts/seed_table.py (the seed summary of the results page, on made-up `deit eval`
+files) and scripts/paired_svm.py (a model against the pixel SVM, image by image)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from deit.train.fashion_mnist import FASHION_MNIST_DIR, write_fashion_mnist_folder
+
+HAVE_FMNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "seed_table.py"
 
 
@@ -45,3 +51,32 @@ def test_bad_input_is_one_readable_line(tmp_path: Path) -> None:
     result = _run("none=" + str(tmp_path / "missing.json"))
     assert result.returncode == 1 and "not a readable `deit eval --json` file" in result.stderr
     assert "expected LABEL=FILE" in _run("none").stderr
+
+
+PAIRED = SCRIPT.with_name("paired_svm.py")
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
+def test_paired_svm_counts_every_test_image_once(tmp_path: Path) -> None:
+    classes = ["Trouser", "Bag", "Sneaker"]
+    for split, per_class, source in (
+        ("train", 30, "train"),
+        ("val", 5, "train"),
+        ("test", 12, "test"),
+    ):
+        write_fashion_mnist_folder(tmp_path / split, classes, per_class, split=source)
+    result = subprocess.run(
+        [sys.executable, str(PAIRED), f"fashion-mnist={tmp_path}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout.splitlines()[1].rsplit(": ", 1)[1])
+    assert sum(counts) == 36  # both right, only the model, only the SVM, neither
+    assert counts[0] + counts[1] >= 30  # the embedded model knows these three classes well
+    assert "McNemar z = " in result.stdout.splitlines()[-1]
+    bad = subprocess.run(
+        [sys.executable, str(PAIRED), "fashion-mnist"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode != 0 and "expected MODEL=SCENARIO" in bad.stderr
