@@ -177,11 +177,8 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
     seen, t0 = 0, time.perf_counter()
     bad: list[BadSample] = []
     bar = _progress(steps, st.epoch, cfg, loop.rank)
-    head_phase = cfg.schedule.head_warmup_epochs
     for i, (x, y) in enumerate(_batches(loop.data, dev, bad)):
-        t = st.epoch + i / steps
-        heads_only = t < head_phase
-        lr = _set_lr(loop, st, t, heads_only)
+        lr, heads_only = _set_lr(loop, st, st.epoch + i / steps)
         loss, n = _step(loop, st, x, y, heads_only)
         d = loss.detach().float()
         bad_step = torch.where((~torch.isfinite(d)) & (bad_step < 0), st.step, bad_step)
@@ -231,10 +228,11 @@ def train_one_epoch(loop: Loop, st: State) -> dict[str, Any]:
     }
 
 
-def _set_lr(loop: Loop, st: State, t: float, heads_only: bool) -> float:
-    """Set every group's rate at epoch position ``t`` and return the base one: during the
-    head warm-up the base lr (only the heads train), then the schedule over the rest."""
+def _set_lr(loop: Loop, st: State, t: float) -> tuple[float, bool]:
+    """Set every group's rate at epoch position ``t``; return the base one and whether only
+    the heads train: during the head warm-up the base lr, then the schedule over the rest."""
     head_phase = loop.cfg.schedule.head_warmup_epochs
+    heads_only = t < head_phase
     lr = (
         loop.base_lr
         if heads_only
@@ -242,7 +240,7 @@ def _set_lr(loop: Loop, st: State, t: float, heads_only: bool) -> float:
     )
     for group in st.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
+    return lr, heads_only
 
 
 def _step(loop: Loop, st: State, x: Tensor, y: Tensor, heads_only: bool) -> tuple[Tensor, int]:
