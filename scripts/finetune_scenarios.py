@@ -135,57 +135,76 @@ def build(name: str, work: Path, split_seed: int = 0) -> Path:
     return root
 
 
-def _folder(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+def read_folder(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """An image folder's classes (sorted), its files and their labels."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files = [f for c in classes for f in sorted((root / c).iterdir())]
     labels = np.array([classes.index(f.parent.name) for f in files])
     return classes, files, labels
 
 
-@torch.no_grad()
-def accuracy(model_path: str | Path, test: Path) -> float:
-    """Top-1 on ``test`` with the model's own inference preprocessing, its prediction
-    restricted to the test folders' classes matched by name (for a fine-tuned model: all of
-    its classes; for the initial model: zero-shot). A CNN (``deit-classifier`` folder):
-    ``deit.train.evaluate``, its classes matched to the folders by name."""
-    if is_classifier_dir(model_path):
-        return evaluate(model_path, str(test), device="cpu").top1
-    loaded = load_model(model_path)
-    classes, files, labels = _folder(test)
-    mapping = label_map(classes, loaded.labels)
+def matched_columns(classes: list[str], labels: list[str], model: str | Path) -> torch.Tensor:
+    """The model's label column for each folder class, matched by name."""
+    mapping = label_map(classes, labels)
     if len(mapping) < len(classes):
-        raise ValueError(f"{model_path}: classes {classes} not all among {loaded.labels}")
-    columns = torch.tensor([mapping[i] for i in range(len(classes))])
+        raise ValueError(f"{model}: classes {classes} not all among {labels}")
+    return torch.tensor([mapping[i] for i in range(len(classes))])
+
+
+@torch.no_grad()
+def predictions(model_path: str | Path, test: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The model's prediction for every image of ``test`` with its own inference
+    preprocessing, restricted to the folders' classes matched by name (for a fine-tuned
+    model: all of its classes; for the initial model: zero-shot), and the true labels."""
+    loaded = load_model(model_path)
+    classes, files, labels = read_folder(test)
+    columns = matched_columns(classes, loaded.labels, model_path)
     model = loaded.model.eval()
-    correct = 0
+    predicted = []
     for start in range(0, len(files), 256):
         chunk = files[start : start + 256]
         x = torch.stack([preprocess_image(load_image(f), loaded.preprocess) for f in chunk])
-        logits = model(x).logits[:, columns]
-        correct += int((logits.argmax(1).numpy() == labels[start : start + 256]).sum())
-    return correct / len(files)
+        predicted.append(model(x).logits[:, columns].argmax(1).numpy())
+    return np.concatenate(predicted), labels
+
+
+def accuracy(model_path: str | Path, test: Path) -> float:
+    """Top-1 on ``test`` (:func:`predictions`). A CNN (``deit-classifier`` folder):
+    ``deit.train.evaluate``, its classes matched to the folders by name."""
+    if is_classifier_dir(model_path):
+        return evaluate(model_path, str(test), device="cpu").top1
+    predicted, labels = predictions(model_path, test)
+    return float((predicted == labels).mean())
+
+
+def pixels(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of ``folder`` as raw pixels in [0, 1], one row each, and the labels."""
+    _, files, labels = read_folder(folder)
+    rows = [np.asarray(Image.open(f), np.float32).ravel() / 255 for f in files]
+    return np.stack(rows), labels
+
+
+def train_val_pixels(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """What the classical baselines fit on: the pixels of train + val."""
+    (x, y), (vx, vy) = pixels(root / "train"), pixels(root / "val")
+    return np.concatenate([x, vx]), np.concatenate([y, vy])
+
+
+def pixel_svm() -> Any:
+    """The classical baseline: an RBF SVM (C = 10) for raw pixels."""
+    from sklearn.svm import SVC
+
+    return SVC(kernel="rbf", C=10.0, gamma="scale")
 
 
 def classical(root: Path) -> dict[str, float]:
     """RBF SVM and logistic regression on the raw pixels (train + val to fit, test scored)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.svm import SVC
 
-    def pixels(split: str) -> tuple[np.ndarray, np.ndarray]:
-        _, files, labels = _folder(root / split)
-        return np.stack(
-            [np.asarray(Image.open(f), np.float32).ravel() / 255 for f in files]
-        ), labels
-
-    x, y = pixels("train")
-    vx, vy = pixels("val")
-    tx, ty = pixels("test")
-    x, y = np.concatenate([x, vx]), np.concatenate([y, vy])
+    x, y = train_val_pixels(root)
+    tx, ty = pixels(root / "test")
     out = {}
-    for name, clf in (
-        ("svm", SVC(kernel="rbf", C=10.0, gamma="scale")),
-        ("logreg", LogisticRegression(C=1.0, max_iter=2000)),
-    ):
+    for name, clf in (("svm", pixel_svm()), ("logreg", LogisticRegression(C=1.0, max_iter=2000))):
         out[name] = float((clf.fit(x, y).predict(tx) == ty).mean())
     return out
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from finetune_scenarios import matched_columns, read_folder  # this script's directory
 from torch import Tensor
 
-from deit.checkpoints import load_model
+from deit.checkpoints import LoadedModel, load_model
 from deit.images import load_image
-from deit.train.finetune import label_map
 from deit.transforms import preprocess_image
 
 STRENGTHS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -38,26 +38,18 @@ def top1(logits: Tensor, labels: Tensor) -> float:
 
 
 @torch.no_grad()
-def read_split(folder: Path, model_name: str) -> tuple[Split, Tensor]:
-    """The frozen features of every image in ``folder`` and the label columns it maps to."""
-    loaded = load_model(model_name)
+def read_split(folder: Path, loaded: LoadedModel, columns: Tensor) -> Split:
+    """The frozen features of every image in ``folder``, its labels and the zero-shot logits
+    (the model's ``columns``, one per folder class)."""
     model = loaded.model.eval()
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    mapping = label_map(classes, loaded.labels)
-    if len(mapping) < len(classes):
-        raise SystemExit(f"{folder}: classes {classes} are not all among the model's labels")
-    images, labels = [], []
-    for i, name in enumerate(classes):
-        for f in sorted((folder / name).iterdir()):
-            images.append(preprocess_image(load_image(f), loaded.preprocess))
-            labels.append(i)
+    _, files, labels = read_folder(folder)
+    images = [preprocess_image(load_image(f), loaded.preprocess) for f in files]
     out = model(torch.stack(images), output_blocks=(model.config.depth - 1,))
     assert out.block_outputs is not None and out.cls_logits is not None
     assert out.dist_logits is not None
     tokens = out.block_outputs[-1]  # after the final norm: what the heads read
-    columns = torch.tensor([mapping[i] for i in range(len(classes))])
     logits = (out.cls_logits + out.dist_logits)[:, columns] / 2
-    return (tokens[:, 0], tokens[:, 1], torch.tensor(labels), logits), columns
+    return tokens[:, 0], tokens[:, 1], torch.from_numpy(labels), logits
 
 
 def refit(train: Split, start: list[Tensor], lam: float, biases_only: bool = False) -> list[Tensor]:
@@ -87,10 +79,14 @@ def main() -> None:
     parser.add_argument("--model", default="fashion-mnist")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    splits, columns = {}, torch.tensor([])
-    for name in ("train", "val", "test"):
-        splits[name], columns = read_split(args.data / name, args.model)
-    model = load_model(args.model).model
+    loaded = load_model(args.model)
+    classes, _, _ = read_folder(args.data / "train")
+    try:
+        columns = matched_columns(classes, loaded.labels, args.model)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    splits = {s: read_split(args.data / s, loaded, columns) for s in ("train", "val", "test")}
+    model = loaded.model
     assert model.head_dist is not None, "the check reads both heads of a distilled DeiT"
     start = [
         model.head.weight[columns].detach(),

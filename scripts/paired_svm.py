@@ -18,42 +18,15 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from sklearn.svm import SVC
-
-from deit.checkpoints import load_model
-from deit.images import load_image
-from deit.train.finetune import label_map
-from deit.transforms import preprocess_image
+from finetune_scenarios import pixel_svm, pixels, predictions, train_val_pixels  # same dir
 
 
-def _split(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    files = [f for c in classes for f in sorted((folder / c).iterdir())]
-    return classes, files, np.array([classes.index(f.parent.name) for f in files])
-
-
-def _pixels(files: list[Path]) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(f), np.float32).ravel() / 255 for f in files])
-
-
-@torch.no_grad()
 def counts(model_dir: Path, root: Path) -> np.ndarray:
     """(both right, only the model, only the SVM, neither) on ``root/test``."""
-    _, train, y = _split(root / "train")
-    _, val, vy = _split(root / "val")
-    classes, test, ty = _split(root / "test")
-    svm = SVC(kernel="rbf", C=10.0, gamma="scale")
-    svm.fit(_pixels(train + val), np.concatenate([y, vy]))
-    svm_right = svm.predict(_pixels(test)) == ty
-    loaded = load_model(model_dir)
-    mapping = label_map(classes, loaded.labels)  # folders matched to labels by name
-    if len(mapping) < len(classes):
-        raise SystemExit(f"{root}: classes {classes} are not all among {model_dir}'s labels")
-    columns = [mapping[i] for i in range(len(classes))]
-    x = torch.stack([preprocess_image(load_image(f), loaded.preprocess) for f in test])
-    model_right = loaded.model.eval()(x).logits[:, columns].argmax(1).numpy() == ty
+    tx, ty = pixels(root / "test")
+    svm_right = pixel_svm().fit(*train_val_pixels(root)).predict(tx) == ty
+    predicted, labels = predictions(model_dir, root / "test")
+    model_right = predicted == labels
     return np.array(
         [
             (model_right & svm_right).sum(),
@@ -74,7 +47,10 @@ def main() -> None:
         model_dir, sep, root = pair.partition("=")
         if not sep:
             raise SystemExit(f"{pair!r}: expected MODEL=SCENARIO")
-        c = counts(Path(model_dir), Path(root))
+        try:
+            c = counts(Path(model_dir), Path(root))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{pair}: {e}") from None
         total += c
         print(f"{pair}: {c.tolist()}")
     only_model, only_svm = int(total[1]), int(total[2])
