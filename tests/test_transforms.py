@@ -261,7 +261,16 @@ def test_center_crop_matches_torchvision_and_transformers():
     tvf = pytest.importorskip("torchvision.transforms.functional")
     hf_crop = pytest.importorskip("transformers.image_transforms").center_crop
     rng = np.random.default_rng(0)
-    for h, w, ch, cw in [(7, 9, 4, 4), (10, 13, 6, 6), (5, 5, 8, 9), (4, 11, 7, 4), (9, 6, 2, 9)]:
+    for h, w, ch, cw in [
+        (7, 9, 4, 4),
+        (10, 13, 6, 6),
+        (5, 5, 8, 9),
+        (4, 11, 7, 4),
+        (9, 6, 2, 9),
+        (27, 28, 28, 28),
+        (28, 27, 28, 28),
+        (9, 9, 10, 8),  # one pixel short: pads, not slices
+    ]:
         arr = rng.integers(1, 255, (h, w, 3), dtype=np.uint8)
         ours = center_crop_array(arr, (ch, cw), "round")
         tv = np.asarray(tvf.center_crop(Image.fromarray(arr), [ch, cw]))
@@ -519,6 +528,11 @@ def test_longer_side_resize_letterboxes() -> None:
     )
     with pytest.raises(ValueError, match="letterbox"):
         cfg.to_hf()
+    for size in [(994, 961), (961, 994), (29, 28)]:  # a side resized to 27: one row of padding
+        nearly_square = Image.new("L", size, color=255)
+        out = preprocess_image(nearly_square, cfg)[0]
+        assert out.shape == (28, 28), size
+        assert out.sum() == 27 * 28, size
 
 
 SQUASH_64_CROP_56 = PreprocessConfig(resize_mode="squash", resize_size=(64, 64), crop_size=(56, 56))

@@ -440,8 +440,8 @@ def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     left = crop_offset(new_w, cw, cfg.crop_rounding)
     resample = INTERPOLATIONS[cfg.interpolation]
     if (
-        top >= 0
-        and left >= 0
+        new_h >= ch
+        and new_w >= cw
         and new_w != img.width
         and new_h != img.height
         and resample != Image.Resampling.NEAREST
@@ -467,7 +467,7 @@ def center_crop_array(
     """Center crop an (H, W[, C]) array, padding with zeros where the crop exceeds it."""
     (h, w), (ch, cw) = arr.shape[:2], crop_hw
     top, left = crop_offset(h, ch, rounding), crop_offset(w, cw, rounding)
-    if top >= 0 and left >= 0:
+    if h >= ch and w >= cw:
         return arr[top : top + ch, left : left + cw]  # a view, no copy
     out = np.zeros((ch, cw, *arr.shape[2:]), dtype=arr.dtype)
     y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + ch, h), min(left + cw, w)
