@@ -4,13 +4,20 @@ For the embedded ``fashion-mnist`` model (in distribution: the Fashion-MNIST tes
 threshold was not set on, rows 5000-9999), against:
 
 - photos: random crops of the sample photos in tests/fixtures/images (scikit-image's);
+- whole photos: the same photos whole, as a user hands them over, and large crops of them
+  (60-100% of each side: whole-photo framings the 28 px letterbox turns into frame-filling
+  rectangles);
 - faces: scikit-image's bundled LFW subset (the 100 face images);
 - noise: uniform and Gaussian-blob noise images;
 - digits: scikit-learn's bundled handwritten digits (8x8, upscaled);
 - printed text: crops of scikit-image's scanned ``page`` and ``text`` images;
-- held out: crops of scikit-image's textures and science images (brick, grass, gravel, moon,
-  coins, Hubble deep field, clock, horse, cells, microaneurysms), kept out of every choice of
-  the score (its features, layers and standardisation were chosen on the sets above);
+- held out (version 3): crops of scikit-image's textures and science images (brick, grass,
+  gravel, moon, coins, Hubble deep field, clock, horse, cells, microaneurysms), kept out of
+  every choice of the score before the patches' mean square (its layers, tokens and
+  standardisation were chosen on the sets above);
+- held out (version 4): every other whole image bundled with scikit-image, scikit-learn and
+  matplotlib on this machine, whole and in large crops, kept out of the choice of the
+  patches' mean square;
 
 and, with ``--near MODEL``, the hard near case: a model trained on 8 Fashion-MNIST classes
 (``deit train``, see docs/results/ood.md) scored on its held-out test images against the test
@@ -51,7 +58,48 @@ from deit.transforms import preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "tests" / "fixtures" / "images"
-HELD_OUT = "held out: textures and science images (crops of 10)"
+HELD_OUT = "held out (v3): textures and science images (crops of 10)"
+HELD_OUT_WHOLE = "held out (v4): other whole images (whole + large crops)"
+
+
+def package_images() -> list[Path]:
+    """Every whole image that scikit-image, scikit-learn and matplotlib bundle, except the
+    sample photos (tests/fixtures/images), the right view of the sample motorcycle's stereo
+    pair (the same photo, shifted) and the 8-pixel chessboards."""
+    import matplotlib
+    import skimage
+    import sklearn
+
+    folders = [
+        Path(skimage.__file__).parent / "data",
+        Path(sklearn.__file__).parent / "datasets" / "images",
+        Path(matplotlib.__file__).parent / "mpl-data" / "sample_data",
+    ]
+    samples = {p.name for p in PHOTOS.iterdir()}
+    return sorted(
+        p
+        for folder in folders
+        for p in folder.iterdir()
+        if p.suffix in (".png", ".jpg", ".gif")
+        and p.name not in samples
+        and p.name != "motorcycle_right.png"
+        and not p.name.startswith("chessboard")
+    )
+
+
+def whole_and_large_crops(paths: list[Path], count: int, seed: int) -> list[Image.Image]:
+    """Each image whole, then ``count`` crops spread over them, each side 60-100% of the
+    image's (any aspect ratio)."""
+    rng = np.random.default_rng(seed)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    out = [Image.fromarray(a) for a in images]
+    for i in range(count):
+        img = images[i % len(images)]
+        h, w = img.shape[:2]
+        ch, cw = int(rng.uniform(0.6, 1) * h), int(rng.uniform(0.6, 1) * w)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        out.append(Image.fromarray(img[y : y + ch, x : x + cw]))
+    return out
 
 
 def crops(images: list[np.ndarray], count: int, seed: int) -> list[Image.Image]:
@@ -73,11 +121,8 @@ def ood_sets(seed: int = 0) -> dict[str, list[Image.Image]]:
     import skimage.data
     from sklearn.datasets import load_digits
 
-    photos = [
-        np.asarray(Image.open(p).convert("RGB"))
-        for p in sorted(PHOTOS.iterdir())
-        if p.suffix in (".png", ".jpg", ".gif")
-    ]
+    photo_paths = sorted(p for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg", ".gif"))
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in photo_paths]
     rng = np.random.default_rng(seed)
     faces = skimage.data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
     digits = load_digits().images  # 1797 images, 8x8, values 0..16
@@ -110,6 +155,9 @@ def ood_sets(seed: int = 0) -> dict[str, list[Image.Image]]:
     ]
     return {
         "photos (crops of 8 photos)": crops(photos, 400, seed),
+        "whole photos (the 8 whole + 192 large crops)": whole_and_large_crops(
+            photo_paths, 192, seed + 3
+        ),
         "faces (LFW subset)": [Image.fromarray((f * 255).astype(np.uint8)) for f in faces],
         "noise (uniform + smooth blobs)": noise + blobs,
         "handwritten digits (sklearn)": [
@@ -117,6 +165,7 @@ def ood_sets(seed: int = 0) -> dict[str, list[Image.Image]]:
         ],
         "printed text (crops of page, text)": crops(text, 300, seed + 1),
         HELD_OUT: crops(science, 400, seed + 7),
+        HELD_OUT_WHOLE: whole_and_large_crops(package_images(), 200, seed + 11),
     }
 
 
@@ -135,8 +184,9 @@ def fashion(
 @torch.no_grad()
 def token_parts(clf: Classifier, images: list[Image.Image], batch: int = 500) -> torch.Tensor:
     """Every block's class token, distillation token (the class token again in a model
-    without one) and patch tokens' mean, as they are (N, depth, 3, D), the images
-    preprocessed as ``Classifier.predict`` does: the variants are made of these."""
+    without one), and the patch tokens' mean, mean square, standard deviation and mean
+    absolute value, as they are (N, depth, 6, D), the images preprocessed as
+    ``Classifier.predict`` does: the variants are made of these."""
     model = clf.loaded.model.eval()
     k = Taps.of(model).num_prefix  # type: ignore[arg-type]
     blocks = tuple(range(model.config.depth))  # type: ignore[union-attr]
@@ -146,11 +196,12 @@ def token_parts(clf: Classifier, images: list[Image.Image], batch: int = 500) ->
             [preprocess_image(im, clf.loaded.preprocess) for im in images[s : s + batch]]
         )
         tokens = model(x, output_blocks=blocks).block_outputs
-        out.append(
-            torch.stack(
-                [torch.stack([t[:, 0], t[:, k - 1], t[:, k:].mean(1)], 1) for t in tokens], 1
-            )
-        )
+        rows = []
+        for t in tokens:
+            p = t[:, k:]
+            moments = [p.mean(1), p.square().mean(1), p.std(1), p.abs().mean(1)]
+            rows.append(torch.stack([t[:, 0], t[:, k - 1], *moments], 1))
+        out.append(torch.stack(rows, 1))
     return torch.cat(out)
 
 
@@ -158,23 +209,27 @@ def unit(v: torch.Tensor) -> torch.Tensor:
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-PARTS = {  # what a variant reads at a block, from token_parts' (class, distillation, patches)
+PARTS = {  # what a variant reads at a block, from token_parts' rows
     "tokens": lambda r: (r[..., 0, :] + r[..., 1, :]) / 2,  # shipped: the two tokens' mean
     "class": lambda r: r[..., 0, :],
     "distillation": lambda r: r[..., 1, :],
-    "patches": lambda r: r[..., 2, :],
+    "patches": lambda r: r[..., 2, :],  # shipped: the patches' mean
+    "squares": lambda r: r[..., 3, :],  # shipped: the patches' mean square
+    "spread": lambda r: r[..., 4, :],
+    "absolute": lambda r: r[..., 5, :],
 }
+SHIPPED_PARTS = ("tokens", "patches", "squares")
 Variant = tuple[Taps, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def feature_variants(clf: Classifier) -> dict[str, Variant]:
     """The alternatives compared, each the taps it stands for and how its features come
-    from :func:`token_parts`: all blocks, the shipped taps, the last layer alone (the first
-    score read its two tokens), each block alone, three blocks spread evenly and the middle
-    and last (scores before this one), and at the shipped blocks the tokens read otherwise
-    (both apart, as the score before this one; either alone), and the shipped features
-    without their L2 normalisation. Each is fitted like the shipped score (per-layer
-    standardised sum)."""
+    from :func:`token_parts`: all blocks, the shipped taps, the shipped blocks without the
+    patches' mean square (the score before this one) or with another moment in its place,
+    the last layer alone (the first score read its two tokens), each block alone, three
+    blocks spread evenly and the middle and last (earlier scores), the tokens read otherwise
+    (both apart, as two scores ago; either alone), and the shipped features without their
+    L2 normalisation. Each is fitted like the shipped score (per-layer standardised sum)."""
     model = clf.loaded.model
     k = Taps.of(model).num_prefix  # type: ignore[arg-type]
     depth = model.config.depth  # type: ignore[union-attr]
@@ -182,7 +237,7 @@ def feature_variants(clf: Classifier) -> dict[str, Variant]:
 
     def variant(
         blocks: tuple[int, ...],
-        parts: tuple[str, ...] = ("tokens", "patches"),
+        parts: tuple[str, ...] = SHIPPED_PARTS,
         normalise: bool = True,
     ) -> Variant:
         def read(raw: torch.Tensor) -> torch.Tensor:
@@ -195,10 +250,22 @@ def feature_variants(clf: Classifier) -> dict[str, Variant]:
     out = {
         f"every block {tuple(range(depth))}": variant(tuple(range(depth))),
         f"shipped: blocks {shipped}": variant(shipped),
+        f"blocks {shipped} without the patches' mean square (the score before this one)": variant(
+            shipped, ("tokens", "patches")
+        ),
+        f"blocks {shipped}, the patches' spread (std) in place of their mean square": variant(
+            shipped, ("tokens", "patches", "spread")
+        ),
+        f"blocks {shipped}, the patches' mean |x| in place of their mean square": variant(
+            shipped, ("tokens", "patches", "absolute")
+        ),
+        f"blocks {shipped}, the patches' mean square in place of their mean": variant(
+            shipped, ("tokens", "squares")
+        ),
         "last layer, class + distillation tokens apart (the first score)": variant(
             (last,), ("class", "distillation")
         ),
-        "last layer, tokens' mean + patch mean": variant((last,)),
+        "last layer alone": variant((last,)),
     }
     for b in range(depth - 1):
         out[f"block {b} alone"] = variant((b,))
@@ -208,11 +275,11 @@ def feature_variants(clf: Classifier) -> dict[str, Variant]:
     out[f"blocks {middle}"] = variant(middle)
     if k == 2:
         for name, parts in (
-            ("both tokens apart (the score before this one)", ("class", "distillation")),
+            ("both tokens apart", ("class", "distillation")),
             ("the class token alone", ("class",)),
             ("the distillation token alone", ("distillation",)),
         ):
-            out[f"blocks {shipped}, {name} + patch mean"] = variant(shipped, (*parts, "patches"))
+            out[f"blocks {shipped}, {name}"] = variant(shipped, (*parts, "patches", "squares"))
     out[f"shipped blocks {shipped}, not L2-normalised"] = variant(shipped, normalise=False)
     return out
 

@@ -85,7 +85,8 @@ def test_readme_main_job_runs_offline() -> None:
 
 def test_ships_out_of_distribution_statistics(sample_images: list[Path]) -> None:
     """Issue 26: the statistics load with the model; on the test images its threshold was not
-    set on (rows 5000-9999) about 5% are flagged, and most of the sample photos are."""
+    set on (rows 5000-9999) about 5% are flagged, and every sample photo is (the issue's cat,
+    cup, astronaut, rocket and cameraman among them)."""
     fmnist = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
     if not fmnist.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
@@ -99,4 +100,5 @@ def test_ships_out_of_distribution_statistics(sample_images: list[Path]) -> None
     flagged = sum(r.ood.unusual for r in clf.predict(images, top_k=1, batch_size=500))
     assert 0.03 <= flagged / len(images) <= 0.08, flagged
     photos = clf.predict([str(p) for p in sample_images], top_k=1)
-    assert sum(r.ood.unusual for r in photos) >= len(photos) // 2
+    scores = {p.name: r.ood.score for p, r in zip(sample_images, photos, strict=True)}
+    assert all(r.ood.unusual for r in photos), (scores, clf.calibration.threshold)

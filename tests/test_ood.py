@@ -118,25 +118,25 @@ def test_the_taps_read_each_block_and_the_final_norm(tmp_path: Path) -> None:
         first = model.blocks[0](tokens)[0]
         final = model.forward_features(x)[0]
 
-    def by_hand(t: torch.Tensor) -> torch.Tensor:  # the two tokens' mean, the patches' mean
-        parts = [(t[:, 0] + t[:, 1]) / 2, t[:, 2:].mean(1)]
+    def by_hand(t: torch.Tensor) -> torch.Tensor:  # the two tokens' mean, the patches' moments
+        parts = [(t[:, 0] + t[:, 1]) / 2, t[:, 2:].mean(1), t[:, 2:].square().mean(1)]
         return torch.cat([torch.nn.functional.normalize(v, dim=-1) for v in parts], 1)
 
-    assert features.shape == (3, 2 * 2 * 64)
+    assert features.shape == (3, 2 * 3 * 64)
     torch.testing.assert_close(features, torch.cat([by_hand(first), by_hand(final)], 1))
     torch.testing.assert_close(layer_features([first], 2), by_hand(first))
     # both tokens count: neither alone is the first feature, and the patches' mean differs
     for token in (0, 1):
         alone = torch.nn.functional.normalize(final[:, token], dim=-1)
-        assert not torch.allclose(features[:, 128:192], alone, atol=1e-3)
-    assert not torch.allclose(features[:, 192:], features[:, 128:192], atol=1e-3)
+        assert not torch.allclose(features[:, 192:256], alone, atol=1e-3)
+    assert not torch.allclose(features[:, 256:320], features[:, 192:256], atol=1e-3)
+    assert not torch.allclose(features[:, 320:], features[:, 256:320], atol=1e-3)
     # a model without a distillation token reads its class token alone
+    patches = first[:, 1:]
+    alone = (first[:, 0], patches.mean(1), patches.square().mean(1))
     torch.testing.assert_close(
         layer_features([first], 1),
-        torch.cat(
-            [torch.nn.functional.normalize(v, dim=-1) for v in (first[:, 0], first[:, 1:].mean(1))],
-            1,
-        ),
+        torch.cat([torch.nn.functional.normalize(v, dim=-1) for v in alone], 1),
     )
     with pytest.raises(RuntimeError, match="output_blocks"):
         taps.features(model(x))
@@ -192,7 +192,7 @@ def test_calibrate_writes_statistics_the_classifier_uses(
 ) -> None:
     model, _ = calibrated
     stats = load_ood(model)
-    assert stats.taps == Taps(2, (0, 1)) and stats.layer_dim == 2 * 64 and stats.classes == 10
+    assert stats.taps == Taps(2, (0, 1)) and stats.layer_dim == 3 * 64 and stats.classes == 10
     assert stats.info["val_samples"] == 6 and stats.info["train_samples"] == 54
     clf = Classifier.from_pretrained(model, device="cpu")
     results = clf.predict([str(p) for p in sample_images[:3]])

@@ -10,13 +10,14 @@ number, ``score`` (higher = less like the training data), and a verdict, ``unusu
   what it shows. At each tapped block (:func:`tapped_blocks`: one a quarter of the way in
   and the last, read through the final norm) the features are the mean of the class and
   distillation tokens (the class token alone in a model without one: the tokens the heads
-  read, averaged as the model averages its heads) and the mean of the patch tokens, each
-  L2-normalised, concatenated. Each layer's squared distance to its nearest class mean, per feature
-  dimension, is standardised by its mean and spread on the training images; the score
-  is their sum. The threshold accepts :data:`ACCEPT_RATE` (95%) of held-out in-distribution
-  images. :func:`fit_ood` fits it from labelled batches; :meth:`OODStats.save` writes it beside
-  the weights as ``ood.safetensors`` (tensors + a JSON header); :mod:`deit.ood_file` reads it
-  back after checking every declared size.
+  read, averaged as the model averages its heads), the mean of the patch tokens and their
+  mean square (the second moment: with it, whole photos that the mean takes for a bag are
+  caught), each L2-normalised, concatenated. Each layer's squared distance to its nearest
+  class mean, per feature dimension, is standardised by its mean and spread on the training
+  images; the score is their sum. The threshold accepts :data:`ACCEPT_RATE` (95%) of
+  held-out in-distribution images. :func:`fit_ood` fits it from labelled batches;
+  :meth:`OODStats.save` writes it beside the weights as ``ood.safetensors`` (tensors + a JSON
+  header); :mod:`deit.ood_file` reads it back after checking every declared size.
 - **Uncalibrated** (``msp-uncalibrated``): models without fitted statistics (published
   checkpoints) get ``1 - max softmax`` and are called unusual when no class reaches half the
   probability. Nothing was measured for them, and the method name says so.
@@ -46,7 +47,7 @@ from deit.runtime import atomic_path
 
 OOD_FILE = "ood.safetensors"  # beside config.json and model.safetensors
 FORMAT = "deit-ood"
-VERSION = 3  # 1: one layer, the two tokens; 2: the two tokens apart (refit: deit calibrate)
+VERSION = 4  # 1: one layer; 2: the tokens apart; 3: no second moment (refit: deit calibrate)
 MAHALANOBIS = "mahalanobis-layers"
 MSP_UNCALIBRATED = "msp-uncalibrated"
 MSP_THRESHOLD = 0.5  # uncalibrated: unusual when the top class has under half the probability
@@ -54,6 +55,7 @@ ACCEPT_RATE = 0.95  # the threshold accepts this share of held-out in-distributi
 OUTPUT_NAME = "ood_score"  # the exported graphs' second output
 METADATA_KEY = "deit.ood"  # exported files: the JSON of OODStats.describe()
 
+PARTS = 3  # per tapped layer: the prefix tokens' mean, the patches' mean and mean square
 LAYER_TENSORS = ("center", "whiten", "means")  # stored per layer as NAME.i
 
 
@@ -97,8 +99,8 @@ def tapped_blocks(depth: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Taps:
     """Where the score reads a model: ``blocks`` (the last through the final norm), and at
-    each the mean of the first ``num_prefix`` tokens (class, distillation) and the mean of
-    the patch tokens."""
+    each the mean of the first ``num_prefix`` tokens (class, distillation), the mean of the
+    patch tokens and their mean square."""
 
     num_prefix: int
     blocks: tuple[int, ...]
@@ -110,11 +112,11 @@ class Taps:
         return cls(2 if model.head_dist is not None else 1, tapped_blocks(model.config.depth))
 
     def layer_dim(self, embed_dim: int) -> int:
-        """Features per tapped layer: the tokens' mean and the patches' mean."""
-        return 2 * embed_dim
+        """Features per tapped layer: the tokens' mean, the patches' mean and mean square."""
+        return PARTS * embed_dim
 
     def features(self, out: DeiTOutput) -> Tensor:
-        """The score's features (B, layers x 2 x D) of a forward pass run with
+        """The score's features (B, layers x 3 x D) of a forward pass run with
         ``output_blocks=self.blocks``."""
         if out.block_outputs is None or len(out.block_outputs) != len(self.blocks):
             raise RuntimeError(f"the forward pass was not run with output_blocks={self.blocks}")
@@ -123,22 +125,28 @@ class Taps:
 
 @functools.lru_cache(maxsize=16)
 def _pooling(num_prefix: int, tokens: int, layers: int) -> Tensor:
-    """(layers x 2, layers x tokens), block-diagonal: per layer, averages the prefix tokens,
-    then the patch tokens."""
-    pool = torch.zeros(2, tokens)
-    pool[0, :num_prefix] = 1.0 / num_prefix
-    pool[1, num_prefix:] = 1.0 / (tokens - num_prefix)
-    return torch.block_diag(*[pool] * layers)
+    """(layers x 3, 2 x layers x tokens): read against the layers' tokens stacked above
+    their squares, per layer the mean of the prefix tokens, of the patch tokens and of the
+    patch tokens' squares."""
+    pool = torch.zeros(layers * PARTS, 2, layers, tokens)
+    for i in range(layers):
+        pool[PARTS * i, 0, i, :num_prefix] = 1.0 / num_prefix
+        pool[PARTS * i + 1, 0, i, num_prefix:] = 1.0 / (tokens - num_prefix)
+        pool[PARTS * i + 2, 1, i, num_prefix:] = 1.0 / (tokens - num_prefix)
+    return pool.flatten(1)
 
 
 def layer_features(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
-    """The features (B, layers x 2 x D) of blocks' tokens (B, T, D): in each, the mean of
-    the ``num_prefix`` prefix tokens and the mean of the patch tokens, each L2-normalised,
-    concatenated, in float32 (one concatenation, one pooling product and one division for all
-    the layers: at batch 1 the time is per operation). The product is an explicit ``bmm``:
-    the broadcast ``pool @ tokens`` gives the same features 8-22 µs later at batch 1 on CPU,
-    about 5% of the score's work (``benchmarks/bench_ood_pooling.py``)."""
+    """The features (B, layers x 3 x D) of blocks' tokens (B, T, D): in each, the mean of
+    the ``num_prefix`` prefix tokens, the mean of the patch tokens and their mean square
+    (per channel), each L2-normalised, concatenated, in float32.
+
+    At batch 1 the time is per operation, so all the layers share each step: the tokens
+    and their squares are stacked, and one pooling product takes every mean. The product is
+    an explicit ``bmm``: the broadcast ``pool @ tokens`` gives the same features 8-22 µs
+    later at batch 1 on CPU (``benchmarks/bench_ood_pooling.py``)."""
     tokens = torch.cat(list(blocks), -2).float()  # (B, layers x T, D)
+    tokens = torch.cat([tokens, tokens * tokens], -2)  # (B, 2 x layers x T, D)
     pool = _pooling(num_prefix, blocks[0].shape[-2], len(blocks))
     pool = pool if tokens.is_cpu else pool.to(tokens.device)
     parts = torch.bmm(pool.expand(tokens.shape[0], -1, -1), tokens)
