@@ -15,6 +15,7 @@ after a fresh forward pass, median of ``--runs``), and its share of a whole pred
 ``scripts/ood_eval.py`` measures it (``batch1_cost``).
 
     python benchmarks/bench_ood_features.py --rounds 6
+    python benchmarks/bench_ood_features.py --per-op   # each operation of the shipped score
 
 Results: docs/results/ood.md (Cost).
 """
@@ -22,12 +23,14 @@ Results: docs/results/ood.md (Cost).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,13 +53,17 @@ def _unit_flat(parts: Tensor) -> Tensor:
     return (parts / norms).flatten(-2)
 
 
+@functools.lru_cache(maxsize=4)
+def _two_part_pooling(num_prefix: int, tokens: int, layers: int) -> Tensor:
+    pool = torch.zeros(2, tokens)
+    pool[0, :num_prefix], pool[1, num_prefix:] = 1 / num_prefix, 1 / (tokens - num_prefix)
+    return torch.block_diag(*[pool] * layers)
+
+
 def two_parts(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
     """Version 3's features: per layer the prefix tokens' mean and the patches' mean."""
     tokens = torch.cat(list(blocks), -2).float()
-    n = blocks[0].shape[-2]
-    pool = torch.zeros(2, n)
-    pool[0, :num_prefix], pool[1, num_prefix:] = 1 / num_prefix, 1 / (n - num_prefix)
-    pool = torch.block_diag(*[pool] * len(blocks))
+    pool = _two_part_pooling(num_prefix, blocks[0].shape[-2], len(blocks))
     return _unit_flat(torch.bmm(pool.expand(tokens.shape[0], -1, -1), tokens))
 
 
@@ -99,16 +106,57 @@ def work_us(
     return {k: statistics.median(v) * 1e6 for k, v in times.items()}
 
 
+def per_op_us(clf: Classifier, x: Tensor, runs: int) -> dict[str, float]:
+    """Median µs of each operation of the shipped features and score, each timed right
+    after the one before it, after a fresh forward pass (as in a prediction)."""
+    assert clf.ood_stats is not None
+    model, taps, scorer = clf.model, clf.ood_stats.taps, clf.ood_stats.scorer()
+    layers, dim = scorer.layers, scorer.dim
+    times: dict[str, list[float]] = {}
+
+    def step(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    with torch.inference_mode():
+        for _ in range(runs + 20):
+            blocks = list(model(x, output_blocks=taps.blocks).block_outputs or ())
+            t = step("concatenate the tapped blocks", torch.cat, blocks, -2)
+            sq = step("square", torch.mul, t, t)
+            both = step("stack tokens and squares", torch.cat, [t, sq], -2)
+            tokens = t.shape[1] // layers
+            pool = step("pooling matrix", ood._pooling, taps.num_prefix, tokens, layers)
+            parts = step("pooling product", torch.bmm, pool.expand(1, -1, -1), both)
+            norm = step("norms", torch.linalg.vector_norm, parts, dim=-1, keepdim=True)
+            norm = step("floor", torch.clamp_min, norm, 1e-12)
+            f = step("divide", torch.div, parts, norm)
+            f = step("reshape", lambda v: v.reshape(-1, layers, dim).permute(1, 2, 0), f)
+            out = step("score product", torch.baddbmm, scorer.bias, scorer.matrix, f)
+            near = step("nearest class", torch.amin, out[:, dim:], 1)
+            sqn = step("squared norms", torch.linalg.vecdot, out[:, :dim], out[:, :dim], dim=1)
+            score = step("sum", lambda a, b: (a + b).sum(0), near, sqn)
+            step("verdicts", clf.calibration.verdicts, score)
+    return {k: statistics.median(v[20:]) * 1e6 for k, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--runs", type=int, default=400)
+    parser.add_argument(
+        "--per-op", action="store_true", help="time each operation of the shipped score instead"
+    )
     args = parser.parse_args()
     clf = Classifier.from_pretrained("fashion-mnist", device="cpu")
     stats = clf.ood_stats
     assert stats is not None
     sample = sorted((REPO / "samples" / "fashion-mnist").glob("*.png"))[0]
     x = preprocess_image(load_image(str(sample)), clf.loaded.preprocess)[None]
+    if args.per_op:
+        print(json.dumps(per_op_us(clf, x, 2 * args.runs), indent=1))
+        return
     width = clf.loaded.config.embed_dim
     variants: dict[str, tuple[Features, nn.Module]] = {
         "two parts": (two_parts, random_score(len(stats.layers), 2 * width, stats.classes)),

@@ -463,10 +463,13 @@ def rounds_of(clf: Classifier, path: Path, rounds: int = 5) -> dict[str, Any]:
 
 
 def measure_costs(clf: Classifier, near: str | None, json_path: str | None) -> None:
-    """The cost entries alone, merged into ``json_path``."""
+    """The cost entries alone, merged into ``json_path``: each model on one of its own 28 px
+    samples (the smallest, cheapest prediction: the score's largest share), and the embedded
+    model on a photo (the sample cat, 451 x 300 PNG)."""
     sample = sorted((REPO / "samples" / "fashion-mnist").glob("*.png"))[0]
     result = json.loads(Path(json_path).read_text()) if json_path else {}
     result["cost"] = rounds_of(clf, sample)
+    result["cost_photo"] = rounds_of(clf, PHOTOS / "chelsea.png")  # a photo as users send one
     if near:
         result["near_cost"] = rounds_of(Classifier.from_pretrained(near, device="cpu"), sample)
     result["cost_breakdown_embedded_us"] = cost_breakdown(clf, sample)

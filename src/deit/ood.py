@@ -143,8 +143,8 @@ def layer_features(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
 
     At batch 1 the time is per operation, so all the layers share each step: the tokens
     and their squares are stacked, and one pooling product takes every mean. The product is
-    an explicit ``bmm``: the broadcast ``pool @ tokens`` gives the same features 8-22 µs
-    later at batch 1 on CPU (``benchmarks/bench_ood_pooling.py``)."""
+    an explicit ``bmm``: the broadcast ``pool @ tokens`` gives the same features 4-15 µs
+    later at batch 1 on CPU (``benchmarks/bench_ood_features.py``)."""
     tokens = torch.cat(list(blocks), -2).float()  # (B, layers x T, D)
     tokens = torch.cat([tokens, tokens * tokens], -2)  # (B, 2 x layers x T, D)
     pool = _pooling(num_prefix, blocks[0].shape[-2], len(blocks))
