@@ -427,6 +427,33 @@ def test_exports_give_the_eager_score(
             assert r[0].index == e[0].index
 
 
+def test_files_exported_with_earlier_statistics_keep_their_score(
+    calibrated: tuple[Path, Path], tmp_path: Path, sample_images: list[Path]
+) -> None:
+    """An exported graph computes the score it was fitted for: a file that declares the
+    previous statistics version still loads with its threshold; an older one is refused
+    with a one-line reason."""
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model, _ = calibrated
+    path = tmp_path / "m.onnx"
+    assert main(["export", "-m", str(model), str(path)]) == 0
+    photo = str(sample_images[0])
+    current = Classifier.from_pretrained(path).predict(photo)[0]
+    for version in (3, 2):
+        proto = onnx.load(str(path))
+        (entry,) = [p for p in proto.metadata_props if p.key == "deit.ood"]
+        entry.value = json.dumps({**json.loads(entry.value), "version": version})
+        old = tmp_path / f"v{version}.onnx"
+        onnx.save(proto, str(old))
+        if version == 3:
+            result = Classifier.from_pretrained(old).predict(photo)[0]
+            assert result.ood == current.ood
+        else:
+            with pytest.raises(CheckpointError, match=r"version 2.*refit them with deit calibrate"):
+                Classifier.from_pretrained(old)
+
+
 def test_int8_files_keep_a_float_score(
     calibrated: tuple[Path, Path], tmp_path: Path, sample_images: list[Path]
 ) -> None:

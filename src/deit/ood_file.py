@@ -37,22 +37,25 @@ from deit.ood import (
 # Bounds checked on the file's header before anything is allocated.
 MAX_HEADER_BYTES = 1 << 20
 MAX_DIM = 1 << 15  # features per layer (two means of the widest DeiT's tokens: 2 x 768)
+EXPORTED_VERSIONS = (3, VERSION)  # statistics versions an exported graph may declare
 MAX_CLASSES = 1 << 17
 MAX_BLOCK = 1 << 10
 MAX_STORED_LAYERS = 64
 MAX_ELEMENTS = 1 << 28  # per tensor (1 GiB of float32)
 
 
-def check_description(meta: Any, where: str) -> dict[str, Any]:
+def check_description(
+    meta: Any, where: str, versions: tuple[int, ...] = (VERSION,)
+) -> dict[str, Any]:
     """``meta`` (the JSON block of an ``ood.safetensors`` or an exported file) checked:
-    format and version, the method, a finite threshold, token count 1 or 2, the tapped
-    blocks, bounded sizes."""
+    format and one of ``versions``, the method, a finite threshold, token count 1 or 2, the
+    tapped blocks, bounded sizes."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not deit out-of-distribution statistics")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in versions:
         raise CheckpointError(
             f"{where}: statistics of format version {meta.get('version')!r}, this deit reads "
-            f"version {VERSION}: refit them with deit calibrate"
+            f"version {VERSION}: refit them with deit calibrate (and export again)"
         )
     threshold, dim, classes = meta.get("threshold"), meta.get("dim"), meta.get("classes")
     if meta.get("method") != MAHALANOBIS:
@@ -208,12 +211,16 @@ def find_stats(loaded: LoadedModel) -> OODStats | None:
 
 def exported_calibration(loaded: LoadedModel) -> Calibration | None:
     """The calibration an exported file declares in its ``deit.ood`` metadata (its graph
-    then computes the score as a second output), or None."""
+    then computes the score as a second output), or None. Files exported with earlier
+    statistics keep working: their graphs compute the score they were fitted for, and what
+    is read here (method, threshold) has not changed since version 3."""
     raw = loaded.metadata.get(METADATA_KEY)
     if raw is None:
         return None
     try:
-        meta = check_description(json.loads(raw), f"{loaded.source} ({METADATA_KEY})")
+        meta = check_description(
+            json.loads(raw), f"{loaded.source} ({METADATA_KEY})", EXPORTED_VERSIONS
+        )
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{loaded.source}: malformed {METADATA_KEY} metadata: {e}") from None
     return Calibration(str(meta["method"]), float(meta["threshold"]))
