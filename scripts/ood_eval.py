@@ -33,8 +33,9 @@ Usage:
     python scripts/ood_eval.py [--model fashion-mnist] [--near runs/fm8/model] [--variants]
         [--json docs/results/ood.json]
 
-Needs scikit-learn and scikit-image (``pip install scikit-learn scikit-image``) and
-Fashion-MNIST at /usr/share/datasets/fashion-mnist (Debian's ``dataset-fashion-mnist``).
+Needs scikit-learn, scikit-image and matplotlib for their bundled images (``pip install
+scikit-learn scikit-image matplotlib``) and Fashion-MNIST at /usr/share/datasets/fashion-mnist
+(Debian's ``dataset-fashion-mnist``).
 """
 
 from __future__ import annotations
