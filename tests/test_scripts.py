@@ -1,12 +1,15 @@
 """scripts/seed_table.py (the seed summary of the results page, on made-up `deit eval`
-files) and scripts/paired_svm.py (a model against the pixel SVM, image by image)."""
+files), scripts/paired_svm.py (a model against the pixel SVM, image by image) and the
+whole-image sets of scripts/ood_eval.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,3 +83,35 @@ def test_paired_svm_counts_every_test_image_once(tmp_path: Path) -> None:
         [sys.executable, str(PAIRED), "fashion-mnist"], capture_output=True, text=True, check=False
     )
     assert bad.returncode != 0 and "expected MODEL=SCENARIO" in bad.stderr
+
+
+def _ood_eval() -> Any:
+    spec = importlib.util.spec_from_file_location("ood_eval", SCRIPT.with_name("ood_eval.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ood_eval_whole_images_keep_the_decision_photos_out_of_the_held_out_set() -> None:
+    """The held-out whole images are the packages' bundled images less the sample photos
+    the score was chosen on (and the motorcycle's other stereo view); each set is every
+    image whole, then crops of 60-100% of each side."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    ood_eval = _ood_eval()
+    held_out = ood_eval.package_images()
+    samples = {p.name for p in ood_eval.PHOTOS.iterdir()}
+    names = {p.name for p in held_out}
+    assert len(held_out) >= 15 and not names & samples
+    assert "motorcycle_right.png" not in names and "page.png" in names
+    assert not any(n.startswith("chessboard") for n in names)
+    paths = sorted(ood_eval.PHOTOS.glob("*.png"))[:3]
+    images = ood_eval.whole_and_large_crops(paths, 12, seed=0)
+    sizes = [Image.open(p).size for p in paths]
+    assert len(images) == 15 and [im.size for im in images[:3]] == sizes
+    for i, im in enumerate(images[3:]):
+        w, h = sizes[i % 3]
+        assert 0.6 * w - 1 <= im.width <= w and 0.6 * h - 1 <= im.height <= h
