@@ -32,6 +32,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_wait_ms,
         help="how long a request waits for others to batch with",
     )
+    _add_limits(p, d)
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=d.shutdown_timeout_s,
+        help="seconds requests in flight get to finish after SIGTERM/SIGINT before they are "
+        f"cancelled (default {d.shutdown_timeout_s:g})",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="HOST",
+        help="accept only requests whose Host header is HOST (repeatable; '*.example.com' "
+        "matches subdomains); default: any host, which is fine on 127.0.0.1 but set it "
+        "when --host exposes the server",
+    )
+    p.add_argument(
+        "--name",
+        help="the model's name in the /v2 and /v1 protocol routes (default: from the model's "
+        "source, e.g. fashion-mnist)",
+    )
+    _add_ray(p)
+    p.add_argument("--workers", type=int, default=d.decode_workers, help="decoding threads")
+    p.add_argument("--threads", type=int, help="PyTorch intra-op threads (default: all cores)")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+
+def _add_limits(p: argparse.ArgumentParser, d: ServeSettings) -> None:
+    """The per-request and server-wide limits, as one argument group."""
     limits = p.add_argument_group(
         "limits",
         "per request (413 beyond), and server-wide over all requests in flight (503 with "
@@ -82,26 +113,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how long a request waits for room in a full budget before its 503 "
         f"(default {d.busy_wait_s:g})",
     )
-    p.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=d.shutdown_timeout_s,
-        help="seconds requests in flight get to finish after SIGTERM/SIGINT before they are "
-        f"cancelled (default {d.shutdown_timeout_s:g})",
-    )
-    p.add_argument(
-        "--allowed-host",
-        action="append",
-        metavar="HOST",
-        help="accept only requests whose Host header is HOST (repeatable; '*.example.com' "
-        "matches subdomains); default: any host, which is fine on 127.0.0.1 but set it "
-        "when --host exposes the server",
-    )
-    p.add_argument(
-        "--name",
-        help="the model's name in the /v2 and /v1 protocol routes (default: from the model's "
-        "source, e.g. fashion-mnist)",
-    )
     limits.add_argument(
         "--max-explain-concurrent",
         type=int,
@@ -115,6 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_explain_queue,
         help=f"attention-map requests waiting; 503 beyond (default {d.max_explain_queue})",
     )
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    """The engine choice and the Ray Serve replicas' settings, as one argument group."""
     ray = p.add_argument_group("replicas on Ray Serve (--engine ray)")
     ray.add_argument(
         "--engine",
@@ -138,15 +153,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a running Ray cluster (auto, or ray://HEAD:10001); default: a private local one, "
         "shut down on exit",
     )
-    p.add_argument("--workers", type=int, default=d.decode_workers, help="decoding threads")
-    p.add_argument("--threads", type=int, help="PyTorch intra-op threads (default: all cores)")
-    p.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
-    )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the model, then serve until Ctrl-C or SIGTERM."""
+def _checked_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every argument that can be checked before the model loads, checked (one line on the
+    first bad one); returns the hosts to accept."""
     positive = (
         "max_batch",
         "workers",
@@ -183,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-explain-queue must be >= 0, not {args.max_explain_queue}")
     if args.name is not None:
         check_model_name(args.name)
+    return hosts
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, then serve until Ctrl-C or SIGTERM."""
+    hosts = _checked_hosts(args)
     ray_settings = RaySettings(
         replicas=args.replicas,
         max_replicas=args.max_replicas,
