@@ -293,16 +293,7 @@ def evaluate(
         trust_code: allow a teacher file that runs code when loaded (TorchScript, a ``.pt2``
             holding pickles); refused otherwise (``deit.safety``).
     """
-    if batch_size < 1 or num_workers < 0:
-        raise ValueError(
-            f"batch size must be >= 1 and workers >= 0, not {batch_size} and {num_workers}"
-        )
-    if confusion_matrix:  # fail before the evaluation, not after it
-        cm = Path(confusion_matrix)
-        if cm.suffix.lower() not in (".png", ".pdf", ".svg"):
-            raise ValueError(f"confusion matrix {cm}: use a .png, .pdf or .svg file name")
-        if not cm.parent.is_dir():
-            raise FileNotFoundError(f"confusion matrix {cm}: folder {cm.parent} does not exist")
+    _check_arguments(batch_size, num_workers, confusion_matrix)
     dev = resolve_device(device)
     subject = _load_subject(model_or_source, dev)
     batches, data_name = _batches(data, subject, batch_size, dev, num_workers, data_root)
@@ -325,23 +316,53 @@ def evaluate(
         num_classes=len(subject.labels),
         teacher=t,
     )
+    report = _report(subject, data_name, teacher, r)
+    if confusion_matrix:
+        save_confusion_matrix(report.confusion, report.labels, confusion_matrix)
+    return report
+
+
+def _check_arguments(
+    batch_size: int, num_workers: int, confusion_matrix: str | Path | None
+) -> None:
+    """Refuse bad settings before anything loads (a confusion-matrix path that could not be
+    written would otherwise fail after the whole evaluation)."""
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"batch size must be >= 1 and workers >= 0, not {batch_size} and {num_workers}"
+        )
+    if confusion_matrix:
+        cm = Path(confusion_matrix)
+        if cm.suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise ValueError(f"confusion matrix {cm}: use a .png, .pdf or .svg file name")
+        if not cm.parent.is_dir():
+            raise FileNotFoundError(f"confusion matrix {cm}: folder {cm.parent} does not exist")
+
+
+REPORTED = (
+    "top1",
+    "top5",
+    "cls_top1",
+    "cls_top5",
+    "loss",
+    "dist_top1",
+    "dist_top5",
+    "teacher_top1",
+    "agreement",
+)  # evaluate_batches' metrics that an EvalReport carries (None where absent)
+
+
+def _report(
+    subject: _Subject, data_name: str, teacher: str | None, r: dict[str, Any]
+) -> EvalReport:
+    """The :class:`EvalReport` of :func:`evaluate_batches`' result ``r``: its metrics and
+    each class's accuracy (classes with no images left out)."""
     per_class = {
         name: (row[i] / max(sum(row), 1))
         for i, (name, row) in enumerate(zip(subject.labels, r["confusion"], strict=True))
         if sum(row)
     }
-    keys = (
-        "top1",
-        "top5",
-        "cls_top1",
-        "cls_top5",
-        "loss",
-        "dist_top1",
-        "dist_top5",
-        "teacher_top1",
-        "agreement",
-    )
-    report = EvalReport(
+    return EvalReport(
         source=subject.source,
         data=data_name,
         num_samples=r["num_samples"],
@@ -350,11 +371,8 @@ def evaluate(
         labels=subject.labels,
         confusion=r["confusion"],
         bad_samples=r["bad_samples"],
-        **{k: r.get(k) for k in keys},  # type: ignore[arg-type]  # floats, or None if absent
+        **{k: r.get(k) for k in REPORTED},  # type: ignore[arg-type]  # floats, or None if absent
     )
-    if confusion_matrix:
-        save_confusion_matrix(report.confusion, report.labels, confusion_matrix)
-    return report
 
 
 # --------------------------------------------------------------------------- out of distribution
