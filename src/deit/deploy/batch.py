@@ -306,28 +306,8 @@ def predict_to_file(
             return counts
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        pool = actors or gpus or max(1, int(resources.get("CPU", 1)) // 2)
-        blocks = max(1, min(len(todo) // batch_size, 4 * int(resources.get("CPU", 1))))
-        items = [{"path": p, "file": os.path.abspath(p)} for p in todo]  # workers' cwd may differ
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(
-            Preprocess,
-            fn_constructor_args=(preprocess, fast_decode),
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(
-                size=max(1, int(resources.get("CPU", 1)) - (0 if gpus else pool))
-            ),
-        )
-        ds = ds.map_batches(
-            Predict,
-            fn_constructor_args=(model, top_k, "cuda" if gpus else "cpu", precision),
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool),
-            num_gpus=1 if gpus else 0,
+        ds = _pipeline(
+            ray, todo, model, preprocess, top_k, batch_size, actors, precision, fast_decode
         )
         bar = _progress(len(todo), progress)
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -342,6 +322,42 @@ def predict_to_file(
         return counts
     finally:
         writer.close()
+
+
+def _pipeline(
+    ray: Any,
+    todo: list[str],
+    model: str,
+    preprocess: PreprocessConfig,
+    top_k: int,
+    batch_size: int,
+    actors: int | None,
+    precision: str,
+    fast_decode: bool,
+) -> Any:
+    """The Ray Data pipeline over ``todo``: decoding and preprocessing actors on the CPUs
+    left over, then the model actors (one per GPU, else ``actors`` or half the CPUs)."""
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    pool = actors or gpus or max(1, cpus // 2)
+    blocks = max(1, min(len(todo) // batch_size, 4 * cpus))
+    items = [{"path": p, "file": os.path.abspath(p)} for p in todo]  # workers' cwd may differ
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        Preprocess,
+        fn_constructor_args=(preprocess, fast_decode),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, cpus - (0 if gpus else pool))),
+    )
+    return ds.map_batches(
+        Predict,
+        fn_constructor_args=(model, top_k, "cuda" if gpus else "cpu", precision),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool),
+        num_gpus=1 if gpus else 0,
+    )
 
 
 def _progress(total: int, enabled: bool) -> Any:
