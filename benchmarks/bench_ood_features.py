@@ -48,11 +48,6 @@ Features = Callable[[Sequence[Tensor], int], Tensor]
 SHIPPED = ood.layer_features
 
 
-def _unit_flat(parts: Tensor) -> Tensor:
-    norms = torch.linalg.vector_norm(parts, dim=-1, keepdim=True).clamp_min(1e-12)
-    return (parts / norms).flatten(-2)
-
-
 @functools.lru_cache(maxsize=4)
 def _two_part_pooling(num_prefix: int, tokens: int, layers: int) -> Tensor:
     pool = torch.zeros(2, tokens)
@@ -64,14 +59,15 @@ def two_parts(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
     """Version 3's features: per layer the prefix tokens' mean and the patches' mean."""
     tokens = torch.cat(list(blocks), -2).float()
     pool = _two_part_pooling(num_prefix, blocks[0].shape[-2], len(blocks))
-    return _unit_flat(torch.bmm(pool.expand(tokens.shape[0], -1, -1), tokens))
+    return ood.l2_normalise(torch.bmm(pool.expand(tokens.shape[0], -1, -1), tokens)).flatten(-2)
 
 
 def broadcast(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
     """The shipped features with the broadcast pooling product."""
     tokens = torch.cat(list(blocks), -2).float()
     tokens = torch.cat([tokens, tokens * tokens], -2)
-    return _unit_flat(ood._pooling(num_prefix, blocks[0].shape[-2], len(blocks)) @ tokens)
+    pool = ood._pooling(num_prefix, blocks[0].shape[-2], len(blocks))
+    return ood.l2_normalise(pool @ tokens).flatten(-2)
 
 
 def random_score(layers: int, dim: int, classes: int) -> nn.Module:

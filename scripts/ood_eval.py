@@ -53,7 +53,7 @@ import torch
 from PIL import Image
 
 from deit.inference import Classifier
-from deit.ood import Taps, auroc, fit_features, fpr_at_tpr
+from deit.ood import Taps, auroc, fit_features, fpr_at_tpr, l2_normalise
 from deit.train.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from deit.transforms import preprocess_image
 
@@ -88,32 +88,38 @@ def package_images() -> list[Path]:
     )
 
 
-def whole_and_large_crops(paths: list[Path], count: int, seed: int) -> list[Image.Image]:
-    """Each image whole, then ``count`` crops spread over them, each side 60-100% of the
-    image's (any aspect ratio)."""
-    rng = np.random.default_rng(seed)
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    out = [Image.fromarray(a) for a in images]
-    for i in range(count):
-        img = images[i % len(images)]
-        h, w = img.shape[:2]
-        ch, cw = int(rng.uniform(0.6, 1) * h), int(rng.uniform(0.6, 1) * w)
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        out.append(Image.fromarray(img[y : y + ch, x : x + cw]))
-    return out
+def rgb(paths: list[Path]) -> list[np.ndarray]:
+    """The images at ``paths`` as RGB arrays."""
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
-def crops(images: list[np.ndarray], count: int, seed: int) -> list[Image.Image]:
-    """``count`` random square crops (10-60% of the shorter side) spread over ``images``."""
+def crops(
+    images: list[np.ndarray],
+    count: int,
+    seed: int,
+    share: tuple[float, float] = (0.1, 0.6),
+    square: bool = True,
+) -> list[Image.Image]:
+    """``count`` random crops spread over ``images``: square, with a side of ``share`` of the
+    shorter side; or (``square=False``) each side ``share`` of the image's."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
         img = images[i % len(images)]
         h, w = img.shape[:2]
-        side = int(rng.uniform(0.1, 0.6) * min(h, w))
-        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        out.append(Image.fromarray(img[y : y + side, x : x + side]))
+        if square:
+            ch = cw = int(rng.uniform(*share) * min(h, w))
+        else:
+            ch, cw = int(rng.uniform(*share) * h), int(rng.uniform(*share) * w)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        out.append(Image.fromarray(img[y : y + ch, x : x + cw]))
     return out
+
+
+def whole_and_large_crops(images: list[np.ndarray], count: int, seed: int) -> list[Image.Image]:
+    """Each image whole, then ``count`` crops spread over them, each side 60-100% of the
+    image's (any aspect ratio)."""
+    return [Image.fromarray(a) for a in images] + crops(images, count, seed, (0.6, 1), False)
 
 
 def ood_sets(seed: int = 0) -> dict[str, list[Image.Image]]:
@@ -122,8 +128,7 @@ def ood_sets(seed: int = 0) -> dict[str, list[Image.Image]]:
     import skimage.data
     from sklearn.datasets import load_digits
 
-    photo_paths = sorted(p for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg", ".gif"))
-    photos = [np.asarray(Image.open(p).convert("RGB")) for p in photo_paths]
+    photos = rgb(sorted(p for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg", ".gif")))
     rng = np.random.default_rng(seed)
     faces = skimage.data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
     digits = load_digits().images  # 1797 images, 8x8, values 0..16
@@ -157,7 +162,7 @@ def ood_sets(seed: int = 0) -> dict[str, list[Image.Image]]:
     return {
         "photos (crops of 8 photos)": crops(photos, 400, seed),
         "whole photos (the 8 whole + 192 large crops)": whole_and_large_crops(
-            photo_paths, 192, seed + 3
+            photos, 192, seed + 3
         ),
         "faces (LFW subset)": [Image.fromarray((f * 255).astype(np.uint8)) for f in faces],
         "noise (uniform + smooth blobs)": noise + blobs,
@@ -166,7 +171,7 @@ def ood_sets(seed: int = 0) -> dict[str, list[Image.Image]]:
         ],
         "printed text (crops of page, text)": crops(text, 300, seed + 1),
         HELD_OUT: crops(science, 400, seed + 7),
-        HELD_OUT_WHOLE: whole_and_large_crops(package_images(), 200, seed + 11),
+        HELD_OUT_WHOLE: whole_and_large_crops(rgb(package_images()), 200, seed + 11),
     }
 
 
@@ -206,10 +211,6 @@ def token_parts(clf: Classifier, images: list[Image.Image], batch: int = 500) ->
     return torch.cat(out)
 
 
-def unit(v: torch.Tensor) -> torch.Tensor:
-    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 PARTS = {  # what a variant reads at a block, from token_parts' rows
     "tokens": lambda r: (r[..., 0, :] + r[..., 1, :]) / 2,  # shipped: the two tokens' mean
     "class": lambda r: r[..., 0, :],
@@ -244,7 +245,7 @@ def feature_variants(clf: Classifier) -> dict[str, Variant]:
         def read(raw: torch.Tensor) -> torch.Tensor:
             picked = raw[:, list(blocks)]
             each = [PARTS[p](picked) for p in parts]
-            return torch.stack([unit(v) if normalise else v for v in each], 2).flatten(1)
+            return torch.stack([l2_normalise(v) if normalise else v for v in each], 2).flatten(1)
 
         return Taps(k, blocks), read
 

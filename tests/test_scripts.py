@@ -109,7 +109,7 @@ def test_ood_eval_whole_images_keep_the_decision_photos_out_of_the_held_out_set(
     assert "motorcycle_right.png" not in names and "page.png" in names
     assert not any(n.startswith("chessboard") for n in names)
     paths = sorted(ood_eval.PHOTOS.glob("*.png"))[:3]
-    images = ood_eval.whole_and_large_crops(paths, 12, seed=0)
+    images = ood_eval.whole_and_large_crops(ood_eval.rgb(paths), 12, seed=0)
     sizes = [Image.open(p).size for p in paths]
     assert len(images) == 15 and [im.size for im in images[:3]] == sizes
     for i, im in enumerate(images[3:]):

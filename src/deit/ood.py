@@ -150,8 +150,12 @@ def layer_features(blocks: Sequence[Tensor], num_prefix: int) -> Tensor:
     pool = _pooling(num_prefix, blocks[0].shape[-2], len(blocks))
     pool = pool if tokens.is_cpu else pool.to(tokens.device)
     parts = torch.bmm(pool.expand(tokens.shape[0], -1, -1), tokens)
-    norms = torch.linalg.vector_norm(parts, dim=-1, keepdim=True).clamp_min(1e-12)
-    return (parts / norms).flatten(-2)
+    return l2_normalise(parts).flatten(-2)
+
+
+def l2_normalise(v: Tensor) -> Tensor:
+    """``v`` divided by its L2 norm over the last axis (a zero vector stays zero)."""
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class MahalanobisScore(nn.Module):

@@ -34,10 +34,11 @@ from deit.ood import (
     Taps,
 )
 
+EXPORTED_VERSIONS = (3, VERSION)  # statistics versions an exported graph may declare
+
 # Bounds checked on the file's header before anything is allocated.
 MAX_HEADER_BYTES = 1 << 20
 MAX_DIM = 1 << 15  # features per layer (three parts of the widest DeiT's tokens: 3 x 768)
-EXPORTED_VERSIONS = (3, VERSION)  # statistics versions an exported graph may declare
 MAX_CLASSES = 1 << 17
 MAX_BLOCK = 1 << 10
 MAX_STORED_LAYERS = 64

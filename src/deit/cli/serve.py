@@ -155,7 +155,7 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _checked_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+def _check_arguments(args: argparse.Namespace) -> tuple[str, ...]:
     """Every argument that can be checked before the model loads, checked (one line on the
     first bad one); returns the hosts to accept."""
     positive = (
@@ -199,7 +199,7 @@ def _checked_hosts(args: argparse.Namespace) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, then serve until Ctrl-C or SIGTERM."""
-    hosts = _checked_hosts(args)
+    hosts = _check_arguments(args)
     ray_settings = RaySettings(
         replicas=args.replicas,
         max_replicas=args.max_replicas,
